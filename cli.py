@@ -1,0 +1,53 @@
+"""What train.py and evaluate.py share: input checks that end in one clear line."""
+
+import os
+import sys
+
+from absl import logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _import_quietly():
+    """Imports the library with TensorFlow's start-up chatter on stderr (CUDA probing,
+    oneDNN notices) hidden, so that what the user sees on stderr is ours."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import ncfm_keras
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return ncfm_keras
+
+
+nk = _import_quietly()
+
+
+def require(condition, message):
+    """Raises a user-facing error unless `condition` holds."""
+    if not condition:
+        raise nk.NCFMError(message)
+
+
+def parse_archs(value):
+    archs = [a.strip() for a in value.split(",") if a.strip()]
+    require(archs and all(a in nk.ARCHITECTURES for a in archs),
+            f"--arch={value}: use a comma list of {', '.join(nk.ARCHITECTURES)}")
+    return archs
+
+
+def guarded(main):
+    """Wraps an absl main so that input errors print one line and exit 2, no traceback."""
+    def run(argv):
+        logging.set_verbosity(logging.WARNING)  # TFDS logs its look-ups at INFO
+        try:
+            return main(argv)
+        except nk.NCFMError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+    return run

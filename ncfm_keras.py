@@ -1,0 +1,872 @@
+"""ncfm-keras: dataset distillation with Neural Characteristic Functions, in Keras 3.
+
+NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax
+Perspective", CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class whose
+*features* have the same characteristic function (CF) as the real data's, under the
+frequencies a small sampling network psi finds most discriminative. The images minimise the
+CF discrepancy while psi maximises it: a min-max game, trained here by `NCFM.fit()`.
+
+This module reads top to bottom in the order the data flows:
+
+    data -> augmentation (DSA) -> networks -> evaluation -> distilled-set file
+
+Usage::
+
+    data = load_dataset("fashion_mnist", data_dir="/usr/share/datasets/fashion-mnist")
+    x, y = random_subset(data, ipc=10, seed=0)
+    result = evaluate_images(x, y, data, arch="convnet", protocol="dm", epochs=300)
+    print(result["final"], result["best_seen"])
+
+The library never reads command-line flags; `train.py` and `evaluate.py` do that.
+"""
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import struct
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+
+class NCFMError(ValueError):
+    """A problem with the user's input: the message names it and says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+
+MNIST_FAMILY = {
+    "mnist": [str(d) for d in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+@dataclasses.dataclass
+class Dataset:
+    """An image-classification dataset held in memory.
+
+    Images are uint8 `[N, H, W, C]` (28x28 inputs already zero-padded to 32x32); `mean` and
+    `std` are per-channel statistics of the training images in [0, 1], used inside the
+    networks' input path so that synthetic images can stay in [0, 1].
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def image_shape(self):
+        return tuple(self.x_train.shape[1:])
+
+    def class_counts(self):
+        return np.bincount(self.y_train, minlength=self.num_classes)
+
+
+def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
+    """Loads a dataset by name.
+
+    Args:
+      name: a TFDS image-classification dataset (`cifar10`, `cifar100`, `fashion_mnist`, ...),
+        or `folder:PATH` for a directory with one sub-directory of images per class.
+      data_dir: for TFDS names, the TFDS data directory; for `mnist`, `fashion_mnist` and
+        `kmnist` it may instead hold the original IDX files (`train-images-idx3-ubyte.gz`, ...),
+        which are then read directly (this works offline).
+      image_size: side length folder images are resized to.
+      test_fraction: for folders without `train/` and `test/` sub-directories, the fraction of
+        each class (at least one image) held out as the test split.
+
+    Returns:
+      A `Dataset`.
+
+    Raises:
+      NCFMError: the dataset cannot be found or read; the message says what to do.
+    """
+    if name.startswith("folder:"):
+        x_train, y_train, x_test, y_test, class_names = _load_folder(
+            name[len("folder:"):], image_size, test_fraction)
+    elif name in MNIST_FAMILY and data_dir and _has_idx_files(data_dir):
+        x_train, y_train = _load_idx(data_dir, "train")
+        x_test, y_test = _load_idx(data_dir, "test")
+        class_names = MNIST_FAMILY[name]
+    else:
+        x_train, y_train, x_test, y_test, class_names = _load_tfds(name, data_dir)
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255.0
+    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    if x_train.shape[1:3] == (28, 28):  # spec section 1: the classic 28 -> 32 zero padding
+        pad = ((0, 0), (2, 2), (2, 2), (0, 0))
+        x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
+    return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
+                   list(class_names), mean.astype(np.float32), std.astype(np.float32))
+
+
+def _has_idx_files(data_dir):
+    """True if `data_dir` holds any MNIST-format IDX file (then all four are required)."""
+    names = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else set()
+    return any(stem + ext in names for pair in IDX_FILES.values() for stem in pair
+               for ext in (".gz", ""))
+
+
+def _read_idx(path):
+    """Reads one IDX file (the MNIST format: magic, dimensions, then raw uint8 data)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise NCFMError(f"{path} is not an uint8 IDX file; re-install the dataset files")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if array.size != math.prod(dims):
+        raise NCFMError(f"{path} is truncated ({array.size} of {math.prod(dims)} values); "
+                        "re-install the dataset files")
+    return array.reshape(dims)
+
+
+def _load_idx(data_dir, split):
+    arrays = []
+    for stem in IDX_FILES[split]:
+        candidates = [os.path.join(data_dir, stem + ext) for ext in (".gz", "")]
+        path = next((p for p in candidates if os.path.exists(p)), None)
+        if path is None:
+            raise NCFMError(f"{data_dir} has no {stem}[.gz]; point --data_dir at the folder "
+                            "holding the four MNIST-format IDX files")
+        arrays.append(_read_idx(path))
+    images, labels = arrays
+    if len(images) != len(labels):
+        raise NCFMError(f"{data_dir}: {split} images and labels differ in count")
+    return images, labels
+
+
+def _load_tfds(name, data_dir):
+    import tensorflow_datasets as tfds
+
+    if data_dir and not os.path.isdir(data_dir):
+        raise NCFMError(f"data_dir {data_dir} does not exist; create it or pass the folder "
+                        "that holds the dataset")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError and friends; keep only the first line
+        raise NCFMError(f"unknown dataset '{name}': {str(e).splitlines()[0]}; use a TFDS name "
+                        "such as cifar10, an MNIST-family name with IDX files in --data_dir, "
+                        "or folder:PATH") from None
+    if data_dir and not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        hint = (" nor the MNIST-format IDX files (train-images-idx3-ubyte.gz, ...)"
+                if name in MNIST_FAMILY else "")
+        raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'{hint}; "
+                        f"run `tfds build {name} --data_dir={data_dir}` where there is network, "
+                        "or leave --data_dir out to download to ~/tensorflow_datasets")
+    features = builder.info.features
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    if len(getattr(features[image_key], "shape", ())) != 3 or None in features[image_key].shape:
+        raise NCFMError(f"{name} does not have fixed-size images; export it as an image folder "
+                        "and load it with folder:PATH")
+    try:
+        builder.download_and_prepare()
+        splits = {s: [np.concatenate(parts) for parts in zip(*tfds.as_numpy(
+                      builder.as_dataset(split=s, as_supervised=True).batch(10000)))]
+                  for s in ("train", "test")}
+    except Exception as e:
+        raise NCFMError(f"could not download or read TFDS dataset '{name}' "
+                        f"(data_dir={data_dir}): {type(e).__name__}: {str(e).splitlines()[0]}; "
+                        "prepare it with `tfds build` on a machine with network access and "
+                        "pass its --data_dir") from None
+    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+    return x_train, y_train, x_test, y_test, features[label_key].names
+
+
+def _folder_classes(root):
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _read_folder(root, class_names, image_size):
+    """Reads `root/<class>/*` as uint8 images with keras.utils.image_dataset_from_directory."""
+    counts = [sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(root, c)))
+              for c in class_names]
+    if sum(counts) == 0:
+        raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
+                        "class sub-directories")
+    ds = keras.utils.image_dataset_from_directory(
+        root, labels="inferred", label_mode="int", class_names=class_names, batch_size=None,
+        image_size=(image_size, image_size), shuffle=False, verbose=False)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    images = np.clip(np.round(np.stack(images)), 0, 255).astype(np.uint8)
+    return images, np.asarray(labels)
+
+
+def _load_folder(root, image_size, test_fraction):
+    """A folder dataset: `root/<class>/*.png`, or `root/train/<class>/...` + `root/test/...`.
+
+    Without explicit train/test sub-directories, the split is deterministic: the files of each
+    class are sorted by name and every class gives its last `test_fraction` (at least one image)
+    to the test split. Grayscale folders stay single-channel.
+    """
+    if not os.path.isdir(root):
+        raise NCFMError(f"folder {root} does not exist; pass folder:PATH with one "
+                        "sub-directory of images per class")
+    explicit = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
+    class_names = _folder_classes(os.path.join(root, "train") if explicit else root)
+    if len(class_names) < 2:
+        raise NCFMError(f"folder {root} has {len(class_names)} class sub-directories; "
+                        "classification needs at least two (one sub-directory per class)")
+    if explicit:
+        if _folder_classes(os.path.join(root, "test")) != class_names:
+            raise NCFMError(f"{root}/train and {root}/test must hold the same class folders")
+        x_train, y_train = _read_folder(os.path.join(root, "train"), class_names, image_size)
+        x_test, y_test = _read_folder(os.path.join(root, "test"), class_names, image_size)
+    else:
+        images, labels = _read_folder(root, class_names, image_size)
+        is_test = np.zeros(len(labels), bool)
+        for c in range(len(class_names)):
+            idx = np.flatnonzero(labels == c)  # file-name order (the loader does not shuffle)
+            if len(idx) < 2:
+                raise NCFMError(f"class '{class_names[c]}' in {root} has {len(idx)} image(s); "
+                                "each class needs at least two (one for training, one to test)")
+            n_test = max(1, int(round(len(idx) * test_fraction)))
+            is_test[idx[-n_test:]] = True
+        x_train, y_train = images[~is_test], labels[~is_test]
+        x_test, y_test = images[is_test], labels[is_test]
+    for split_labels, split in ((y_train, "train"), (y_test, "test")):
+        missing = sorted(set(range(len(class_names))) - set(split_labels.tolist()))
+        if missing:
+            raise NCFMError(f"the {split} split of {root} has no images of class "
+                            f"'{class_names[missing[0]]}'; add some")
+    if all(np.array_equal(x[..., 0], x[..., i]) for x in (x_train, x_test) for i in (1, 2)):
+        x_train, x_test = x_train[..., :1], x_test[..., :1]
+    return x_train, y_train, x_test, y_test, class_names
+
+
+def to_float(images):
+    """uint8 `[..., H, W, C]` -> float32 in [0, 1] (float input is passed through)."""
+    if images.dtype == tf.uint8 or (isinstance(images, np.ndarray) and images.dtype == np.uint8):
+        return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32)
+
+
+def check_ipc(data, ipc):
+    """Raises NCFMError unless every class holds at least `ipc` training images."""
+    smallest = int(data.class_counts().min())
+    if ipc <= 0 or ipc > smallest:
+        raise NCFMError(f"ipc={ipc} is out of range: use 1..{smallest} (the smallest class of "
+                        f"{data.name} holds {smallest} training images)")
+
+
+def random_subset(data, ipc, seed=0):
+    """The random-real baseline: `ipc` training images per class, drawn without replacement.
+
+    Returns:
+      float32 images `[K*ipc, H, W, C]` in [0, 1] and int32 labels `[K*ipc]`, class-sorted.
+    """
+    check_ipc(data, ipc)
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate([rng.choice(np.flatnonzero(data.y_train == c), ipc, replace=False)
+                          for c in range(data.num_classes)])
+    return data.x_train[idx].astype(np.float32) / 255.0, data.y_train[idx]
+
+
+def herding_subset(data, ipc, feature_fn, batch_size=500):
+    """The herding baseline (Welling 2009): per class, greedily pick the images whose running
+    feature mean stays closest to the class mean. `feature_fn` maps float images to features.
+    """
+    check_ipc(data, ipc)
+    chosen = []
+    for c in range(data.num_classes):
+        idx = np.flatnonzero(data.y_train == c)
+        feats = np.concatenate([np.asarray(feature_fn(to_float(data.x_train[idx[i:i + batch_size]])))
+                                for i in range(0, len(idx), batch_size)])
+        target, running, picked = feats.mean(0), np.zeros_like(feats[0]), []
+        available = np.ones(len(idx), bool)
+        for k in range(ipc):
+            gaps = np.linalg.norm(target - (running * k + feats) / (k + 1), axis=1)
+            gaps[~available] = np.inf
+            best = int(np.argmin(gaps))
+            picked.append(idx[best])
+            available[best] = False
+            running = (running * k + feats[best]) / (k + 1)
+        chosen.extend(picked)
+    chosen = np.asarray(chosen)
+    return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
+
+
+def class_balanced_batches(data, batch_per_class, seed=0):
+    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`.
+
+    Each class is shuffled and cycled on its own, so every batch holds exactly
+    `batch_per_class` images of every class (sampling without replacement within a batch
+    whenever the class is large enough), as NCFM's per-class matching needs.
+    """
+    per_class = []
+    for c in range(data.num_classes):
+        images = data.x_train[data.y_train == c]
+        per_class.append(tf.data.Dataset.from_tensor_slices(images)
+                         .shuffle(len(images), seed=seed + c, reshuffle_each_iteration=True)
+                         .repeat().batch(batch_per_class, drop_remainder=True))
+    return (tf.data.Dataset.zip(tuple(per_class))
+            .map(lambda *b: tf.stack(b), num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(2))
+
+
+# ------------------------------------------------------------------------------------------
+# Differentiable siamese augmentation (DSA, Zhao & Bilen 2021; spec section 5)
+# ------------------------------------------------------------------------------------------
+# An augmentation is split in two: `dsa_parameters` draws one parameter set per *group*, and
+# `dsa_apply` applies a group's parameters identically to every image of that group in every
+# tensor it is given. For matching, a group is a class (real and synthetic images of a class
+# see the same transformation); for evaluation, every image is its own group. All ops are
+# plain TF ops with gradients and XLA kernels: geometric warps use a gather-based bilinear
+# sampler, because ImageProjectiveTransformV3 has no XLA kernel.
+
+RNG = "philox"  # stateless random algorithm; fixed so XLA and eager draw the same numbers
+DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
+                    brightness=1.0, saturation=2.0, contrast=0.5)
+GEOMETRIC = ("crop", "scale", "rotate")
+DSA_OPS = ("color", "flip", "cutout") + GEOMETRIC
+
+
+def parse_strategy(strategy):
+    """`"color_crop_cutout"` -> `("color", "crop", "cutout")`, validated."""
+    ops = tuple(op for op in strategy.split("_") if op)
+    unknown = [op for op in ops if op not in DSA_OPS]
+    if unknown:
+        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{strategy}'; use '_'-joined "
+                        f"names from {', '.join(DSA_OPS)}")
+    return ops
+
+
+def dsa_parameters(seed, groups, image_size, strategy):
+    """Draws DSA parameters for `groups` groups.
+
+    NCFM's variant always applies flip, colour and cutout when enabled and picks *one* of the
+    enabled crop / scale / rotate per group.
+
+    Args:
+      seed: int tensor `[2]` for the stateless random ops (fresh per step).
+      groups: number of independent parameter sets.
+      image_size: `(H, W)`.
+      strategy: e.g. `"color_crop_cutout"`.
+
+    Returns:
+      A dict of tensors with leading dimension `groups`.
+    """
+    ops = parse_strategy(strategy)
+    height, width = image_size
+    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12, alg=RNG)))
+
+    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [groups] draw; int high exclusive
+        return tf.random.stateless_uniform([groups], next(seeds), low, high, dtype, alg=RNG)
+
+    params = {}
+    if "flip" in ops:
+        params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
+    if "color" in ops:
+        s = DSA_SETTINGS
+        params["brightness"] = (uniform() - 0.5) * s["brightness"]
+        params["saturation"] = uniform() * s["saturation"]
+        params["contrast"] = uniform() + s["contrast"]
+    geometric = [op for op in GEOMETRIC if op in ops]
+    if geometric:
+        pad_y = int(height * DSA_SETTINGS["crop_ratio"] + 0.5)
+        pad_x = int(width * DSA_SETTINGS["crop_ratio"] + 0.5)
+        # Integer pixel shifts in normalised [-1, 1] coordinates, so the warp is exact.
+        shift_y = uniform(-pad_y, pad_y + 1, tf.int32)
+        shift_x = uniform(-pad_x, pad_x + 1, tf.int32)
+        lo, hi = 1.0 / DSA_SETTINGS["scale"], DSA_SETTINGS["scale"]
+        scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
+        angle = (uniform() - 0.5) * 2.0 * DSA_SETTINGS["rotate_degrees"] * math.pi / 180.0
+        zero, one = tf.zeros([groups]), tf.ones([groups])
+        candidates = {  # rows of the 2x3 matrix mapping output coordinates to input coordinates
+            "crop": [one, zero, 2.0 * tf.cast(shift_x, tf.float32) / width,
+                     zero, one, 2.0 * tf.cast(shift_y, tf.float32) / height],
+            "scale": [scale_x, zero, zero, zero, scale_y, zero],
+            "rotate": [tf.cos(angle), tf.sin(angle), zero, -tf.sin(angle), tf.cos(angle), zero],
+        }
+        choice = uniform(0, len(geometric), tf.int32)
+        theta = tf.stack([tf.stack(candidates[op], -1) for op in geometric], 1)  # [G, n, 6]
+        params["theta"] = tf.gather(theta, choice, batch_dims=1)  # [G, 6]
+    if "cutout" in ops:
+        size_y = int(height * DSA_SETTINGS["cutout_ratio"] + 0.5)
+        size_x = int(width * DSA_SETTINGS["cutout_ratio"] + 0.5)
+        params["cutout_y"] = uniform(0, height + (1 - size_y % 2), tf.int32) - size_y // 2
+        params["cutout_x"] = uniform(0, width + (1 - size_x % 2), tf.int32) - size_x // 2
+        params["cutout_size"] = tf.constant([size_y, size_x])
+    return params
+
+
+def _bilinear_warp(images, theta):
+    """Affine warp with bilinear sampling and zero padding (torch `affine_grid` +
+    `grid_sample`, align_corners=False), built from gathers so that it compiles under XLA.
+
+    Args:
+      images: `[G, B, H, W, C]`; group g is warped by `theta[g]`.
+      theta: `[G, 6]`, output -> input map in normalised coordinates.
+    """
+    g, b, h, w, c = (tf.shape(images)[i] for i in range(5))
+    height, width = images.shape[2], images.shape[3]
+    ys = (2.0 * tf.range(height, dtype=tf.float32) + 1.0) / height - 1.0
+    xs = (2.0 * tf.range(width, dtype=tf.float32) + 1.0) / width - 1.0
+    grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
+    grid = tf.stack([tf.reshape(grid_x, [-1]), tf.reshape(grid_y, [-1]),
+                     tf.ones([height * width])], 0)  # [3, HW]
+    source = tf.matmul(tf.reshape(theta, [-1, 2, 3]), grid)  # [G, 2, HW]
+    src_x = ((source[:, 0] + 1.0) * width - 1.0) / 2.0  # pixel coordinates
+    src_y = ((source[:, 1] + 1.0) * height - 1.0) / 2.0
+    x0, y0 = tf.floor(src_x), tf.floor(src_y)
+    flat = tf.transpose(tf.reshape(images, [g, b, h * w, c]), [0, 2, 1, 3])  # [G, HW, B, C]
+    out = 0.0
+    for dy in (0.0, 1.0):
+        for dx in (0.0, 1.0):
+            px, py = x0 + dx, y0 + dy
+            weight = (1.0 - tf.abs(src_x - px)) * (1.0 - tf.abs(src_y - py))
+            inside = (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
+            weight = tf.where(inside, weight, 0.0)
+            index = tf.cast(tf.clip_by_value(py, 0, height - 1) * width
+                            + tf.clip_by_value(px, 0, width - 1), tf.int32)  # [G, HW]
+            out += tf.gather(flat, index, batch_dims=1) * weight[:, :, None, None]
+    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [g, b, h, w, c])
+
+
+def dsa_apply(images, params):
+    """Applies per-group DSA parameters.
+
+    Args:
+      images: float `[G, B, H, W, C]` (each group's B images share its parameters) or
+        `[G, H, W, C]` (one image per group).
+      params: from `dsa_parameters(..., groups=G, ...)`.
+
+    Returns:
+      The augmented images, same shape; differentiable with respect to `images`.
+    """
+    grouped = images.shape.rank == 5
+    x = images if grouped else images[:, None]
+    per_group = lambda v: tf.reshape(v, [-1, 1, 1, 1, 1])  # noqa: E731
+    if "flip" in params:
+        x = tf.where(per_group(params["flip"]) > 0.5, tf.reverse(x, [3]), x)
+    if "brightness" in params:
+        x = x + per_group(params["brightness"])
+        gray = tf.reduce_mean(x, axis=4, keepdims=True)
+        x = (x - gray) * per_group(params["saturation"]) + gray
+        mean = tf.reduce_mean(x, axis=[2, 3, 4], keepdims=True)
+        x = (x - mean) * per_group(params["contrast"]) + mean
+    if "theta" in params:
+        x = _bilinear_warp(x, params["theta"])
+    if "cutout_x" in params:
+        height, width = x.shape[2], x.shape[3]
+        size_y, size_x = params["cutout_size"][0], params["cutout_size"][1]
+        rows = tf.range(height)[None, :, None]
+        cols = tf.range(width)[None, None, :]
+        top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
+        hole = ((rows >= top) & (rows < top + size_y) & (cols >= left) & (cols < left + size_x))
+        x = x * tf.cast(~hole, x.dtype)[:, None, :, :, None]
+    return x if grouped else x[:, 0]
+
+
+def augment(images, seed, strategy):
+    """Per-sample DSA (every image its own parameters), as used when training evaluators."""
+    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], strategy)
+    return dsa_apply(images, params)
+
+
+def cutmix(images, labels, seed, beta=1.0):
+    """CutMix (Yun et al. 2019) on a batch: pastes a random box from a shuffled copy of the
+    batch and mixes the (one-hot or soft) labels by the pasted area.
+
+    Args:
+      images: `[N, H, W, C]`; labels: `[N, K]` probabilities; seed: int `[2]`.
+    """
+    n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
+    s = tf.unstack(tf.random.experimental.stateless_split(seed, 5, alg=RNG))
+    gamma_a = tf.random.stateless_gamma([], s[0], beta)
+    gamma_b = tf.random.stateless_gamma([], s[1], beta)
+    cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(b, b)
+    cy = tf.random.stateless_uniform([], s[2], 0, height, tf.int32, alg=RNG)
+    cx = tf.random.stateless_uniform([], s[3], 0, width, tf.int32, alg=RNG)
+    half_h = tf.cast(cut * height / 2, tf.int32)
+    half_w = tf.cast(cut * width / 2, tf.int32)
+    y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
+    x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
+    rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
+    box = tf.cast((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1), images.dtype)
+    perm = tf.random.experimental.stateless_shuffle(tf.range(n), s[4], alg=RNG)
+    mixed = images * (1.0 - box[None, :, :, None]) + tf.gather(images, perm) * box[None, :, :, None]
+    area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / float(height * width)
+    return mixed, labels * (1.0 - area) + tf.gather(labels, perm) * area
+
+
+# ------------------------------------------------------------------------------------------
+# Networks (spec section 2)
+# ------------------------------------------------------------------------------------------
+# Every network takes float images in [0, 1], normalises them with the dataset statistics as
+# its first layer, and names its penultimate (flattened) activation "features".
+
+ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
+
+
+def convnet_depth(image_size):
+    """ConvNet-D depth for a square input: 3 for 32x32, 4 for 64x64, 5 for 128x128."""
+    return max(1, int(round(math.log2(image_size / 4))))
+
+
+def _instance_norm():
+    return layers.GroupNormalization(groups=-1, epsilon=1e-5)  # groups = channels
+
+
+def _input_path(image_shape, mean, std):
+    inputs = keras.Input(image_shape)
+    return inputs, layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
+
+
+def _head(x, num_classes, name):
+    features = layers.Flatten(name="features")(x)
+    return layers.Dense(num_classes, name="logits", dtype="float32")(features)
+
+
+def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=None):
+    """Builds a classifier from the dataset-distillation literature.
+
+    Args:
+      arch: `convnet` (ConvNet-D: D x [conv3x3(width) -> instance norm -> ReLU -> avg-pool 2]),
+        `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of Zhao et al.'s DC code,
+        with instance norm).
+      image_shape: `(H, W, C)`; mean, std: per-channel normalisation statistics.
+
+    Returns:
+      A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits; its layer named
+      "features" is the flattened penultimate activation (2048-d for ConvNet-3 on 32x32).
+    """
+    if arch not in ARCHITECTURES:
+        raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
+    inputs, x = _input_path(image_shape, mean, std)
+    if arch == "convnet":
+        for _ in range(depth or convnet_depth(image_shape[0])):
+            x = layers.Conv2D(width, 3, padding="same")(x)
+            x = layers.ReLU()(_instance_norm()(x))
+            x = layers.AveragePooling2D(2)(x)
+    elif arch == "alexnet":
+        for filters, kernel, pool in ((128, 5, True), (192, 5, True), (256, 3, False),
+                                      (192, 3, False), (192, 3, True)):
+            x = layers.Conv2D(filters, kernel, padding="same", activation="relu")(x)
+            x = layers.MaxPooling2D(2)(x) if pool else x
+    elif arch == "vgg11":
+        for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
+            if filters == "M":
+                x = layers.MaxPooling2D(2)(x)
+            else:
+                x = layers.ReLU()(_instance_norm()(layers.Conv2D(filters, 3, padding="same")(x)))
+    else:
+        x = layers.ReLU()(_instance_norm()(layers.Conv2D(64, 3, padding="same", use_bias=False)(x)))
+        for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
+                                (512, 2), (512, 1)):
+            shortcut = x
+            y = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False)(x)
+            y = layers.ReLU()(_instance_norm()(y))
+            y = _instance_norm()(layers.Conv2D(filters, 3, padding="same", use_bias=False)(y))
+            if stride != 1 or shortcut.shape[-1] != filters:
+                shortcut = _instance_norm()(
+                    layers.Conv2D(filters, 1, stride, use_bias=False)(shortcut))
+            x = layers.ReLU()(layers.Add()([y, shortcut]))
+        x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, _head(x, num_classes, arch), name=arch)
+
+
+def with_features(model):
+    """The same network (shared weights) returning `(features, logits)`."""
+    return keras.Model(model.input, [model.get_layer("features").output, model.output])
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation (spec section 7)
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+    """How a fresh network is trained on a small labelled set before it is tested."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    optimizer: str        # "adamw" or "sgd"
+    learning_rate: float
+    weight_decay: float
+    lr_milestones: tuple  # fractions of training after which the learning rate is multiplied
+    lr_factor: float      # ... by this factor
+    strategy: str         # per-sample DSA strategy
+    cutmix_prob: float    # probability of CutMix per batch (beta = 1)
+
+
+PROTOCOLS = {
+    # NCFM's official evaluation: AdamW, lr halved at 20/40/60/80 %, DSA + CutMix.
+    "ncfm": EvalProtocol("ncfm", 2000, 128, "adamw", 1e-3, 0.01, (0.2, 0.4, 0.6, 0.8), 0.5,
+                         "color_crop_flip_scale_rotate", 0.5),
+    # DM's (Zhao & Bilen 2023) evaluation, used for the baselines in the literature.
+    "dm": EvalProtocol("dm", 1000, 256, "sgd", 0.01, 5e-4, (0.5,), 0.1,
+                       "color_crop_cutout_flip_scale_rotate", 0.0),
+    # NCFM's pretraining of the feature-extractor pool on the real training set (spec section 2).
+    "pretrain": EvalProtocol("pretrain", 60, 128, "sgd", 0.01, 5e-4, (40 / 60, 50 / 60), 0.2,
+                             "color_crop", 0.5),
+}
+
+
+def _evaluation_optimizer(protocol, steps):
+    boundaries = [max(1, int(f * steps)) for f in protocol.lr_milestones]
+    boundaries = sorted(set(min(b, max(steps - 1, 1)) for b in boundaries))
+    values = [protocol.learning_rate * protocol.lr_factor ** i for i in range(len(boundaries) + 1)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    if protocol.optimizer == "adamw":
+        return keras.optimizers.AdamW(schedule, weight_decay=protocol.weight_decay)
+    return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=protocol.weight_decay)
+
+
+def _training_stream(x, y, protocol, seed):
+    """Shuffled batches with per-sample DSA and, with probability `cutmix_prob`, CutMix."""
+    n = len(x)
+    strategy, cutmix_prob = protocol.strategy, protocol.cutmix_prob
+
+    def transform(images, labels, batch_seed):
+        seeds = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 3, alg=RNG))
+        images = augment(to_float(images), seeds[0], strategy)
+        if cutmix_prob > 0:
+            mixed, mixed_labels = cutmix(images, labels, seeds[1])
+            use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < cutmix_prob
+            images = tf.where(use, mixed, images)
+            labels = tf.where(use, mixed_labels, labels)
+        return images, labels
+
+    data = (tf.data.Dataset.from_tensor_slices((x, y))
+            .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
+    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    return (tf.data.Dataset.zip((data, seeds))
+            .map(lambda batch, s: transform(*batch, s), num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0):
+    """Trains `model` on images `x` (uint8, or float in [0, 1]) with int labels `[N]` or soft
+    labels `[N, K]`, following `protocol` (optimizer, schedule, DSA, CutMix)."""
+    if protocol.epochs <= 0:
+        raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
+    y = np.asarray(y)
+    targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
+    x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
+    steps = protocol.epochs * math.ceil(len(x) / protocol.batch_size)
+    model.compile(optimizer=_evaluation_optimizer(protocol, steps),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(_training_stream(x, targets.astype(np.float32), protocol, seed),
+              epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
+              callbacks=list(callbacks), verbose=verbose)
+    return model
+
+
+class TestAccuracy(keras.callbacks.Callback):
+    """Tests the network every `every` epochs and after the last; keeps the history."""
+
+    def __init__(self, test_data, every, epochs):
+        super().__init__()
+        self.test_data, self.every, self.epochs = test_data, every, epochs
+        self.history = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
+            _, accuracy = self.model.evaluate(self.test_data, verbose=0)
+            self.history.append((epoch + 1, 100.0 * float(accuracy)))
+
+
+def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
+                    test_every=None, verbose=0):
+    """Trains a fresh network on `(x, y)` and tests it on `data`'s test split.
+
+    Args:
+      x: float images `[N, H, W, C]` in [0, 1] (e.g. decoded synthetic images).
+      y: int labels `[N]` or soft labels `[N, K]` (probabilities).
+      data: the `Dataset` (test split, normalisation statistics, class count).
+      arch: an entry of ARCHITECTURES; protocol: a key of PROTOCOLS or an `EvalProtocol`.
+      epochs: overrides the protocol's epoch count (the milestones scale with it).
+      test_every: test every this many epochs (default: 10 times per run); the best of these
+        is reported as `best_seen`, which selects on the test set and is shown only for
+        comparison with papers that report it.
+
+    Returns:
+      dict with `final` and `best_seen` test accuracy (%) and the `history` of tests.
+    """
+    protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
+    if epochs is not None:
+        protocol = dataclasses.replace(protocol, epochs=int(epochs))
+    keras.utils.set_random_seed(seed)
+    model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    test = (tf.data.Dataset.from_tensor_slices(
+        (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
+        .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
+    tracker = TestAccuracy(test, test_every or max(1, protocol.epochs // 10), protocol.epochs)
+    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose)
+    accuracies = [a for _, a in tracker.history]
+    return {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
+            "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed}
+
+
+def pretrained_feature_fn(data, seed=0, epochs=2):
+    """Features of a ConvNet briefly trained on the real data (the pretraining protocol for
+    `epochs` epochs), as the herding baseline needs."""
+    keras.utils.set_random_seed(seed)
+    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
+    protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
+    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed)
+    features = keras.Model(model.input, model.get_layer("features").output)
+    return lambda images: features(images, training=False)
+
+
+def summarize(runs):
+    """`{"final": (mean, std), "best_seen": (mean, std)}` over repeated runs."""
+    return {key: (float(np.mean([r[key] for r in runs])), float(np.std([r[key] for r in runs])))
+            for key in ("final", "best_seen")}
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-formation and the distilled-set file
+# ------------------------------------------------------------------------------------------
+
+FILE_FORMAT = "ncfm-keras distilled set v1"
+
+
+def decode(images, factor):
+    """Multi-formation decoding (spec section 1): every stored image holds a factor x factor
+    mosaic; each cell is resized back to full size. `[N, H, W, C]` -> `[N*factor^2, H, W, C]`,
+    cells in row-major order. Differentiable, XLA-friendly.
+    """
+    if factor == 1:
+        return images
+    n, height, width, channels = (tf.shape(images)[0],) + tuple(images.shape[1:])
+    cells = tf.reshape(images, [n, factor, height // factor, factor, width // factor, channels])
+    cells = tf.reshape(tf.transpose(cells, [0, 1, 3, 2, 4, 5]),
+                       [-1, height // factor, width // factor, channels])
+    return tf.image.resize(cells, [height, width], method="bilinear")
+
+
+def decode_labels(labels, factor):
+    """The labels of `decode(images, factor)`."""
+    return np.repeat(np.asarray(labels), factor * factor, axis=0)
+
+
+@dataclasses.dataclass
+class DistilledSet:
+    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ipc: int
+    factor: int
+    dataset: str
+    class_names: list
+    mean: np.ndarray
+    std: np.ndarray
+    config: dict
+
+    def decoded(self):
+        """Training images and labels after multi-formation decoding."""
+        x = decode(tf.constant(self.images, tf.float32), self.factor).numpy()
+        return x, decode_labels(self.labels, self.factor)
+
+
+def atomic_write(path, write):
+    """Calls `write(tmp_path)` and renames the result onto `path`: readers see the old
+    complete file or the new complete file, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def save_distilled(path, distilled):
+    """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
+    _validate_distilled(distilled, path)
+    arrays = dict(format=FILE_FORMAT, images=distilled.images.astype(np.float32),
+                  labels=distilled.labels.astype(np.int32), ipc=distilled.ipc,
+                  factor=distilled.factor, dataset=distilled.dataset,
+                  class_names=np.asarray(distilled.class_names, dtype=str),
+                  mean=distilled.mean.astype(np.float32), std=distilled.std.astype(np.float32),
+                  config=json.dumps(distilled.config))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
+
+
+def load_distilled(path):
+    """Reads and validates a distilled-set file written by `save_distilled`."""
+    if not os.path.isfile(path):
+        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz written by "
+                        "train.py")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["format"]) != FILE_FORMAT:
+                raise NCFMError(f"{path} is not an ncfm-keras distilled set (format "
+                                f"'{f['format']}')")
+            distilled = DistilledSet(
+                images=f["images"], labels=f["labels"], ipc=int(f["ipc"]),
+                factor=int(f["factor"]), dataset=str(f["dataset"]),
+                class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
+                config=json.loads(str(f["config"])))
+    except NCFMError:
+        raise
+    except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
+        raise NCFMError(f"{path} is not a readable distilled-set file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-create it "
+                        "with train.py") from None
+    _validate_distilled(distilled, path)
+    return distilled
+
+
+def _validate_distilled(d, path):
+    k = len(d.class_names)
+    problems = []
+    if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
+        problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
+    elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
+        problems.append(f"factor {d.factor} does not divide the image size")
+    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0
+                                                               or d.labels.max() >= k)):
+        problems.append("labels do not match the classes")
+    if not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or \
+            d.images.max(initial=0) > 1:
+        problems.append("images are not finite values in [0, 1]")
+    if problems:
+        raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")

@@ -1,0 +1,81 @@
+"""The command lines as a user meets them: subprocesses, exit codes and what they print."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FASHION_MNIST_DIR, write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(script, *args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(result, *fragments):
+    """Non-zero exit, exactly one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+FMNIST = ["--dataset=fashion_mnist", f"--data_dir={FASHION_MNIST_DIR}"]
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--dataset=no_such_dataset"], ["unknown dataset 'no_such_dataset'", "folder:PATH"]),
+    (["--dataset=fashion_mnist", "--data_dir=/nonexistent"], ["does not exist"]),
+    (["--dataset=fashion_mnist", "--data_dir=/tmp"], ["no prepared TFDS dataset", "IDX"]),
+    (FMNIST + ["--ipc=0"], ["ipc=0 is out of range: use 1..6000"]),
+    (FMNIST + ["--ipc=6001"], ["ipc=6001 is out of range"]),
+    (FMNIST + ["--arch=convnet,lenet"], ["--arch=convnet,lenet", "resnet18"]),
+    (FMNIST + ["--repeats=0"], ["--repeats=0"]),
+    (["--distilled=/nonexistent.npz"], ["does not exist"]),
+])
+def test_bad_input_fails_in_one_line(tmp_path, args, fragments):
+    result = run("evaluate.py", *args, f"--output_dir={tmp_path}/out")
+    assert_clean_error(result, *fragments)
+    assert not os.path.exists(tmp_path / "out")  # nothing half-written
+
+
+def test_malformed_distilled_file(tmp_path):
+    path = tmp_path / "set.npz"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    assert_clean_error(run("evaluate.py", f"--distilled={path}"), "not a readable distilled-set")
+
+
+def test_bad_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_error(run("evaluate.py", f"--dataset=folder:{empty}"), "0 class sub-directories")
+    write_image_folder(str(tmp_path / "one"), ["only"], 4)
+    assert_clean_error(run("evaluate.py", f"--dataset=folder:{tmp_path / 'one'}"),
+                       "1 class sub-directories")
+
+
+def test_folder_dataset_end_to_end(tmp_path):
+    write_image_folder(str(tmp_path / "imgs"), ["dark", "mid", "light"], per_class=8,
+                       size=(40, 30))
+    result = run("evaluate.py", f"--dataset=folder:{tmp_path / 'imgs'}", "--ipc=3",
+                 "--epochs=3", "--repeats=2", "--arch=convnet,alexnet", "--protocol=dm",
+                 f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for arch in ("convnet", "alexnet"):
+        line = next(line for line in lines if line.startswith(f"{arch}: final "))
+        assert "±" in line and "best-seen" in line
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert report["source"] == {"baseline": "random", "ipc": 3}
+    runs = report["archs"]["alexnet"]["runs"]
+    assert len(runs) == 2 and all(0 <= r["final"] <= 100 for r in runs)
+    assert report["archs"]["convnet"]["summary"]["final"][0] == pytest.approx(
+        np.mean([r["final"] for r in report["archs"]["convnet"]["runs"]]))

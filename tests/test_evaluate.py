@@ -1,0 +1,88 @@
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ncfm_keras as nk
+
+
+def test_evaluation_learns_from_a_small_real_subset(small_fashion_mnist):
+    x, y = nk.random_subset(small_fashion_mnist, ipc=10, seed=0)
+    result = nk.evaluate_images(x, y, small_fashion_mnist, "convnet", "dm", epochs=30,
+                                test_every=10)
+    assert [e for e, _ in result["history"]] == [10, 20, 30]
+    assert result["final"] == result["history"][-1][1]
+    assert result["best_seen"] == max(a for _, a in result["history"]) >= result["final"]
+    assert 45 < result["final"] <= 100  # chance is 10 %
+
+
+def test_soft_labels_and_ncfm_protocol(small_fashion_mnist):
+    x, y = nk.random_subset(small_fashion_mnist, ipc=2, seed=1)
+    soft = np.full((len(y), 10), 0.02, np.float32)
+    soft[np.arange(len(y)), y] = 0.82
+    result = nk.evaluate_images(x, soft, small_fashion_mnist, "convnet", "ncfm", epochs=2)
+    assert 0 <= result["final"] <= 100 and result["epochs"] == 2
+
+
+def test_decode_multiformation():
+    images = np.zeros((1, 4, 4, 1), np.float32)
+    images[0, :2, 2:] = 1.0  # top-right cell
+    decoded = nk.decode(tf.constant(images), 2).numpy()
+    assert decoded.shape == (4, 4, 4, 1)
+    np.testing.assert_allclose(decoded[:, 0, 0, 0], [0, 1, 0, 0])  # cells in row-major order
+    np.testing.assert_allclose(decoded[1], 1.0)
+    assert list(nk.decode_labels([3, 5], 2)) == [3, 3, 3, 3, 5, 5, 5, 5]
+
+
+def _distilled(**changes):
+    fields = dict(images=np.random.default_rng(0).random((6, 8, 8, 1), np.float32),
+                  labels=np.repeat(np.arange(3), 2).astype(np.int32), ipc=2, factor=2,
+                  dataset="toy", class_names=["a", "b", "c"], mean=np.array([0.5], np.float32),
+                  std=np.array([0.2], np.float32), config={"iterations": 3})
+    fields.update(changes)
+    return nk.DistilledSet(**fields)
+
+
+def test_distilled_file_round_trip(tmp_path):
+    path = str(tmp_path / "set.npz")
+    nk.save_distilled(path, _distilled())
+    loaded = nk.load_distilled(path)
+    np.testing.assert_array_equal(loaded.images, _distilled().images)
+    assert loaded.class_names == ["a", "b", "c"] and loaded.config == {"iterations": 3}
+    x, y = loaded.decoded()
+    assert x.shape == (24, 8, 8, 1) and list(np.bincount(y)) == [8, 8, 8]
+    assert os.listdir(tmp_path) == ["set.npz"]  # no temporary files left behind
+
+
+def test_invalid_sets_are_not_written(tmp_path):
+    path = str(tmp_path / "set.npz")
+    bad = _distilled(images=np.full((6, 8, 8, 1), np.nan, np.float32))
+    with pytest.raises(nk.NCFMError, match="not finite values in"):
+        nk.save_distilled(path, bad)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not a zip file at all", "not a readable distilled-set file"),
+    (None, "not a readable distilled-set file"),  # truncated
+    ("foreign", "not a readable distilled-set file"),
+    ("shape", "invalid distilled set"),
+])
+def test_malformed_files_are_rejected(tmp_path, content, message):
+    path = str(tmp_path / "set.npz")
+    if content is None:
+        nk.save_distilled(path, _distilled())
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    elif content == "foreign":
+        np.savez(path, weights=np.zeros(3))
+    elif content == "shape":
+        np.savez(path, format=nk.FILE_FORMAT, images=np.zeros((5, 8, 8, 1), np.float32),
+                 labels=np.zeros(5, np.int32), ipc=2, factor=2, dataset="toy",
+                 class_names=np.array(["a", "b", "c"]), mean=np.zeros(1), std=np.ones(1),
+                 config="{}")
+    else:
+        open(path, "wb").write(content)
+    with pytest.raises(nk.NCFMError, match=message):
+        nk.load_distilled(path)
