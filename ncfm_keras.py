@@ -22,6 +22,7 @@ The library never reads command-line flags; `train.py` and `evaluate.py` do that
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -413,7 +414,6 @@ def dsa_parameters(seed, groups, image_size, strategy):
         size_x = int(width * DSA_SETTINGS["cutout_ratio"] + 0.5)
         params["cutout_y"] = uniform(0, height + (1 - size_y % 2), tf.int32) - size_y // 2
         params["cutout_x"] = uniform(0, width + (1 - size_x % 2), tf.int32) - size_x // 2
-        params["cutout_size"] = tf.constant([size_y, size_x])
     return params
 
 
@@ -476,7 +476,8 @@ def dsa_apply(images, params):
         x = _bilinear_warp(x, params["theta"])
     if "cutout_x" in params:
         height, width = x.shape[2], x.shape[3]
-        size_y, size_x = params["cutout_size"][0], params["cutout_size"][1]
+        size_y = int(height * DSA_SETTINGS["cutout_ratio"] + 0.5)
+        size_x = int(width * DSA_SETTINGS["cutout_ratio"] + 0.5)
         rows = tf.range(height)[None, :, None]
         cols = tf.range(width)[None, None, :]
         top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
@@ -599,7 +600,7 @@ def with_features(model):
 
 
 # ------------------------------------------------------------------------------------------
-# Evaluation (spec section 7)
+# Training a network: the protocols of evaluation and of the pool's pretraining
 # ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -679,9 +680,507 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
                   metrics=["accuracy"])
     model.fit(_training_stream(x, targets.astype(np.float32), protocol, seed),
               epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
-              callbacks=list(callbacks), verbose=verbose)
+              callbacks=list(callbacks), verbose=verbose, shuffle=False)
     return model
 
+
+# ------------------------------------------------------------------------------------------
+# The pretrained pool (spec section 2)
+# ------------------------------------------------------------------------------------------
+# NCFM extracts features with ConvNets blended between their initial and trained weights,
+# theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
+# pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
+
+
+def pool_key(data, arch, epochs, seed):
+    """A cache key naming the dataset, its shape and classes, the architecture and settings."""
+    digest = hashlib.sha1(json.dumps([data.name, data.image_shape, data.class_names,
+                                      data.class_counts().tolist()]).encode()).hexdigest()[:10]
+    name = "".join(c if c.isalnum() else "_" for c in data.name.split("/")[-1])[:40]
+    return f"{name}-{digest}-{arch}-e{epochs}-s{seed}"
+
+
+class PoolProgress(keras.callbacks.Callback):
+    """Advances a pool-wide progress bar once per pretraining epoch."""
+
+    def __init__(self, bar, done):
+        super().__init__()
+        self.bar, self.done = bar, done
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.bar.update(self.done + epoch + 1, [("accuracy", logs.get("accuracy", 0.0))])
+
+
+def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
+    """Trains (or loads from `cache_dir`) a pool of `num_models` networks on the real data.
+
+    Each member starts from its own random initialisation and follows the "pretrain" protocol
+    for `epochs` epochs; members already on disk are reused, so an interrupted pool resumes
+    where it stopped.
+
+    Returns:
+      `(initial, trained)`: lists over members of weight lists (numpy arrays, in the order of
+      `with_features(build_network(...)).weights`).
+    """
+    if num_models < 1 or epochs < 0:
+        raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0 "
+                        f"(got {num_models} and {epochs})")
+    directory = os.path.join(cache_dir, pool_key(data, arch, epochs, seed))
+    protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
+    initial, trained = [], []
+    bar = keras.utils.Progbar(num_models * epochs, verbose=verbose) if epochs else None
+    for member in range(num_models):
+        path = os.path.join(directory, f"member-{member:03d}.npz")
+        if not os.path.exists(path):
+            keras.utils.set_random_seed(seed * 1000 + member)
+            model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+            start = [w.numpy() for w in model.weights]
+            if epochs:
+                train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
+                              seed * 1000 + member, [PoolProgress(bar, member * epochs)])
+            arrays = {f"init_{i}": w for i, w in enumerate(start)}
+            arrays.update({f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
+
+            def write(tmp, arrays=arrays):
+                with open(tmp, "wb") as f:
+                    np.savez(f, **arrays)
+            atomic_write(path, write)
+        elif bar is not None:
+            bar.update((member + 1) * epochs)
+        with np.load(path) as f:
+            count = len(f.files) // 2
+            initial.append([f[f"init_{i}"] for i in range(count)])
+            trained.append([f[f"trained_{i}"] for i in range(count)])
+    return initial, trained
+
+
+# ------------------------------------------------------------------------------------------
+# The synthetic set: multi-formation and initialisation (spec section 1)
+# ------------------------------------------------------------------------------------------
+
+def decode(images, factor):
+    """Multi-formation decoding (spec section 1): every stored image holds a factor x factor
+    mosaic; each cell is resized back to full size. `[N, H, W, C]` -> `[N*factor^2, H, W, C]`,
+    cells in row-major order. Differentiable, XLA-friendly.
+    """
+    if factor == 1:
+        return images
+    n, height, width, channels = (tf.shape(images)[0],) + tuple(images.shape[1:])
+    cells = tf.reshape(images, [n, factor, height // factor, factor, width // factor, channels])
+    cells = tf.reshape(tf.transpose(cells, [0, 1, 3, 2, 4, 5]),
+                       [-1, height // factor, width // factor, channels])
+    return tf.image.resize(cells, [height, width], method="bilinear")
+
+
+def decode_labels(labels, factor):
+    """The labels of `decode(images, factor)`."""
+    return np.repeat(np.asarray(labels), factor * factor, axis=0)
+
+
+def initial_images(data, ipc, factor, init="mix", seed=0):
+    """Initial stored synthetic images `[K*ipc, H, W, C]` in [0, 1], class-sorted.
+
+    `real` copies `ipc` random real images per class; `mix` fills every cell of each
+    factor x factor mosaic with a different real image of the class, downsampled, so that
+    decoding returns (blurred) real images; `noise` draws N(0.5, 0.25^2), clamped.
+    """
+    if init not in ("real", "mix", "noise"):
+        raise NCFMError(f"unknown init '{init}'; use real, mix or noise")
+    height, width, channels = data.image_shape
+    if factor < 1 or height % factor or width % factor:
+        raise NCFMError(f"factor={factor} must be >= 1 and divide the image size {height}x{width}")
+    if init == "noise":
+        rng = np.random.default_rng(seed)
+        shape = (data.num_classes * ipc, height, width, channels)
+        return np.clip(rng.normal(0.5, 0.25, shape), 0, 1).astype(np.float32)
+    cells = ipc * factor * factor if init == "mix" else ipc
+    check_ipc(data, cells)
+    x, _ = random_subset(data, cells, seed)  # [K*cells, H, W, C]
+    if init == "real":
+        return x
+    small = tf.image.resize(x, [height // factor, width // factor], method="area").numpy()
+    mosaic = small.reshape(-1, factor, factor, height // factor, width // factor, channels)
+    return np.clip(mosaic.transpose(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels),
+                   0, 1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# The characteristic-function discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2)
+# ------------------------------------------------------------------------------------------
+
+
+def empirical_cf(features, t):
+    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>).
+
+    Args:
+      features: `[..., B, D]`; t: `[M, D]`.
+
+    Returns:
+      `(re, im)`, each `[..., M]`.
+    """
+    projection = tf.einsum("...bd,md->...bm", features, t)  # [..., B, M]
+    return tf.reduce_mean(tf.cos(projection), -2), tf.reduce_mean(tf.sin(projection), -2)
+
+
+def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
+    """The CF discrepancy of spec section 3 (paper Eq. 6-8), in float32 whatever the policy.
+
+    amplitude_m = (|Phi_a| - |Phi_b|)^2, phase_m = 2 (|Phi_a||Phi_b| - re_a re_b - im_a im_b)
+    (clamped below at 1e-12), loss = mean_m sqrt(alpha amplitude_m + beta phase_m).
+    Linear in the batch sizes and the number of frequencies: no B1 x B2 kernel.
+
+    Args:
+      feat_real: `[..., B1, D]`; feat_syn: `[..., B2, D]` (leading dimensions, e.g. classes,
+        are kept); t: `[M, D]` frequencies.
+
+    Returns:
+      The discrepancy, shape `[...]`.
+    """
+    a, b, t = (tf.cast(v, tf.float32) for v in (feat_real, feat_syn, t))
+    re_a, im_a = empirical_cf(a, t)
+    re_b, im_b = empirical_cf(b, t)
+    norm_a = tf.sqrt(re_a * re_a + im_a * im_a)
+    norm_b = tf.sqrt(re_b * re_b + im_b * im_b)
+    amplitude = tf.square(norm_a - norm_b)
+    phase = tf.maximum(2.0 * (norm_a * norm_b - re_a * re_b - im_a * im_b), 1e-12)
+    return tf.reduce_mean(tf.sqrt(alpha * amplitude + beta * phase), -1)
+
+
+def mmd_loss(feat_real, feat_syn):
+    """DM's discrepancy (Zhao & Bilen 2023): the squared distance of the mean features, i.e.
+    MMD with a linear kernel; the baseline NCFM is compared with. Shape `[...]`."""
+    a, b = tf.cast(feat_real, tf.float32), tf.cast(feat_syn, tf.float32)
+    return tf.reduce_sum(tf.square(tf.reduce_mean(a, -2) - tf.reduce_mean(b, -2)), -1)
+
+
+class SamplingNet(keras.Model):
+    """psi: the frequency law as a scale mixture of normals, p(t) = int N(t|0, S) p_psi(S) dS.
+
+    An MLP (3 x Dense(D), BatchNorm + LeakyReLU(0.2) between, softplus last) maps
+    `num_freqs / per_component` Gaussian noise vectors to positive scale vectors `s_k` `[D]`;
+    each mixture component emits `per_component` frequencies `t = s_k * eps`, eps ~ N(0, I),
+    reparameterised so that gradients reach psi. The last bias starts at softplus^-1(1), so
+    psi starts close to t ~ N(0, I).
+    """
+
+    def __init__(self, feature_dim, num_freqs, per_component=16, **kwargs):
+        super().__init__(**kwargs)
+        if num_freqs % per_component:
+            raise NCFMError(f"num_freqs={num_freqs} must be a multiple of {per_component}")
+        self.feature_dim, self.num_freqs = feature_dim, num_freqs
+        self.components, self.per_component = num_freqs // per_component, per_component
+        self.mlp = keras.Sequential(
+            [layers.Dense(feature_dim), layers.BatchNormalization(), layers.LeakyReLU(0.2),
+             layers.Dense(feature_dim), layers.BatchNormalization(), layers.LeakyReLU(0.2),
+             layers.Dense(feature_dim, activation="softplus", dtype="float32",
+                          bias_initializer=keras.initializers.Constant(math.log(math.e - 1)))])
+        self.mlp.build((None, feature_dim))
+
+    def call(self, seed, training=False):
+        """Draws `[num_freqs, D]` frequencies from the int seed `[2]`."""
+        noise_seed, eps_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
+        noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed,
+                                           alg=RNG)
+        scales = tf.cast(self.mlp(noise, training=training), tf.float32)  # [M/16, D]
+        eps = tf.random.stateless_normal([self.components, self.per_component, self.feature_dim],
+                                         eps_seed, alg=RNG)
+        return tf.reshape(scales[:, None, :] * eps, [self.num_freqs, self.feature_dim])
+
+
+# ------------------------------------------------------------------------------------------
+# NCFM: the min-max model (spec section 6)
+# ------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Every setting of a distillation. Defaults follow the spec / official CIFAR-10 config."""
+
+    ipc: int = 10                 # stored images per class
+    factor: int = 2               # multi-formation: each stored image holds factor^2 images
+    init: str = "mix"             # real | mix | noise
+    iterations: int = 20000       # official
+    batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
+    num_freqs: int = 4096         # M, frequencies per iteration (official)
+    sampling_net: bool = True     # psi (paper); False: plain CF matching with t ~ N(0, I)
+    sampler_steps: int = 1        # psi ascent steps per iteration
+    loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
+    alpha: float = 0.5            # amplitude weight (official)
+    beta: float = 0.5             # phase weight (official)
+    match_scale: float = 300.0    # official scale of the matching loss of a class
+    calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
+    image_lr: float = 1e-3        # AdamW on the pixels (official)
+    image_weight_decay: float = 5e-4
+    lr_patience: int = 500        # halve the image lr after this many iterations w/o progress
+    sampler_lr: float = 1e-3      # SGD on psi (official), momentum 0.5
+    sampler_weight_decay: float = 5e-4
+    augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
+    num_pretrained: int = 20      # pool size P
+    pretrain_epochs: int = 60     # official
+    class_group: int = 10         # classes whose real batches are processed at once
+    seed: int = 0
+
+    def validate(self):
+        checks = [
+            (self.ipc >= 1, "ipc must be >= 1"), (self.factor >= 1, "factor must be >= 1"),
+            (self.init in ("real", "mix", "noise"), "init must be real, mix or noise"),
+            (self.iterations >= 1, "iterations must be >= 1"),
+            (self.batch_real >= 1, "batch_real must be >= 1"),
+            (self.num_freqs >= 16 and self.num_freqs % 16 == 0,
+             "num_freqs must be a positive multiple of 16"),
+            (self.sampler_steps >= 1, "sampler_steps must be >= 1"),
+            (self.loss in ("cf", "mmd"), "loss must be cf or mmd"),
+            (self.calibration >= 0, "calibration must be >= 0"),
+            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0"),
+            (self.num_pretrained >= 1, "num_pretrained must be >= 1"),
+            (self.pretrain_epochs >= 0, "pretrain_epochs must be >= 0"),
+            (self.class_group >= 1, "class_group must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise NCFMError(f"invalid setting: {message}")
+        parse_strategy(self.augment)
+        return self
+
+
+class NCFM(keras.Model):
+    """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced real batches
+    `[K, batch_real, H, W, C]` (uint8) runs one iteration of spec section 6 per step.
+
+    Owns the synthetic images (the only image variable), psi, and the pool of feature
+    extractors stacked as `[P, ...]` constants, blended inside the compiled step.
+    """
+
+    def __init__(self, data, config, pool, init_images=None, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config.validate()
+        self.num_classes, self.image_shape = data.num_classes, data.image_shape
+        network = build_network("convnet", data.image_shape, data.num_classes, data.mean,
+                                data.std)
+        network.trainable = False  # its variables are placeholders: weights are fed per step
+        self.extractor = with_features(network)  # (features, logits)
+        position = {id(w): i for i, w in enumerate(network.weights)}
+        order = [position[id(w)] for w in self.extractor.non_trainable_variables]
+        initial, trained = pool
+        # [P, ...] per weight of the extractor: member i, blended inside the step.
+        self.pool_initial = [tf.constant(np.stack([m[j] for m in initial])) for j in order]
+        self.pool_trained = [tf.constant(np.stack([m[j] for m in trained])) for j in order]
+        self.pool_size = len(initial)
+        if init_images is None:
+            init_images = initial_images(data, config.ipc, config.factor, config.init,
+                                         config.seed)
+        self.synthetic = self.add_weight(
+            shape=init_images.shape, initializer="zeros", dtype="float32",
+            name="synthetic_images")
+        self.synthetic.assign(init_images)
+        self.labels = np.repeat(np.arange(data.num_classes), config.ipc).astype(np.int32)
+        feature_dim = self.extractor.outputs[0].shape[-1]
+        self.sampler = (SamplingNet(feature_dim, config.num_freqs, name="sampler")
+                        if config.sampling_net and config.loss == "cf" else None)
+        self.seed_generator = keras.random.SeedGenerator(config.seed)
+        self.trackers = {name: keras.metrics.Mean(name) for name in
+                         ("matching_loss", "calibration_loss", "image_grad_norm")}
+
+    def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
+        """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
+        callbacks such as ReduceLROnPlateau act on it); `sampler_optimizer` updates psi."""
+        super().compile(optimizer=image_optimizer, **kwargs)
+        if self.sampler is not None:
+            if sampler_optimizer is None:
+                raise NCFMError("the sampling network needs a sampler_optimizer")
+            if keras.config.dtype_policy().name == "mixed_float16":
+                sampler_optimizer = keras.optimizers.LossScaleOptimizer(sampler_optimizer)
+        self.sampler_optimizer = sampler_optimizer
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def synthetic_labels(self):
+        """Labels of the stored images `[K*ipc]`."""
+        return self.labels
+
+    def _seed(self):
+        return keras.random.randint([2], 0, 2 ** 30, seed=self.seed_generator)
+
+    def _blended_weights(self, seed):
+        """A random pool member i and lam ~ U(0,1): (lam*init + (1-lam)*trained, trained)."""
+        member_seed, lam_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
+        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
+                                             alg=RNG)
+        lam = tf.random.stateless_uniform([], lam_seed, alg=RNG)
+        trained = [tf.gather(w, member) for w in self.pool_trained]
+        blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
+                   for w0, w1 in zip(self.pool_initial, trained)]
+        return blended, trained
+
+    def _extract(self, weights, images):
+        """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
+        (features, logits), _ = self.extractor.stateless_call([], weights, images)
+        return features, logits
+
+    def _frequencies(self, seed, training):
+        if self.sampler is None:
+            return tf.random.stateless_normal([self.config.num_freqs,
+                                               self.extractor.outputs[0].shape[-1]], seed,
+                                              alg=RNG)
+        return self.sampler(seed, training=training)
+
+    def _discrepancy(self, real_features, syn_features, t):
+        """Summed over classes: `match_scale * loss_c`, from features `[K, B, D]`."""
+        if self.config.loss == "mmd":
+            per_class = mmd_loss(real_features, syn_features)
+        else:
+            per_class = cf_loss(real_features, syn_features, t, self.config.alpha,
+                                self.config.beta)
+        return self.config.match_scale * tf.reduce_sum(per_class)
+
+    def decoded_synthetic(self):
+        """Decoded synthetic images `[K, ipc*factor^2, H, W, C]`."""
+        decoded = decode(self.synthetic, self.config.factor)
+        return tf.reshape(decoded, [self.num_classes, -1, *self.image_shape])
+
+    def _real_features(self, real, weights, params):
+        """L2-normalised features `[K, B, D]` of the augmented real batch, computed
+        `class_group` classes at a time to bound memory; no gradients needed."""
+        k, group = self.num_classes, self.config.class_group
+        chunks = []
+        for start in range(0, k, group):
+            images = dsa_apply(to_float(real[start:start + group]),
+                               {n: v[start:start + group] for n, v in params.items()})
+            shape = tf.shape(images)
+            features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
+            chunks.append(tf.reshape(tf.cast(features, tf.float32), [shape[0], shape[1], -1]))
+        return tf.stop_gradient(tf.math.l2_normalize(tf.concat(chunks, 0), -1))
+
+    def train_step(self, real):
+        """One NCFM iteration: psi ascent, image descent, calibration, clamp."""
+        seeds = tf.unstack(tf.random.experimental.stateless_split(self._seed(), 5, RNG))
+        blended, trained = self._blended_weights(seeds[0])
+        params = dsa_parameters(seeds[1], self.num_classes, self.image_shape[:2],
+                                self.config.augment)  # siamese: one draw per class
+        real_features = self._real_features(real, blended, params)
+        image_vars = [self.synthetic]
+
+        with tf.GradientTape() as image_tape:
+            syn = dsa_apply(self.decoded_synthetic(), params)  # [K, S, H, W, C]
+            syn_features, _ = self._extract(blended, tf.reshape(syn, [-1, *self.image_shape]))
+            syn_features = tf.math.l2_normalize(tf.reshape(
+                tf.cast(syn_features, tf.float32), [self.num_classes, -1,
+                                                    syn_features.shape[-1]]), -1)
+
+            # psi: maximise the discrepancy (gradient ascent, written as minimising its
+            # negative) on the same features, which do not depend on psi.
+            if self.sampler is not None:
+                with image_tape.stop_recording():
+                    for _ in range(self.config.sampler_steps):
+                        with tf.GradientTape() as sampler_tape:
+                            t = self._frequencies(seeds[2], training=True)
+                            ascent = -self._discrepancy(real_features,
+                                                        tf.stop_gradient(syn_features), t)
+                            scaled = self._scale(self.sampler_optimizer, ascent)
+                        sampler_vars = self.sampler.trainable_variables
+                        grads = sampler_tape.gradient(scaled, sampler_vars)
+                        self.sampler_optimizer.apply(grads, sampler_vars)
+
+            # Images: minimise the discrepancy under the updated psi.
+            t = tf.stop_gradient(self._frequencies(seeds[2], training=True))
+            matching = self._discrepancy(real_features, syn_features, t)
+            scaled = self._scale(self.optimizer, matching)
+        grads = image_tape.gradient(scaled, image_vars)
+        self.optimizer.apply(grads, image_vars)
+        self.trackers["image_grad_norm"].update_state(tf.norm(self._unscale(grads[0])))
+        self.trackers["matching_loss"].update_state(matching)
+
+        # Calibration: the trained member must classify the synthetic images correctly.
+        if self.config.calibration > 0:
+            with tf.GradientTape() as calibration_tape:
+                images = augment(tf.reshape(self.decoded_synthetic(), [-1, *self.image_shape]),
+                                 seeds[3], self.config.augment)
+                _, logits = self._extract(trained, images)
+                labels = tf.repeat(tf.range(self.num_classes), tf.shape(images)[0] //
+                                   self.num_classes)
+                calibration = self.config.calibration * tf.reduce_mean(
+                    keras.losses.sparse_categorical_crossentropy(
+                        labels, tf.cast(logits, tf.float32), from_logits=True))
+                scaled = self._scale(self.optimizer, calibration)
+            grads = calibration_tape.gradient(scaled, image_vars)
+            self.optimizer.apply(grads, image_vars)
+            self.trackers["calibration_loss"].update_state(calibration)
+
+        self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
+        return {name: m.result() for name, m in self.trackers.items()}
+
+    @staticmethod
+    def _scale(optimizer, loss):
+        """Scales the loss for a LossScaleOptimizer (mixed_float16); identity otherwise."""
+        return optimizer.scale_loss(loss)
+
+    def _unscale(self, grad):
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            return grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
+        return grad
+
+    def distilled_set(self, data):
+        """The current synthetic images as a `DistilledSet`."""
+        return DistilledSet(self.synthetic.numpy(), self.labels, self.config.ipc,
+                            self.config.factor, data.name, data.class_names, data.mean,
+                            data.std, dataclasses.asdict(self.config))
+
+
+PRESETS = {
+    # Spec section 6 / official CIFAR-10 settings: 20000 iterations, 1024 real images per
+    # class, a pool of 20 ConvNets pretrained for 60 epochs.
+    "cifar10": dict(batch_real=1024),
+    # Ours: 100 classes x 1024 real images is 100k forward passes per iteration; 256 keeps an
+    # iteration within a single GPU's memory and time budget.
+    "cifar100": dict(batch_real=256, class_group=20),
+    # Ours: 200 classes of 64x64 images (ConvNet-4); same reasoning as CIFAR-100.
+    "tiny_imagenet": dict(batch_real=128, class_group=20),
+    "fashion_mnist": dict(batch_real=1024),
+    "mnist": dict(batch_real=1024),
+}
+
+
+def preset(dataset, ipc):
+    """The `DistillConfig` defaults `train.py` uses for a dataset (unknown names: the spec's)."""
+    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
+
+
+def set_precision(precision="auto"):
+    """Sets the Keras dtype policy: `auto` is mixed_float16 on a GPU and float32 elsewhere
+    (mixed_bfloat16 is available on CPUs with bf16 units). Returns the policy name."""
+    if precision == "auto":
+        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        raise NCFMError(f"unknown precision '{precision}'; use auto, float32, mixed_float16 "
+                        "or mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1):
+    """The pool (trained or loaded), then a compiled `NCFM` with the spec's optimizers:
+    AdamW on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU (on a CPU,
+    TensorFlow's oneDNN kernels are faster than XLA's for these convolutions)."""
+    config.validate()
+    check_ipc(data, config.ipc * (config.factor ** 2 if config.init == "mix" else 1))
+    pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
+                         seed=config.seed, verbose=verbose)
+    model = NCFM(data, config, pool)
+    if jit_compile == "auto":
+        jit_compile = bool(tf.config.list_physical_devices("GPU"))
+    model.compile(
+        image_optimizer=keras.optimizers.AdamW(config.image_lr,
+                                               weight_decay=config.image_weight_decay),
+        sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                               weight_decay=config.sampler_weight_decay),
+        jit_compile=jit_compile)
+    return model
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation (spec section 7)
+# ------------------------------------------------------------------------------------------
 
 class TestAccuracy(keras.callbacks.Callback):
     """Tests the network every `every` epochs and after the last; keeps the history."""
@@ -747,29 +1246,120 @@ def summarize(runs):
 
 
 # ------------------------------------------------------------------------------------------
-# Multi-formation and the distilled-set file
+# Callbacks: what a distillation writes while it runs
+# ------------------------------------------------------------------------------------------
+
+
+def image_grid(images, rows):
+    """Tiles `[rows*cols, H, W, C]` images in [0, 1] into one uint8 `[rows*H, cols*W, C]`."""
+    n, height, width, channels = images.shape
+    cols = n // rows
+    grid = images.reshape(rows, cols, height, width, channels).transpose(0, 2, 1, 3, 4)
+    return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(
+        rows * height, cols * width, channels)
+
+
+def save_png(path, pixels):
+    """Writes a uint8 `[H, W, C]` array as a PNG, atomically."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_image_folder(directory, images, labels, class_names):
+    """Writes images as `directory/<class>/<i>.png`, loadable again with `folder:directory`."""
+    for i, (image, label) in enumerate(zip(images, labels)):
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_names[label])
+        save_png(os.path.join(directory, f"{label:03d}_{name}", f"{i:05d}.png"),
+                 np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+
+
+class DistilledSetWriter(keras.callbacks.Callback):
+    """After every epoch, writes `distilled.npz` and `grid.png` (one row per class) to
+    `output_dir`; at the end also the decoded images as an image folder (`images/`)."""
+
+    def __init__(self, data, output_dir):
+        super().__init__()
+        self.data, self.output_dir = data, output_dir
+
+    def on_epoch_end(self, epoch, logs=None):
+        distilled = self.model.distilled_set(self.data)
+        save_distilled(os.path.join(self.output_dir, "distilled.npz"), distilled)
+        save_png(os.path.join(self.output_dir, "grid.png"),
+                 image_grid(distilled.images, self.data.num_classes))
+
+    def on_train_end(self, logs=None):
+        x, y = self.model.distilled_set(self.data).decoded()
+        save_image_folder(os.path.join(self.output_dir, "images"), x, y, self.data.class_names)
+
+
+class IterationCSV(keras.callbacks.Callback):
+    """Appends one CSV row per iteration, once per epoch: the iteration's own metric values (Keras reports
+    running means over the epoch, m_k; the k-th value is k*m_k - (k-1)*m_{k-1}), the image
+    learning rate and, when an evaluation ran, its test accuracy."""
+
+    COLUMNS = ("iteration", "matching_loss", "calibration_loss", "image_grad_norm",
+               "learning_rate", "test_accuracy")
+
+    def __init__(self, path, steps_per_epoch):
+        super().__init__()
+        self.path, self.steps = path, steps_per_epoch
+        self.rows, self.previous, self.epoch = [], {}, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.previous = epoch, {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        row = {"iteration": self.epoch * self.steps + batch + 1,
+               "learning_rate": float(self.model.optimizer.learning_rate)}
+        for key in self.COLUMNS[1:4]:
+            if key in logs:
+                running = float(logs[key])
+                row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
+                self.previous[key] = running
+        self.rows.append(row)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs and "test_accuracy" in logs and self.rows:
+            self.rows[-1]["test_accuracy"] = logs["test_accuracy"]
+        lines = [",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in self.COLUMNS)
+                 for r in self.rows]
+        if epoch == 0 or not os.path.exists(self.path):
+            lines.insert(0, ",".join(self.COLUMNS))
+        with open(self.path, "w" if epoch == 0 else "a") as f:
+            f.write("\n".join(lines) + "\n")  # one write per epoch: whole rows
+        self.rows = []
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Every `every` epochs (and at the end), trains a fresh network on the decoded synthetic
+    set and records its test accuracy (in `history` and in the epoch logs)."""
+
+    def __init__(self, data, every, epochs, arch="convnet", protocol="ncfm", eval_epochs=None,
+                 print_fn=print):
+        super().__init__()
+        self.data, self.every, self.epochs = data, every, epochs
+        self.arch, self.protocol, self.eval_epochs = arch, protocol, eval_epochs
+        self.print_fn, self.history = print_fn, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
+            return
+        x, y = self.model.distilled_set(self.data).decoded()
+        result = evaluate_images(x, y, self.data, self.arch, self.protocol, self.eval_epochs)
+        self.history.append((epoch + 1, result["final"], result["best_seen"]))
+        if logs is not None:
+            logs["test_accuracy"] = result["final"]
+        self.print_fn(f"evaluation after epoch {epoch + 1}: final {result['final']:.2f}  "
+                      f"best-seen {result['best_seen']:.2f}")
+
+
+# ------------------------------------------------------------------------------------------
+# The distilled-set file
 # ------------------------------------------------------------------------------------------
 
 FILE_FORMAT = "ncfm-keras distilled set v1"
-
-
-def decode(images, factor):
-    """Multi-formation decoding (spec section 1): every stored image holds a factor x factor
-    mosaic; each cell is resized back to full size. `[N, H, W, C]` -> `[N*factor^2, H, W, C]`,
-    cells in row-major order. Differentiable, XLA-friendly.
-    """
-    if factor == 1:
-        return images
-    n, height, width, channels = (tf.shape(images)[0],) + tuple(images.shape[1:])
-    cells = tf.reshape(images, [n, factor, height // factor, factor, width // factor, channels])
-    cells = tf.reshape(tf.transpose(cells, [0, 1, 3, 2, 4, 5]),
-                       [-1, height // factor, width // factor, channels])
-    return tf.image.resize(cells, [height, width], method="bilinear")
-
-
-def decode_labels(labels, factor):
-    """The labels of `decode(images, factor)`."""
-    return np.repeat(np.asarray(labels), factor * factor, axis=0)
 
 
 @dataclasses.dataclass

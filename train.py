@@ -1,0 +1,114 @@
+"""Distils a dataset with NCFM.
+
+    python train.py --dataset=cifar10 --ipc=10
+    python train.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist \\
+        --ipc=10 --iterations=1000 --num_pretrained=4 --pretrain_epochs=1 --batch_real=64
+
+Every setting defaults to the preset for the dataset (`ncfm_keras.PRESETS`, then the spec's
+values in `ncfm_keras.DistillConfig`); any flag given overrides it. Writes to --output_dir:
+distilled.npz (the set, for evaluate.py), grid.png (one row per class), images/ (the decoded
+images as an image folder), metrics.csv, tensorboard/ and, with --eval_every or
+--eval_epochs, evaluation.json.
+"""
+
+import dataclasses
+import os
+import time
+
+from absl import app, flags
+
+import cli
+
+flags.DEFINE_string("dataset", "cifar10", "TFDS name, MNIST-family name with IDX files in "
+                    "--data_dir, or folder:PATH.")
+flags.DEFINE_string("data_dir", None, "TFDS data dir, or the folder holding MNIST IDX files.")
+flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to.")
+flags.DEFINE_integer("ipc", 10, "Stored synthetic images per class.")
+flags.DEFINE_string("output_dir", None, "Where outputs go (default runs/<dataset>_ipc<ipc>).")
+flags.DEFINE_string("pool_dir", os.path.join(os.path.expanduser("~"), ".cache", "ncfm_keras",
+                                             "pools"), "Cache of pretrained pools.")
+for field in dataclasses.fields(cli.nk.DistillConfig):
+    if field.name == "ipc":
+        continue
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+              str: flags.DEFINE_string}[type(field.default)]
+    define(field.name, None, f"DistillConfig.{field.name} (default: the preset's, else "
+           f"{field.default!r}).")
+flags.DEFINE_integer("log_every", 10, "Iterations per Keras epoch: one CSV row, one "
+                     "progress-bar line, one checkpoint of distilled.npz.")
+flags.DEFINE_integer("eval_every", 0, "Evaluate the set every this many iterations (0: never "
+                     "during training).")
+flags.DEFINE_integer("eval_epochs", 0, "Epochs of each evaluation; >0 also evaluates at the "
+                     "end (0 with --eval_every: the protocol's).")
+flags.DEFINE_enum("eval_protocol", "ncfm", ["ncfm", "dm"], "Evaluation protocol.")
+flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mixed_bfloat16"],
+                  "Dtype policy (auto: mixed_float16 on GPU, float32 on CPU).")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                  "XLA for the training step (auto: on for GPU).")
+FLAGS = flags.FLAGS
+
+
+def config_from_flags(nk):
+    config = nk.preset(FLAGS.dataset, FLAGS.ipc)
+    given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config)
+             if f.name != "ipc" and FLAGS[f.name].value is not None}
+    return dataclasses.replace(config, **given).validate()
+
+
+def main(argv):
+    del argv
+    nk = cli.nk
+    keras = nk.keras
+    cli.require(FLAGS.ipc >= 1, f"--ipc={FLAGS.ipc}: use 1 or more")
+    cli.require(FLAGS.log_every >= 1, f"--log_every={FLAGS.log_every}: use 1 or more")
+    cli.require(FLAGS.eval_every >= 0 and FLAGS.eval_epochs >= 0,
+                "--eval_every and --eval_epochs must be >= 0")
+    config = config_from_flags(nk)
+    cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
+                f"--iterations={config.iterations} must be a multiple of --log_every="
+                f"{FLAGS.log_every}")
+    policy = nk.set_precision(FLAGS.precision)
+    data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    output_dir = FLAGS.output_dir or os.path.join(
+        "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
+    print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
+          f"policy {policy}\n{config}", flush=True)
+    start = time.time()
+    jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
+    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit)
+    print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
+
+    steps = min(FLAGS.log_every, config.iterations)
+    epochs = config.iterations // steps
+    os.makedirs(output_dir, exist_ok=True)
+    callbacks = [
+        nk.DistilledSetWriter(data, output_dir),
+        keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5, mode="min",
+                                          patience=max(1, config.lr_patience // steps)),
+        nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps),
+        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
+    ]
+    evaluation = None
+    if FLAGS.eval_every or FLAGS.eval_epochs:
+        every = FLAGS.eval_every // steps if FLAGS.eval_every else epochs
+        evaluation = nk.PeriodicEvaluation(data, max(1, every), epochs,
+                                           protocol=FLAGS.eval_protocol,
+                                           eval_epochs=FLAGS.eval_epochs or None)
+        callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
+    distill_start = time.time()
+    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed),
+              steps_per_epoch=steps, epochs=epochs, callbacks=callbacks, verbose=1,
+              shuffle=False)
+    seconds = time.time() - distill_start
+    print(f"distilled {config.iterations} iterations in {seconds:.0f} s "
+          f"({seconds / config.iterations:.2f} s/iter); wrote {output_dir}/distilled.npz")
+    if evaluation is not None:
+        nk.write_json(os.path.join(output_dir, "evaluation.json"), {
+            "dataset": data.name, "protocol": FLAGS.eval_protocol,
+            "history": [dict(iteration=e * steps, final=f, best_seen=b)
+                        for e, f, b in evaluation.history],
+            "distill_seconds": round(seconds, 1), "config": dataclasses.asdict(config)})
+
+
+if __name__ == "__main__":
+    app.run(cli.guarded(main))
