@@ -870,8 +870,10 @@ class SamplingNet(keras.Model):
         self.feature_dim, self.num_freqs = feature_dim, num_freqs
         self.components, self.per_component = num_freqs // per_component, per_component
         self.mlp = keras.Sequential(
-            [layers.Dense(feature_dim), layers.BatchNormalization(), layers.LeakyReLU(0.2),
-             layers.Dense(feature_dim), layers.BatchNormalization(), layers.LeakyReLU(0.2),
+            [layers.Dense(feature_dim, use_bias=False),  # BatchNorm supplies the shift
+             layers.BatchNormalization(), layers.LeakyReLU(0.2),
+             layers.Dense(feature_dim, use_bias=False),
+             layers.BatchNormalization(), layers.LeakyReLU(0.2),
              layers.Dense(feature_dim, activation="softplus", dtype="float32",
                           bias_initializer=keras.initializers.Constant(math.log(math.e - 1)))])
         self.mlp.build((None, feature_dim))
@@ -1002,16 +1004,20 @@ class NCFM(keras.Model):
     def _seed(self):
         return keras.random.randint([2], 0, 2 ** 30, seed=self.seed_generator)
 
-    def _blended_weights(self, seed):
-        """A random pool member i and lam ~ U(0,1): (lam*init + (1-lam)*trained, trained)."""
-        member_seed, lam_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
-        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
-                                             alg=RNG)
-        lam = tf.random.stateless_uniform([], lam_seed, alg=RNG)
+    def blend(self, member, lam):
+        """Extractor weights `lam * init(member) + (1 - lam) * trained(member)` (spec section 2)
+        and the trained weights of that member (for calibration)."""
         trained = [tf.gather(w, member) for w in self.pool_trained]
         blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
                    for w0, w1 in zip(self.pool_initial, trained)]
         return blended, trained
+
+    def _random_blend(self, seed):
+        """A random pool member and lam ~ U(0, 1), fresh every iteration."""
+        member_seed, lam_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
+        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
+                                             alg=RNG)
+        return self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
 
     def _extract(self, weights, images):
         """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
@@ -1052,43 +1058,66 @@ class NCFM(keras.Model):
             chunks.append(tf.reshape(tf.cast(features, tf.float32), [shape[0], shape[1], -1]))
         return tf.stop_gradient(tf.math.l2_normalize(tf.concat(chunks, 0), -1))
 
-    def train_step(self, real):
-        """One NCFM iteration: psi ascent, image descent, calibration, clamp."""
-        seeds = tf.unstack(tf.random.experimental.stateless_split(self._seed(), 5, RNG))
-        blended, trained = self._blended_weights(seeds[0])
+    def _matching_features(self, real, seeds):
+        """Real and synthetic features `[K, B, D]`, `[K, S, D]` (L2-normalised) under one
+        blended extractor and one siamese augmentation per class; also the trained weights."""
+        blended, trained = self._random_blend(seeds[0])
         params = dsa_parameters(seeds[1], self.num_classes, self.image_shape[:2],
                                 self.config.augment)  # siamese: one draw per class
         real_features = self._real_features(real, blended, params)
+        syn = dsa_apply(self.decoded_synthetic(), params)  # [K, S, H, W, C]
+        syn_features, _ = self._extract(blended, tf.reshape(syn, [-1, *self.image_shape]))
+        syn_features = tf.reshape(tf.cast(syn_features, tf.float32),
+                                  [self.num_classes, -1, syn_features.shape[-1]])
+        return real_features, tf.math.l2_normalize(syn_features, -1), trained
+
+    def matching_loss(self, real, seed):
+        """The summed matching loss for a given step seed, without any update (for tests and
+        monitoring; `train_step` with the same seed sees the same extractor, augmentation and
+        frequencies)."""
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
+        real_features, syn_features, _ = self._matching_features(real, seeds)
+        return self._discrepancy(real_features, syn_features,
+                                 self._frequencies(seeds[2], training=True))
+
+    def _sampler_ascent(self, real_features, syn_features, seed):
+        """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
+        The features do not depend on psi, so they are computed once per iteration."""
+        for _ in range(self.config.sampler_steps):
+            with tf.GradientTape() as tape:
+                t = self._frequencies(seed, training=True)
+                ascent = -self._discrepancy(real_features, syn_features, t)
+                scaled = self._scale(self.sampler_optimizer, ascent)
+            variables = self.sampler.trainable_variables
+            self.sampler_optimizer.apply(tape.gradient(scaled, variables), variables)
+
+    def train_step(self, real, seed=None):
+        """One NCFM iteration (spec section 6): psi ascent, image descent, calibration, clamp.
+
+        Args:
+          real: uint8 `[K, batch_real, H, W, C]`, a class-balanced real batch.
+          seed: int `[2]`; by default drawn from the model's SeedGenerator.
+        """
+        seed = self._seed() if seed is None else seed
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
         image_vars = [self.synthetic]
 
         with tf.GradientTape() as image_tape:
-            syn = dsa_apply(self.decoded_synthetic(), params)  # [K, S, H, W, C]
-            syn_features, _ = self._extract(blended, tf.reshape(syn, [-1, *self.image_shape]))
-            syn_features = tf.math.l2_normalize(tf.reshape(
-                tf.cast(syn_features, tf.float32), [self.num_classes, -1,
-                                                    syn_features.shape[-1]]), -1)
-
-            # psi: maximise the discrepancy (gradient ascent, written as minimising its
-            # negative) on the same features, which do not depend on psi.
+            real_features, syn_features, trained = self._matching_features(real, seeds)
             if self.sampler is not None:
                 with image_tape.stop_recording():
-                    for _ in range(self.config.sampler_steps):
-                        with tf.GradientTape() as sampler_tape:
-                            t = self._frequencies(seeds[2], training=True)
-                            ascent = -self._discrepancy(real_features,
-                                                        tf.stop_gradient(syn_features), t)
-                            scaled = self._scale(self.sampler_optimizer, ascent)
-                        sampler_vars = self.sampler.trainable_variables
-                        grads = sampler_tape.gradient(scaled, sampler_vars)
-                        self.sampler_optimizer.apply(grads, sampler_vars)
-
+                    self._sampler_ascent(real_features, tf.stop_gradient(syn_features),
+                                         seeds[2])
             # Images: minimise the discrepancy under the updated psi.
             t = tf.stop_gradient(self._frequencies(seeds[2], training=True))
             matching = self._discrepancy(real_features, syn_features, t)
             scaled = self._scale(self.optimizer, matching)
         grads = image_tape.gradient(scaled, image_vars)
         self.optimizer.apply(grads, image_vars)
-        self.trackers["image_grad_norm"].update_state(tf.norm(self._unscale(grads[0])))
+        norm = tf.norm(self._unscale(grads[0]))
+        finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
+        self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
+                                                      sample_weight=tf.cast(finite, tf.float32))
         self.trackers["matching_loss"].update_state(matching)
 
         # Calibration: the trained member must classify the synthetic images correctly.
@@ -1097,8 +1126,8 @@ class NCFM(keras.Model):
                 images = augment(tf.reshape(self.decoded_synthetic(), [-1, *self.image_shape]),
                                  seeds[3], self.config.augment)
                 _, logits = self._extract(trained, images)
-                labels = tf.repeat(tf.range(self.num_classes), tf.shape(images)[0] //
-                                   self.num_classes)
+                labels = tf.repeat(tf.range(self.num_classes),
+                                   tf.shape(images)[0] // self.num_classes)
                 calibration = self.config.calibration * tf.reduce_mean(
                     keras.losses.sparse_categorical_crossentropy(
                         labels, tf.cast(logits, tf.float32), from_logits=True))

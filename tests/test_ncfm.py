@@ -1,0 +1,211 @@
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import ncfm_keras as nk
+
+
+# ---- cf_loss against an independent numpy reference (spec section 3) ----------------------
+
+def reference_cf_loss(a, b, t, alpha=0.5, beta=0.5):
+    """Spec section 3 written with complex numbers, in float64."""
+    phi_a = np.exp(1j * (a.astype(np.float64) @ t.T)).mean(0)  # [M]
+    phi_b = np.exp(1j * (b.astype(np.float64) @ t.T)).mean(0)
+    amplitude = (np.abs(phi_a) - np.abs(phi_b)) ** 2
+    phase = np.maximum(2 * (np.abs(phi_a) * np.abs(phi_b) - (phi_a * np.conj(phi_b)).real), 1e-12)
+    return np.mean(np.sqrt(alpha * amplitude + beta * phase))
+
+
+def _features(seed, n, d=8):
+    v = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_cf_loss_matches_reference():
+    a, b = _features(0, 40), _features(1, 7) * 0.5 + 0.2
+    t = np.random.default_rng(2).normal(size=(64, 8)).astype(np.float32) * 3
+    for alpha, beta in ((0.5, 0.5), (0.9, 0.1), (1.0, 0.0)):
+        np.testing.assert_allclose(nk.cf_loss(a, b, t, alpha, beta),
+                                   reference_cf_loss(a, b, t, alpha, beta), rtol=2e-5)
+
+
+def test_cf_loss_closed_forms():
+    a, b = _features(3, 16), _features(4, 5)
+    t = np.random.default_rng(5).normal(size=(32, 8)).astype(np.float32)
+    # Identical sets: zero up to float32 cancellation inside the phase term (~1e-8 under
+    # the square root), far below the loss of different sets.
+    assert float(nk.cf_loss(a, a, t)) < 3e-4 < 0.01 < float(nk.cf_loss(a, b, t))
+    np.testing.assert_allclose(nk.cf_loss(a, b, t), nk.cf_loss(b, a, t), rtol=1e-6)
+    # One point each: |Phi| = 1, so amplitude = 0 and phase = 2 (1 - cos <t, x - y>).
+    x, y = a[:1], b[:1]
+    expected = np.mean(np.sqrt(0.5 * 2 * (1 - np.cos(t @ (x - y)[0]))))
+    np.testing.assert_allclose(nk.cf_loss(x, y, t), expected, rtol=1e-5)
+
+
+def test_cf_loss_batched_over_classes_and_float16_inputs():
+    a = np.stack([_features(i, 12) for i in range(3)])
+    b = np.stack([_features(10 + i, 4) for i in range(3)])
+    t = np.random.default_rng(0).normal(size=(48, 8)).astype(np.float32)
+    batched = nk.cf_loss(a, b, t).numpy()
+    assert batched.shape == (3,)
+    np.testing.assert_allclose(batched, [reference_cf_loss(a[i], b[i], t) for i in range(3)],
+                               rtol=2e-5)
+    half = nk.cf_loss(tf.constant(a, tf.float16), tf.constant(b, tf.float16), t)
+    assert half.dtype == tf.float32
+    np.testing.assert_allclose(half, batched, rtol=5e-3)
+
+
+def test_cf_loss_gradients_are_finite():
+    a = tf.constant(_features(0, 10))
+    b = tf.Variable(_features(1, 3))
+    t = tf.Variable(np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = nk.cf_loss(a, b, t)
+    grad_b, grad_t = tape.gradient(loss, [b, t])
+    assert np.all(np.isfinite(grad_b)) and np.all(np.isfinite(grad_t))
+    assert np.abs(grad_b.numpy()).sum() > 0
+
+
+def test_mmd_loss_is_the_mean_feature_distance():
+    a, b = _features(0, 9), _features(1, 4)
+    np.testing.assert_allclose(nk.mmd_loss(a, b), np.sum((a.mean(0) - b.mean(0)) ** 2),
+                               rtol=1e-5)
+
+
+def test_sampling_net_is_a_scale_mixture():
+    net = nk.SamplingNet(feature_dim=8, num_freqs=64)
+    t = net(tf.constant([1, 2]), training=True).numpy()
+    assert t.shape == (64, 8) and np.all(np.isfinite(t))
+    np.testing.assert_array_equal(net(tf.constant([1, 2]), training=True), t)  # seeded
+    with tf.GradientTape() as tape:
+        out = tf.reduce_sum(tf.square(net(tf.constant([1, 2]), training=True)))
+    grads = tape.gradient(out, net.trainable_variables)
+    assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
+    with pytest.raises(nk.NCFMError, match="multiple of 16"):
+        nk.SamplingNet(8, 40)
+
+
+# ---- the synthetic set and the model ----------------------------------------------------------
+
+def test_mix_init_holds_downsampled_real_images_of_each_class(small_fashion_mnist):
+    d = small_fashion_mnist
+    images = nk.initial_images(d, ipc=2, factor=2, init="mix", seed=0)
+    assert images.shape == (20, 32, 32, 1) and 0 <= images.min() and images.max() <= 1
+    decoded = nk.decode(tf.constant(images), 2).numpy()
+    assert decoded.shape == (80, 32, 32, 1)
+    real, _ = nk.random_subset(d, 8, seed=0)  # the same draw the init used
+    # Each decoded cell is the real image, down- then up-sampled: close, not equal.
+    error = np.abs(decoded - real).mean(axis=(1, 2, 3))
+    assert np.all(error < 0.12), error.max()
+    assert nk.initial_images(d, 3, 1, "real").shape == (30, 32, 32, 1)
+    noise = nk.initial_images(d, 1, 2, "noise")
+    assert 0.4 < noise.mean() < 0.6
+    with pytest.raises(nk.NCFMError, match="factor=3 must"):
+        nk.initial_images(d, 1, 3, "mix")
+
+
+def _pool(data, members=2, distinct=True):
+    """Members whose 'trained' weights are just another random initialisation."""
+    initial, trained = [], []
+    for m in range(members):
+        for store, seed in ((initial, 2 * m), (trained, 2 * m + 1 if distinct else 2 * m)):
+            keras.utils.set_random_seed(seed)
+            net = nk.build_network("convnet", data.image_shape, data.num_classes, data.mean,
+                                   data.std)
+            store.append([w.numpy() for w in net.weights])
+    return initial, trained
+
+
+def _model(data, **config):
+    settings = dict(ipc=1, factor=2, batch_real=8, num_freqs=64, num_pretrained=2,
+                    pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01)
+    settings.update(config)
+    model = nk.NCFM(data, nk.DistillConfig(**settings), _pool(data))
+    model.compile(keras.optimizers.Adam(settings["image_lr"]),
+                  keras.optimizers.SGD(settings["sampler_lr"]), jit_compile=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def real_batch(small_fashion_mnist):
+    return next(iter(nk.class_balanced_batches(small_fashion_mnist, 8)))
+
+
+def test_blending_endpoints_reproduce_init_and_trained(small_fashion_mnist):
+    d = small_fashion_mnist
+    model = _model(d)
+    initial, trained = _pool(d)
+    x = nk.to_float(d.x_test[:4])
+    for lam, weights in ((1.0, initial[1]), (0.0, trained[1])):
+        blended, _ = model.blend(1, lam)
+        features, logits = model._extract(blended, x)
+        net = nk.build_network("convnet", d.image_shape, d.num_classes, d.mean, d.std)
+        net.set_weights(weights)
+        np.testing.assert_allclose(logits, net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_psi_ascends_and_images_descend(small_fashion_mnist, real_batch):
+    seed = tf.constant([3, 4])
+    model = _model(small_fashion_mnist, calibration=0.0, image_lr=1e-12)
+    before = float(model.matching_loss(real_batch, seed))
+    model.train_step(real_batch, seed)
+    assert float(model.matching_loss(real_batch, seed)) > before  # psi maximises
+
+    model = _model(small_fashion_mnist, calibration=0.0, sampler_lr=1e-12, image_lr=0.01)
+    before = float(model.matching_loss(real_batch, seed))
+    model.train_step(real_batch, seed)
+    assert float(model.matching_loss(real_batch, seed)) < before  # the images minimise
+
+
+def test_each_update_changes_only_its_own_variables(small_fashion_mnist, real_batch):
+    model = _model(small_fashion_mnist)
+    sampler_weights = [v.numpy() for v in model.sampler.trainable_variables]
+    extractor_weights = [v.numpy() for v in model.extractor.weights]
+    images = model.synthetic.numpy()
+    logs = model.train_step(real_batch)
+    assert all(np.isfinite(float(v)) for v in logs.values())
+    assert not np.allclose(model.synthetic.numpy(), images)
+    assert all(not np.allclose(a, v.numpy()) for a, v in
+               zip(sampler_weights, model.sampler.trainable_variables))
+    for a, v in zip(extractor_weights, model.extractor.weights):
+        np.testing.assert_array_equal(a, v.numpy())
+    assert 0 <= model.synthetic.numpy().min() and model.synthetic.numpy().max() <= 1
+    # The image optimizer tracks the pixels only; the sampler optimizer psi only.
+    assert {v.path for v in model.optimizer._trainable_variables} == {model.synthetic.path}
+    assert model.synthetic.path not in {v.path for v in
+                                        model.sampler_optimizer._trainable_variables}
+
+
+def test_without_psi_and_with_mmd(small_fashion_mnist, real_batch):
+    plain = _model(small_fashion_mnist, sampling_net=False)
+    assert plain.sampler is None and np.isfinite(float(plain.train_step(real_batch)[
+        "matching_loss"]))
+    mmd = _model(small_fashion_mnist, loss="mmd")
+    assert mmd.sampler is None and np.isfinite(float(mmd.train_step(real_batch)[
+        "matching_loss"]))
+
+
+def test_fit_under_xla(small_fashion_mnist):
+    model = _model(small_fashion_mnist)
+    model.compile(keras.optimizers.Adam(0.01), keras.optimizers.SGD(0.01), jit_compile=True)
+    history = model.fit(nk.class_balanced_batches(small_fashion_mnist, 8), steps_per_epoch=2,
+                        epochs=1, verbose=0)
+    assert np.isfinite(history.history["matching_loss"][-1])
+
+
+def test_float16_policy_stays_finite(small_fashion_mnist, real_batch):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model(small_fashion_mnist)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert isinstance(model.sampler_optimizer, keras.optimizers.LossScaleOptimizer)
+        images = model.synthetic.numpy()
+        for _ in range(3):  # the first steps may overflow at the initial loss scale: skipped
+            logs = model.train_step(real_batch)
+        assert all(np.isfinite(float(v)) for v in logs.values()), logs
+        assert not np.array_equal(model.synthetic.numpy(), images)
+        assert model.synthetic.dtype == "float32"
+        assert np.all(np.isfinite(model.synthetic.numpy()))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
