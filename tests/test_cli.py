@@ -79,3 +79,47 @@ def test_folder_dataset_end_to_end(tmp_path):
     assert len(runs) == 2 and all(0 <= r["final"] <= 100 for r in runs)
     assert report["archs"]["convnet"]["summary"]["final"][0] == pytest.approx(
         np.mean([r["final"] for r in report["archs"]["convnet"]["runs"]]))
+
+
+def test_train_then_evaluate_on_fashion_mnist(tmp_path):
+    out = tmp_path / "run"
+    result = run("train.py", *FMNIST, "--ipc=1", "--iterations=4", "--log_every=2",
+                 "--batch_real=8", "--num_freqs=64", "--num_pretrained=1",
+                 "--pretrain_epochs=0", f"--pool_dir={tmp_path / 'pools'}",
+                 f"--output_dir={out}", "--eval_epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distilled 4 iterations" in result.stdout
+    for name in ("distilled.npz", "grid.png", "metrics.csv", "evaluation.json"):
+        assert (out / name).is_file(), name
+    assert os.listdir(out / "tensorboard")
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,matching_loss") and len(rows) == 5
+    assert rows[-1].split(",")[-1] != ""  # the final evaluation's accuracy
+    folders = sorted(os.listdir(out / "images"))
+    assert len(folders) == 10 and len(os.listdir(out / "images" / folders[0])) == 4  # 1 x 2^2
+    from PIL import Image
+    grid = np.asarray(Image.open(out / "grid.png"))
+    assert grid.shape == (10 * 32, 32) and grid.std() > 10  # one row per class, not blank
+    assert os.listdir(tmp_path / "pools")  # the pool was cached
+
+    evaluated = run("evaluate.py", f"--distilled={out / 'distilled.npz'}",
+                    f"--data_dir={FASHION_MNIST_DIR}", "--epochs=2", "--repeats=1",
+                    f"--output_dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "convnet: final " in evaluated.stdout
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["source"]["factor"] == 2 and report["dataset"] == "fashion_mnist"
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--ipc=0"], ["--ipc=0"]),
+    (["--ipc=2000"], ["init=mix with ipc=2000 and factor=2 needs 8000", "init=real"]),
+    (["--num_freqs=100"], ["num_freqs must be a positive multiple of 16"]),
+    (["--loss=kl"], ["loss must be cf or mmd"]),
+    (["--iterations=15", "--log_every=10"], ["multiple of --log_every"]),
+])
+def test_train_bad_input(tmp_path, args, fragments):
+    result = run("train.py", *FMNIST, *args, f"--output_dir={tmp_path}/out",
+                 f"--pool_dir={tmp_path}/pools")
+    assert_clean_error(result, *fragments)
+    assert not os.path.exists(tmp_path / "out")

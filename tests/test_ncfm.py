@@ -209,3 +209,10 @@ def test_float16_policy_stays_finite(small_fashion_mnist, real_batch):
         assert np.all(np.isfinite(model.synthetic.numpy()))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_class_groups_do_not_change_the_loss(small_fashion_mnist, real_batch):
+    seed = tf.constant([5, 6])
+    losses = [float(_model(small_fashion_mnist, class_group=g).matching_loss(real_batch, seed))
+              for g in (1, 4, 10)]  # 4 does not divide 10: groups of 2
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)

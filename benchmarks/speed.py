@@ -1,0 +1,101 @@
+"""Times one compiled NCFM iteration against the bare network work it contains.
+
+    python benchmarks/speed.py                # the issue's configuration (Fashion-MNIST shapes)
+    python benchmarks/speed.py --steps=5 --batch_real=64
+
+Configuration: 10 classes of 32x32x1 random images, IPC 10, factor 2, batch_real 256 per class,
+4096 frequencies, calibration on, psi off and on. For each variant it prints
+
+    psi=off: N.NN s/iter  ratio=R.RR  peak_rss=M MiB
+
+where s/iter is the median of --steps compiled `train_step` calls after warm-up, and ratio is
+that time divided by the bare work of the same iteration, timed the same way in the same
+process: the ConvNet forward on the real batch plus forward/backward on the decoded synthetic
+batch. peak_rss is the process's peak resident memory so far (ru_maxrss).
+"""
+
+import os
+import resource
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("steps", 7, "Timed steps per variant (after 2 warm-up steps).")
+flags.DEFINE_integer("batch_real", 256, "Real images per class.")
+flags.DEFINE_integer("num_freqs", 4096, "Frequencies per iteration.")
+flags.DEFINE_integer("ipc", 10, "Images per class.")
+flags.DEFINE_integer("factor", 2, "Multi-formation factor.")
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for both timings.")
+FLAGS = flags.FLAGS
+
+
+def median_seconds(fn, steps):
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import ncfm_keras as nk
+
+    k, shape = 10, (32, 32, 1)
+    rng = np.random.default_rng(0)
+    data = nk.Dataset("benchmark", rng.integers(0, 256, (k * 50, *shape), dtype=np.uint8),
+                      np.repeat(np.arange(k), 50).astype(np.int32), np.zeros((k, *shape),
+                      np.uint8), np.arange(k, dtype=np.int32), [str(c) for c in range(k)],
+                      np.array([0.29], np.float32), np.array([0.35], np.float32))
+    real = tf.constant(rng.integers(0, 256, (k, FLAGS.batch_real, *shape), dtype=np.uint8))
+    jit = {"auto": bool(tf.config.list_physical_devices("GPU")), "true": True,
+           "false": False}[FLAGS.jit_compile]
+    net = nk.build_network("convnet", shape, k, data.mean, data.std)
+    weights = [w.numpy() for w in net.weights]
+    pool = ([weights], [weights])
+
+    for psi in (False, True):
+        config = nk.DistillConfig(ipc=FLAGS.ipc, factor=FLAGS.factor, init="noise",
+                                  batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
+                                  sampling_net=psi, num_pretrained=1, pretrain_epochs=0)
+        model = nk.NCFM(data, config, pool)
+        model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
+                      keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)
+        model.make_train_function()
+        step = model.train_function
+        iterator = iter(tf.data.Dataset.from_tensors(real).repeat())
+        step_time = median_seconds(lambda: float(step(iterator)["matching_loss"]), FLAGS.steps)
+
+        extractor = nk.with_features(net)
+        synthetic = tf.Variable(model.synthetic.numpy())
+
+        @tf.function(jit_compile=jit)
+        def bare_work():
+            real_features, _ = extractor(tf.reshape(nk.to_float(real), [-1, *shape]))
+            with tf.GradientTape() as tape:
+                features, _ = extractor(nk.decode(synthetic, FLAGS.factor))
+                loss = tf.reduce_sum(tf.reduce_mean(features, 0) *
+                                     tf.reduce_mean(real_features, 0))
+            return tape.gradient(loss, synthetic)
+
+        bare_time = median_seconds(lambda: bare_work().numpy(), FLAGS.steps)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"psi={'on' if psi else 'off'}: {step_time:.2f} s/iter  "
+              f"ratio={step_time / bare_time:.2f}  peak_rss={peak:.0f} MiB  "
+              f"(bare work {bare_time:.2f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
