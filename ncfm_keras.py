@@ -997,10 +997,6 @@ class NCFM(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
-    def synthetic_labels(self):
-        """Labels of the stored images `[K*ipc]`."""
-        return self.labels
-
     def _seed(self):
         return keras.random.randint([2], 0, 2 ** 30, seed=self.seed_generator)
 
@@ -1094,7 +1090,7 @@ class NCFM(keras.Model):
             with tf.GradientTape() as tape:
                 t = self._frequencies(seed, training=True)
                 ascent = -self._discrepancy(real_features, syn_features, t)
-                scaled = self._scale(self.sampler_optimizer, ascent)
+                scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless loss-scaled
             variables = self.sampler.trainable_variables
             self.sampler_optimizer.apply(tape.gradient(scaled, variables), variables)
 
@@ -1118,7 +1114,7 @@ class NCFM(keras.Model):
             # Images: minimise the discrepancy under the updated psi.
             t = tf.stop_gradient(self._frequencies(seeds[2], training=True))
             matching = self._discrepancy(real_features, syn_features, t)
-            scaled = self._scale(self.optimizer, matching)
+            scaled = self.optimizer.scale_loss(matching)
         grads = image_tape.gradient(scaled, image_vars)
         self.optimizer.apply(grads, image_vars)
         norm = tf.norm(self._unscale(grads[0]))
@@ -1138,18 +1134,13 @@ class NCFM(keras.Model):
                 calibration = self.config.calibration * tf.reduce_mean(
                     keras.losses.sparse_categorical_crossentropy(
                         labels, tf.cast(logits, tf.float32), from_logits=True))
-                scaled = self._scale(self.optimizer, calibration)
+                scaled = self.optimizer.scale_loss(calibration)
             grads = calibration_tape.gradient(scaled, image_vars)
             self.optimizer.apply(grads, image_vars)
             self.trackers["calibration_loss"].update_state(calibration)
 
         self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
         return {name: m.result() for name, m in self.trackers.items()}
-
-    @staticmethod
-    def _scale(optimizer, loss):
-        """Scales the loss for a LossScaleOptimizer (mixed_float16); identity otherwise."""
-        return optimizer.scale_loss(loss)
 
     def _unscale(self, grad):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
