@@ -818,7 +818,11 @@ def empirical_cf(features, t):
     Returns:
       `(re, im)`, each `[..., M]`.
     """
-    projection = tf.einsum("...bd,md->...bm", features, t)  # [..., B, M]
+    # One [N, D] x [D, M] product rather than a batched one: a batched matmul would broadcast
+    # t over the leading dimensions, and its gradient w.r.t. t would be [..., M, D].
+    flat = tf.reshape(features, [-1, features.shape[-1]])
+    projection = tf.reshape(tf.matmul(flat, t, transpose_b=True),
+                            tf.concat([tf.shape(features)[:-1], tf.shape(t)[:1]], 0))
     return tf.reduce_mean(tf.cos(projection), -2), tf.reduce_mean(tf.sin(projection), -2)
 
 
@@ -918,7 +922,7 @@ class DistillConfig:
     augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
     num_pretrained: int = 20      # pool size P
     pretrain_epochs: int = 60     # official
-    class_group: int = 1          # classes whose real batches go through the net at once
+    class_group: int = 1          # classes the step sends through the network at once
     seed: int = 0
 
     def validate(self):
@@ -956,6 +960,9 @@ class NCFM(keras.Model):
         super().__init__(**kwargs)
         self.config = config.validate()
         self.num_classes, self.image_shape = data.num_classes, data.image_shape
+        # The largest divisor of K not above config.class_group (see _map_groups).
+        self.class_group = max(g for g in range(1, min(config.class_group, self.num_classes) + 1)
+                               if self.num_classes % g == 0)
         network = build_network("convnet", data.image_shape, data.num_classes, data.mean,
                                 data.std)
         network.trainable = False  # its variables are placeholders: weights are fed per step
@@ -1036,52 +1043,67 @@ class NCFM(keras.Model):
                                 self.config.beta)
         return self.config.match_scale * tf.reduce_sum(per_class)
 
-    def decoded_synthetic(self):
-        """Decoded synthetic images `[K, ipc*factor^2, H, W, C]`."""
-        decoded = decode(self.synthetic, self.config.factor)
-        return tf.reshape(decoded, [self.num_classes, -1, *self.image_shape])
+    # The step runs the network on one group of `class_group` classes at a time (a sequential
+    # map): a class's loss depends only on its own images, so per-group forward/backward
+    # passes give exactly the gradient of the summed loss, while peak memory is one group's
+    # activations, whatever the number of classes.
 
-    def _real_features(self, real, weights, params):
-        """L2-normalised features `[K, B, D]` of the augmented real batch. No gradients are
-        needed, so peak memory is bounded by running `class_group` classes at a time, one
-        group after the other (a sequential map, not K parallel forwards)."""
-        k = self.num_classes
-        group = max(g for g in range(1, min(self.config.class_group, k) + 1) if k % g == 0)
+    def _map_groups(self, fn, elems, output_signature):
+        """`fn` on each class group of `elems` (each `[K, ...]`, seen as `[g, ...]`) in turn;
+        outputs are `[K, ...]` again, or one value per group for scalar outputs."""
+        k, g = self.num_classes, self.class_group
+        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
+                                        elems)
+        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
+                            parallel_iterations=1)
+        return tf.nest.map_structure(
+            lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
-        def group_features(inputs):
-            images, group_params = inputs  # [g, B, H, W, C], each [g]
-            images = dsa_apply(to_float(images), group_params)
-            features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
-            return tf.reshape(tf.cast(features, tf.float32), [group, tf.shape(images)[1], -1])
+    def _stored_synthetic(self):
+        """The stored images as `[K, ipc, H, W, C]`."""
+        return tf.reshape(self.synthetic, [self.num_classes, -1, *self.image_shape])
 
-        split = lambda v: tf.reshape(v, [k // group, group, *v.shape[1:]])  # noqa: E731
-        features = tf.map_fn(group_features, (split(real), {n: split(v) for n, v in
-                                                            params.items()}),
-                             fn_output_signature=tf.float32, parallel_iterations=1)
-        features = tf.reshape(features, [k, tf.shape(real)[1], -1])
-        return tf.stop_gradient(tf.math.l2_normalize(features, -1))
+    def _decoded(self, stored):
+        """`[g, ipc, H, W, C]` stored -> `[g, ipc*factor^2, H, W, C]` decoded images."""
+        decoded = decode(tf.reshape(stored, [-1, *self.image_shape]), self.config.factor)
+        return tf.reshape(decoded, [stored.shape[0], -1, *self.image_shape])
 
-    def _matching_features(self, real, seeds):
-        """Real and synthetic features `[K, B, D]`, `[K, S, D]` (L2-normalised) under one
-        blended extractor and one siamese augmentation per class; also the trained weights."""
+    def _features(self, weights, images):
+        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]`."""
+        features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
+        features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
+        return tf.math.l2_normalize(features, -1)
+
+    def _draw(self, seed):
+        """The randomness of one iteration: the blended extractor (and its trained weights),
+        one siamese augmentation per class, the frequency seed and the calibration seed."""
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
         blended, trained = self._random_blend(seeds[0])
         params = dsa_parameters(seeds[1], self.num_classes, self.image_shape[:2],
-                                self.config.augment)  # siamese: one draw per class
-        real_features = self._real_features(real, blended, params)
-        syn = dsa_apply(self.decoded_synthetic(), params)  # [K, S, H, W, C]
-        syn_features, _ = self._extract(blended, tf.reshape(syn, [-1, *self.image_shape]))
-        syn_features = tf.reshape(tf.cast(syn_features, tf.float32),
-                                  [self.num_classes, -1, syn_features.shape[-1]])
-        return real_features, tf.math.l2_normalize(syn_features, -1), trained
+                                self.config.augment)
+        return blended, trained, params, seeds[2], seeds[3]
+
+    def _real_features(self, real, weights, params):
+        """Features `[K, B, D]` of the augmented real batch (no gradients needed)."""
+        features = self._map_groups(
+            lambda x: self._features(weights, dsa_apply(to_float(x[0]), x[1])),
+            (real, params), tf.float32)
+        return tf.stop_gradient(features)
+
+    def _synthetic_features(self, weights, params):
+        """Features `[K, S, D]` of the augmented decoded synthetic images."""
+        return self._map_groups(
+            lambda x: self._features(weights, dsa_apply(self._decoded(x[0]), x[1])),
+            (self._stored_synthetic(), params), tf.float32)
 
     def matching_loss(self, real, seed):
         """The summed matching loss for a given step seed, without any update (for tests and
         monitoring; `train_step` with the same seed sees the same extractor, augmentation and
         frequencies)."""
-        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
-        real_features, syn_features, _ = self._matching_features(real, seeds)
-        return self._discrepancy(real_features, syn_features,
-                                 self._frequencies(seeds[2], training=True))
+        blended, _, params, frequency_seed, _ = self._draw(seed)
+        return self._discrepancy(self._real_features(real, blended, params),
+                                 self._synthetic_features(blended, params),
+                                 self._frequencies(frequency_seed, training=True))
 
     def _sampler_ascent(self, real_features, syn_features, seed):
         """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
@@ -1094,6 +1116,49 @@ class NCFM(keras.Model):
             variables = self.sampler.trainable_variables
             self.sampler_optimizer.apply(tape.gradient(scaled, variables), variables)
 
+    def matching_gradient(self, real_features, weights, params, t):
+        """The matching loss (spec section 6, step 3) and its gradient w.r.t. the stored
+        images, one class group at a time. The gradient is of the loss-scaled loss."""
+        def group(inputs):
+            stored, group_real_features, group_params = inputs
+            with tf.GradientTape() as tape:
+                tape.watch(stored)
+                images = dsa_apply(self._decoded(stored), group_params)
+                loss = self._discrepancy(group_real_features, self._features(weights, images), t)
+                scaled = self.optimizer.scale_loss(loss)
+            return loss, tape.gradient(scaled, stored)
+
+        losses, grads = self._map_groups(
+            group, (self._stored_synthetic(), real_features, params), (tf.float32, tf.float32))
+        return tf.reduce_sum(losses), tf.reshape(grads, self.synthetic.shape)
+
+    def calibration_gradient(self, trained, seed):
+        """The calibration loss (spec section 6, step 4): cross-entropy of the trained pool
+        member on per-sample augmented decoded synthetic images, averaged over all of them;
+        and its (loss-scaled) gradient w.r.t. the stored images, one class group at a time."""
+        total = self.synthetic.shape[0] * self.config.factor ** 2
+
+        def group(inputs):
+            stored, classes = inputs
+            with tf.GradientTape() as tape:
+                tape.watch(stored)
+                decoded = self._decoded(stored)
+                group_seed = tf.random.experimental.stateless_fold_in(seed, classes[0], RNG)
+                images = augment(tf.reshape(decoded, [-1, *self.image_shape]), group_seed,
+                                 self.config.augment)
+                _, logits = self._extract(trained, images)
+                labels = tf.repeat(classes, decoded.shape[1])
+                loss = self.config.calibration * tf.reduce_sum(
+                    keras.losses.sparse_categorical_crossentropy(
+                        labels, tf.cast(logits, tf.float32), from_logits=True)) / total
+                scaled = self.optimizer.scale_loss(loss)
+            return loss, tape.gradient(scaled, stored)
+
+        losses, grads = self._map_groups(
+            group, (self._stored_synthetic(), tf.range(self.num_classes)),
+            (tf.float32, tf.float32))
+        return tf.reduce_sum(losses), tf.reshape(grads, self.synthetic.shape)
+
     def train_step(self, real, seed=None):
         """One NCFM iteration (spec section 6): psi ascent, image descent, calibration, clamp.
 
@@ -1102,22 +1167,16 @@ class NCFM(keras.Model):
           seed: int `[2]`; by default drawn from the model's SeedGenerator.
         """
         seed = self._seed() if seed is None else seed
-        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
-        image_vars = [self.synthetic]
-
-        with tf.GradientTape() as image_tape:
-            real_features, syn_features, trained = self._matching_features(real, seeds)
-            if self.sampler is not None:
-                with image_tape.stop_recording():
-                    self._sampler_ascent(real_features, tf.stop_gradient(syn_features),
-                                         seeds[2])
-            # Images: minimise the discrepancy under the updated psi.
-            t = tf.stop_gradient(self._frequencies(seeds[2], training=True))
-            matching = self._discrepancy(real_features, syn_features, t)
-            scaled = self.optimizer.scale_loss(matching)
-        grads = image_tape.gradient(scaled, image_vars)
-        self.optimizer.apply(grads, image_vars)
-        norm = tf.norm(self._unscale(grads[0]))
+        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed)
+        real_features = self._real_features(real, blended, params)
+        if self.sampler is not None:  # psi first, like a GAN's critic ...
+            self._sampler_ascent(real_features, self._synthetic_features(blended, params),
+                                 frequency_seed)
+        # ... then the images minimise the discrepancy under the updated psi.
+        t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
+        matching, grad = self.matching_gradient(real_features, blended, params, t)
+        self.optimizer.apply([grad], [self.synthetic])
+        norm = tf.norm(self._unscale(grad))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
                                                       sample_weight=tf.cast(finite, tf.float32))
@@ -1125,18 +1184,8 @@ class NCFM(keras.Model):
 
         # Calibration: the trained member must classify the synthetic images correctly.
         if self.config.calibration > 0:
-            with tf.GradientTape() as calibration_tape:
-                images = augment(tf.reshape(self.decoded_synthetic(), [-1, *self.image_shape]),
-                                 seeds[3], self.config.augment)
-                _, logits = self._extract(trained, images)
-                labels = tf.repeat(tf.range(self.num_classes),
-                                   tf.shape(images)[0] // self.num_classes)
-                calibration = self.config.calibration * tf.reduce_mean(
-                    keras.losses.sparse_categorical_crossentropy(
-                        labels, tf.cast(logits, tf.float32), from_logits=True))
-                scaled = self.optimizer.scale_loss(calibration)
-            grads = calibration_tape.gradient(scaled, image_vars)
-            self.optimizer.apply(grads, image_vars)
+            calibration, grad = self.calibration_gradient(trained, calibration_seed)
+            self.optimizer.apply([grad], [self.synthetic])
             self.trackers["calibration_loss"].update_state(calibration)
 
         self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))

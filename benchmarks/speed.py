@@ -11,12 +11,15 @@ Configuration: 10 classes of 32x32x1 random images, IPC 10, factor 2, batch_real
 where s/iter is the median of --steps compiled `train_step` calls after warm-up, and ratio is
 that time divided by the bare work of the same iteration, timed the same way in the same
 process: the ConvNet forward on the real batch plus forward/backward on the decoded synthetic
-batch. peak_rss is the process's peak resident memory so far (ru_maxrss).
+batch. Each variant runs in a fresh subprocess; peak_rss is that process's peak resident memory
+after the step timings (before the bare work runs), i.e. TensorFlow itself, the model, and the
+step; `before step` is the peak before the first step.
 """
 
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -30,8 +33,17 @@ flags.DEFINE_integer("batch_real", 256, "Real images per class.")
 flags.DEFINE_integer("num_freqs", 4096, "Frequencies per iteration.")
 flags.DEFINE_integer("ipc", 10, "Images per class.")
 flags.DEFINE_integer("factor", 2, "Multi-formation factor.")
+flags.DEFINE_integer("class_group", 1, "Classes sent through the network at once.")
+flags.DEFINE_enum("variant", None, ["off", "on"], "Run only this psi variant (in-process); "
+                  "by default each variant runs in a fresh subprocess, so that memory one "
+                  "leaves behind does not count against the other.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for both timings.")
 FLAGS = flags.FLAGS
+
+
+def peak_rss_mib():
+    """The process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def median_seconds(fn, steps):
@@ -46,7 +58,11 @@ def median_seconds(fn, steps):
 
 
 def main(argv):
-    del argv
+    if FLAGS.variant is None:  # each variant in a fresh process: its own peak memory
+        for variant in ("off", "on"):
+            subprocess.run([sys.executable, os.path.abspath(__file__), f"--variant={variant}",
+                            *argv[1:]], check=True)
+        return
     import keras
     import numpy as np
     import tensorflow as tf
@@ -64,37 +80,36 @@ def main(argv):
            "false": False}[FLAGS.jit_compile]
     net = nk.build_network("convnet", shape, k, data.mean, data.std)
     weights = [w.numpy() for w in net.weights]
-    pool = ([weights], [weights])
 
-    for psi in (False, True):
-        config = nk.DistillConfig(ipc=FLAGS.ipc, factor=FLAGS.factor, init="noise",
-                                  batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
-                                  sampling_net=psi, num_pretrained=1, pretrain_epochs=0)
-        model = nk.NCFM(data, config, pool)
-        model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
-                      keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)
-        model.make_train_function()
-        step = model.train_function
-        iterator = iter(tf.data.Dataset.from_tensors(real).repeat())
-        step_time = median_seconds(lambda: float(step(iterator)["matching_loss"]), FLAGS.steps)
+    config = nk.DistillConfig(ipc=FLAGS.ipc, factor=FLAGS.factor, init="noise",
+                              batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
+                              sampling_net=FLAGS.variant == "on", num_pretrained=1,
+                              pretrain_epochs=0, class_group=FLAGS.class_group)
+    model = nk.NCFM(data, config, ([weights], [weights]))
+    model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
+                  keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)
+    before_step = peak_rss_mib()
+    model.make_train_function()
+    iterator = iter(tf.data.Dataset.from_tensors(real).repeat())
+    step_time = median_seconds(
+        lambda: float(model.train_function(iterator)["matching_loss"]), FLAGS.steps)
+    peak = peak_rss_mib()
 
-        extractor = nk.with_features(net)
-        synthetic = tf.Variable(model.synthetic.numpy())
+    extractor = nk.with_features(net)
+    synthetic = tf.Variable(model.synthetic.numpy())
 
-        @tf.function(jit_compile=jit)
-        def bare_work():
-            real_features, _ = extractor(tf.reshape(nk.to_float(real), [-1, *shape]))
-            with tf.GradientTape() as tape:
-                features, _ = extractor(nk.decode(synthetic, FLAGS.factor))
-                loss = tf.reduce_sum(tf.reduce_mean(features, 0) *
-                                     tf.reduce_mean(real_features, 0))
-            return tape.gradient(loss, synthetic)
+    @tf.function(jit_compile=jit)
+    def bare_work():
+        real_features, _ = extractor(tf.reshape(nk.to_float(real), [-1, *shape]))
+        with tf.GradientTape() as tape:
+            features, _ = extractor(nk.decode(synthetic, FLAGS.factor))
+            loss = tf.reduce_sum(tf.reduce_mean(features, 0) * tf.reduce_mean(real_features, 0))
+        return tape.gradient(loss, synthetic)
 
-        bare_time = median_seconds(lambda: bare_work().numpy(), FLAGS.steps)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"psi={'on' if psi else 'off'}: {step_time:.2f} s/iter  "
-              f"ratio={step_time / bare_time:.2f}  peak_rss={peak:.0f} MiB  "
-              f"(bare work {bare_time:.2f} s)", flush=True)
+    bare_time = median_seconds(lambda: bare_work().numpy(), FLAGS.steps)
+    print(f"psi={FLAGS.variant}: {step_time:.2f} s/iter  ratio={step_time / bare_time:.2f}  "
+          f"peak_rss={peak:.0f} MiB  (bare work {bare_time:.2f} s; peak before the first step "
+          f"{before_step:.0f} MiB)", flush=True)
 
 
 if __name__ == "__main__":
