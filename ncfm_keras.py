@@ -986,8 +986,9 @@ class NCFM(keras.Model):
         self.sampler = (SamplingNet(feature_dim, config.num_freqs, name="sampler")
                         if config.sampling_net and config.loss == "cf" else None)
         self.seed_generator = keras.random.SeedGenerator(config.seed)
-        self.trackers = {name: keras.metrics.Mean(name) for name in
-                         ("matching_loss", "calibration_loss", "image_grad_norm")}
+        names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
+            ("sampler_loss",) if self.sampler is not None else ())
+        self.trackers = {name: keras.metrics.Mean(name) for name in names}
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
         """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
@@ -1107,7 +1108,8 @@ class NCFM(keras.Model):
 
     def _sampler_ascent(self, real_features, syn_features, seed):
         """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
-        The features do not depend on psi, so they are computed once per iteration."""
+        The features do not depend on psi, so they are computed once per iteration. Returns
+        the discrepancy psi saw before its last step."""
         for _ in range(self.config.sampler_steps):
             with tf.GradientTape() as tape:
                 t = self._frequencies(seed, training=True)
@@ -1115,6 +1117,7 @@ class NCFM(keras.Model):
                 scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless loss-scaled
             variables = self.sampler.trainable_variables
             self.sampler_optimizer.apply(tape.gradient(scaled, variables), variables)
+        return -ascent
 
     def matching_gradient(self, real_features, weights, params, t):
         """The matching loss (spec section 6, step 3) and its gradient w.r.t. the stored
@@ -1170,8 +1173,8 @@ class NCFM(keras.Model):
         blended, trained, params, frequency_seed, calibration_seed = self._draw(seed)
         real_features = self._real_features(real, blended, params)
         if self.sampler is not None:  # psi first, like a GAN's critic ...
-            self._sampler_ascent(real_features, self._synthetic_features(blended, params),
-                                 frequency_seed)
+            self.trackers["sampler_loss"].update_state(self._sampler_ascent(
+                real_features, self._synthetic_features(blended, params), frequency_seed))
         # ... then the images minimise the discrepancy under the updated psi.
         t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
         matching, grad = self.matching_gradient(real_features, blended, params, t)
@@ -1380,8 +1383,8 @@ class IterationCSV(keras.callbacks.Callback):
     running means over the epoch, m_k; the k-th value is k*m_k - (k-1)*m_{k-1}), the image
     learning rate and, when an evaluation ran, its test accuracy."""
 
-    COLUMNS = ("iteration", "matching_loss", "calibration_loss", "image_grad_norm",
-               "learning_rate", "test_accuracy")
+    COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
+               "image_grad_norm", "learning_rate", "test_accuracy")
 
     def __init__(self, path, steps_per_epoch):
         super().__init__()
@@ -1394,7 +1397,7 @@ class IterationCSV(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         row = {"iteration": self.epoch * self.steps + batch + 1,
                "learning_rate": float(self.model.optimizer.learning_rate)}
-        for key in self.COLUMNS[1:4]:
+        for key in self.COLUMNS[1:5]:
             if key in logs:
                 running = float(logs[key])
                 row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
@@ -1411,6 +1414,51 @@ class IterationCSV(keras.callbacks.Callback):
         with open(self.path, "w" if epoch == 0 else "a") as f:
             f.write("\n".join(lines) + "\n")  # one write per epoch: whole rows
         self.rows = []
+
+
+def plot_metrics(csv_path, png_path):
+    """Draws the curves of an `IterationCSV` file (matching loss with the loss psi saw before
+    its step, calibration loss, image-gradient norm, test accuracy when evaluated) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    table = np.genfromtxt(csv_path, delimiter=",", names=True)
+    table = np.atleast_1d(table)
+    panels = [("matching / psi", ("matching_loss", "sampler_loss")),
+              ("calibration", ("calibration_loss",)), ("image gradient norm",
+                                                       ("image_grad_norm",)),
+              ("test accuracy (%)", ("test_accuracy",))]
+    panels = [(title, [c for c in columns if c in table.dtype.names and
+                       np.isfinite(table[c]).any()])
+              for title, columns in panels]
+    panels = [(title, columns) for title, columns in panels if columns]
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (title, columns) in zip(axes[0], panels):
+        for column in columns:
+            valid = np.isfinite(table[column])
+            axis.plot(table["iteration"][valid], table[column][valid], label=column,
+                      marker="o" if valid.sum() < 20 else None)
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        if len(columns) > 1:
+            axis.legend()
+    figure.tight_layout()
+    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    pyplot.close(figure)
+
+
+class LossCurves(keras.callbacks.Callback):
+    """Redraws `plot_metrics(csv_path, png_path)` after every epoch (put it after the
+    `IterationCSV` that writes `csv_path`)."""
+
+    def __init__(self, csv_path, png_path):
+        super().__init__()
+        self.csv_path, self.png_path = csv_path, png_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        plot_metrics(self.csv_path, self.png_path)
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):

@@ -7,8 +7,8 @@
 Every setting defaults to the preset for the dataset (`ncfm_keras.PRESETS`, then the spec's
 values in `ncfm_keras.DistillConfig`); any flag given overrides it. Writes to --output_dir:
 distilled.npz (the set, for evaluate.py), grid.png (one row per class), images/ (the decoded
-images as an image folder), metrics.csv, tensorboard/ and, with --eval_every or
---eval_epochs, evaluation.json.
+images as an image folder), metrics.csv, loss_curves.png (drawn from it), tensorboard/ and,
+with --eval_every or --eval_epochs, evaluation.json.
 """
 
 import dataclasses
@@ -86,6 +86,8 @@ def main(argv):
         keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5, mode="min",
                                           patience=max(1, config.lr_patience // steps)),
         nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps),
+        nk.LossCurves(os.path.join(output_dir, "metrics.csv"),
+                      os.path.join(output_dir, "loss_curves.png")),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
     ]
     evaluation = None

@@ -89,11 +89,12 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
                  f"--output_dir={out}", "--eval_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distilled 4 iterations" in result.stdout
-    for name in ("distilled.npz", "grid.png", "metrics.csv", "evaluation.json"):
+    for name in ("distilled.npz", "grid.png", "metrics.csv", "loss_curves.png",
+                 "evaluation.json"):
         assert (out / name).is_file(), name
     assert os.listdir(out / "tensorboard")
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("iteration,matching_loss") and len(rows) == 5
+    assert rows[0].startswith("iteration,matching_loss,sampler_loss") and len(rows) == 5
     assert rows[-1].split(",")[-1] != ""  # the final evaluation's accuracy
     folders = sorted(os.listdir(out / "images"))
     assert len(folders) == 10 and len(os.listdir(out / "images" / folders[0])) == 4  # 1 x 2^2

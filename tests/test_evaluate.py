@@ -86,3 +86,17 @@ def test_malformed_files_are_rejected(tmp_path, content, message):
         open(path, "wb").write(content)
     with pytest.raises(nk.NCFMError, match=message):
         nk.load_distilled(path)
+
+
+def test_loss_curves_are_drawn_from_the_csv(tmp_path):
+    csv = tmp_path / "metrics.csv"
+    rows = ["iteration,matching_loss,sampler_loss,calibration_loss,image_grad_norm,"
+            "learning_rate,test_accuracy"]
+    rows += [f"{i},{30 - i},{31 - i},{2 / i},{0.5},{0.001},{'' if i < 40 else 70}"
+             for i in range(1, 41)]
+    csv.write_text("\n".join(rows) + "\n")
+    nk.plot_metrics(csv, tmp_path / "curves.png")
+    from PIL import Image
+    image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
+    assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
+    assert image.std() > 5  # not blank
