@@ -1,0 +1,293 @@
+"""Regenerates the results table (RESULTS.md) end to end: distil, evaluate with repeats, tabulate.
+
+    python benchmarks/results.py                                   # Fashion-MNIST, this CPU
+    python benchmarks/results.py --budget=paper --dataset=cifar10  # paper-scale, on a GPU
+    python benchmarks/results.py --only=ncfm:10 --work_dir=/tmp/check   # one cell again
+
+Rows: a random real subset, DM (`--loss=mmd`), NCFM without psi (`--sampling_net=false`) and
+NCFM; columns: IPC 1 / 10 / 50. Every distilled row uses `train.py` with the same budget and
+differs only in that one flag; every cell is evaluated with `evaluate.py` (same protocol, same
+epochs, `--repeats` fresh ConvNets; mean ± std over those networks). Then the IPC 10 sets are
+evaluated on other architectures (cross-architecture rows).
+
+Each cell lives in `--work_dir/<method>_ipc<N>/` (the distilled set, logs, evaluation.json and
+cell.json with wall times and peak memory); a finished cell is reused, so an interrupted suite
+continues where it stopped and a finished one only re-tabulates. Progress goes to stdout.
+"""
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a budget fixes. `train`: flags of train.py shared by every distilled row (beyond the
+# dataset's preset); `epochs`: evaluation epochs per IPC (None: the protocol's 2000).
+BUDGETS = {
+    "cpu": dict(
+        train=["--iterations=300", "--num_pretrained=4", "--pretrain_epochs=1",
+               "--batch_real=64", "--num_freqs=1024", "--image_lr=0.01"],
+        epochs={1: 300, 10: 200, 50: 60}, repeats=3, cross_epochs=100, cross_repeats=2,
+        note="2-core CPU budget: 300 iterations, a pool of 4 ConvNets pretrained for 1 epoch, "
+             "64 real images per class per iteration, 1024 frequencies, image lr 0.01"),
+    "smoke": dict(  # checks the whole pipeline in minutes; its numbers mean nothing
+        train=["--iterations=2", "--log_every=1", "--num_pretrained=1", "--pretrain_epochs=0",
+               "--batch_real=8", "--num_freqs=64"],
+        epochs={1: 2, 10: 2, 50: 2}, repeats=2, cross_epochs=1, cross_repeats=1,
+        note="smoke test: 2 iterations, an untrained pool of 1 ConvNet (numbers mean nothing)"),
+    "paper": dict(
+        train=[], epochs={1: None, 10: None, 50: None}, repeats=5, cross_epochs=None,
+        cross_repeats=3,
+        note="paper scale: the dataset's preset (20000 iterations, a pool of 20 ConvNets "
+             "pretrained for 60 epochs, spec settings)"),
+}
+METHODS = {  # row -> train.py flags (None: the random real subset, no distillation)
+    "random": None,
+    "dm": ["--loss=mmd"],
+    "ncfm_nopsi": ["--sampling_net=false"],
+    "ncfm": [],
+}
+LABELS = {"random": "Random real subset", "dm": "DM (`--loss=mmd`)",
+          "ncfm_nopsi": "NCFM without ψ (`--sampling_net=false`)", "ncfm": "NCFM (ψ on)"}
+CROSS_ARCHS = ["alexnet", "vgg11", "resnet18"]
+# ../shared/NCFM_METHOD.md section 8: published ConvNet-3 accuracies, IPC 1 / 10 / 50.
+PUBLISHED = {
+    "fashion_mnist": [("DSA", "70.6 / 84.6 / 88.7"), ("IDC", "81.0 / 86.0 / 86.2"),
+                      ("KIP → ConvNet", "73.8 / 86.8 / 87.8"), ("NCFM", "not reported"),
+                      ("whole dataset", "~93.5")],
+    "cifar10": [("Random", "14.4 / 26.0 / 43.4"), ("DM", "26.0 / 48.9 / 63.0"),
+                ("NCFM", "49.5 / 71.8 / 77.4"), ("whole dataset", "84.8")],
+    "cifar100": [("Random", "4.2 / 14.6 / 30.0"), ("DM", "11.4 / 29.7 / 43.6"),
+                 ("NCFM", "34.4 / 48.7 / 54.7"), ("whole dataset", "56.2")],
+}
+
+flags.DEFINE_string("dataset", "fashion_mnist", "Dataset, as for train.py.")
+flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "As for train.py.")
+flags.DEFINE_enum("budget", "cpu", list(BUDGETS), "Distillation and evaluation budget.")
+flags.DEFINE_list("ipcs", ["1", "10", "50"], "Columns.")
+flags.DEFINE_list("methods", list(METHODS), "Rows.")
+flags.DEFINE_integer("repeats", None, "Evaluation networks per cell (default: the budget's).")
+flags.DEFINE_bool("cross_arch", True, "Also evaluate the IPC 10 sets on AlexNet, VGG-11, "
+                  "ResNet-18.")
+flags.DEFINE_string("only", None, "Run just this cell, `method:ipc` (e.g. ncfm:10).")
+flags.DEFINE_string("work_dir", None, "Cells go here (default results/<dataset>_<budget>).")
+flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default <work_dir>/pools).")
+flags.DEFINE_string("output", None, "The Markdown file (default RESULTS.md beside train.py; "
+                    "with --only: <work_dir>/RESULTS.md).")
+FLAGS = flags.FLAGS
+
+
+def run_logged(args, log_path):
+    """Runs a command with its output in `log_path`; returns (seconds, peak RSS in MiB)."""
+    start = time.time()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        with open(log_path) as log:
+            tail = log.read()[-2000:]
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(args)}\n{tail}")
+    return round(time.time() - start, 1), round(usage.ru_maxrss / 1024)
+
+
+def log_line(path, prefix):
+    with open(path) as f:
+        return next((line.strip() for line in f if line.startswith(prefix)), None)
+
+
+def load_record(work_dir, method, ipc):
+    path = os.path.join(work_dir, f"{method}_ipc{ipc}", "cell.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
+    """Distils (unless random) and evaluates one cell on `archs`; reuses whatever already
+    finished."""
+    cell_dir = os.path.join(work_dir, f"{method}_ipc{ipc}")
+    record_path = os.path.join(cell_dir, "cell.json")
+    record = load_record(work_dir, method, ipc)
+    os.makedirs(cell_dir, exist_ok=True)
+    data_flags = [f"--dataset={FLAGS.dataset}"] + (
+        [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
+    epochs = budget["epochs"][ipc]
+    epoch_flags = [f"--epochs={epochs}"] if epochs else []
+    python = sys.executable
+    if METHODS[method] is not None and "distill_seconds" not in record:
+        args = [python, "train.py", *data_flags, f"--ipc={ipc}", *budget["train"],
+                *METHODS[method], f"--output_dir={os.path.join(cell_dir, 'distill')}",
+                f"--pool_dir={pool_dir}"]
+        print(f"[{time.strftime('%H:%M:%S')}] {method} ipc {ipc}: distilling", flush=True)
+        seconds, peak = run_logged(args, os.path.join(cell_dir, "distill.log"))
+        log = os.path.join(cell_dir, "distill.log")
+        record.update(distill_command=" ".join(args[1:]), distill_seconds=seconds,
+                      distill_peak_mib=peak, pool=log_line(log, "pool ready"),
+                      distilled=log_line(log, "distilled "))
+        json.dump(record, open(record_path, "w"), indent=1)
+    for arch in archs:
+        if arch in record.get("evaluations", {}):
+            continue
+        cross = arch != "convnet"
+        arch_epochs = budget["cross_epochs"] if cross else epochs
+        source = ([f"--distilled={os.path.join(cell_dir, 'distill', 'distilled.npz')}",
+                   f"--data_dir={FLAGS.data_dir}"] if METHODS[method] is not None else
+                  [*data_flags, "--baseline=random", f"--ipc={ipc}"])
+        args = [python, "evaluate.py", *source, f"--arch={arch}",
+                f"--repeats={budget['cross_repeats'] if cross else repeats}",
+                *([f"--epochs={arch_epochs}"] if arch_epochs else []),
+                f"--output_dir={os.path.join(cell_dir, 'eval_' + arch)}"]
+        print(f"[{time.strftime('%H:%M:%S')}] {method} ipc {ipc}: evaluating on {arch}",
+              flush=True)
+        seconds, peak = run_logged(args, os.path.join(cell_dir, f"eval_{arch}.log"))
+        result = json.load(open(os.path.join(cell_dir, f"eval_{arch}", "evaluation.json")))
+        summary = result["archs"][arch]["summary"]
+        record.setdefault("evaluations", {})[arch] = dict(
+            command=" ".join(args[1:]), seconds=seconds, peak_mib=peak,
+            final=summary["final"], best_seen=summary["best_seen"],
+            runs=[r["final"] for r in result["archs"][arch]["runs"]],
+            epochs=result["archs"][arch]["runs"][0]["epochs"])
+        json.dump(record, open(record_path, "w"), indent=1)
+    return record
+
+
+def cell_text(record, arch, key="final"):
+    evaluation = (record or {}).get("evaluations", {}).get(arch)
+    if not evaluation:
+        return "pending"
+    mean, std = evaluation[key]
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def versions():
+    from importlib.metadata import version
+
+    return (f"Python {platform.python_version()}, TensorFlow {version('tensorflow')}, "
+            f"Keras {version('keras')}, NumPy {version('numpy')}; {platform.platform()}, "
+            f"{os.cpu_count()} CPU cores")
+
+
+def write_table(path, records, ipcs, methods, budget_name, budget, repeats, command, seconds):
+    """RESULTS.md from the cell records (cells not finished yet show as pending)."""
+    lines = [f"# Results: {FLAGS.dataset}, budget `{budget_name}`", "",
+             f"Regenerate with `{command}` (cells are reused from `--work_dir` when present; "
+             "`--only=METHOD:IPC` re-runs one cell).", "",
+             f"- Generated {datetime.date.today()}; {versions()}.",
+             f"- Distillation budget: {budget['note']}. Flags of every distilled row: "
+             f"`{' '.join(budget['train']) or '(preset)'}` plus the row's own flag; seed 0; "
+             "factor 2, init mix.",
+             "- Evaluation: `ncfm` protocol (AdamW, DSA + CutMix, ×0.5 at 20/40/60/80 %), "
+             "ConvNet-3, epochs per IPC: "
+             + ", ".join(f"IPC {i}: {budget['epochs'][i] or 2000}" for i in ipcs)
+             + f"; mean ± std over {repeats} freshly trained networks per cell (one distilled "
+             "set per cell; the random row draws a new subset per network).",
+             "- **final** = accuracy after the last epoch (the headline); **best-seen** = best "
+             "test accuracy seen during training (tested 10 times per run), which selects on "
+             "the test set and is shown only because papers report it.",
+             f"- Wall time of this run of the suite: {seconds / 3600:.1f} h (cells reused from "
+             "earlier runs are not counted).", "",
+             "## Test accuracy (%), final", "",
+             "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+             "|---|" + "---|" * len(ipcs)]
+    for m in methods:
+        lines.append(f"| {LABELS[m]} | " + " | ".join(
+            cell_text(records.get((m, i)), "convnet") for i in ipcs) + " |")
+    lines += ["", "## Test accuracy (%), best-seen (selects on the test set)", "",
+              "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+              "|---|" + "---|" * len(ipcs)]
+    for m in methods:
+        lines.append(f"| {LABELS[m]} | " + " | ".join(
+            cell_text(records.get((m, i)), "convnet", "best_seen") for i in ipcs) + " |")
+    if FLAGS.cross_arch and 10 in ipcs:
+        lines += ["", "## Cross-architecture, IPC 10 (distilled with ConvNet-3), final", "",
+                  f"{budget['cross_epochs'] or 2000} epochs, {budget['cross_repeats']} "
+                  "networks per cell for the other architectures (ConvNet column as above).",
+                  "", "| method | ConvNet-3 | AlexNet | VGG-11 | ResNet-18 |",
+                  "|---|---|---|---|---|"]
+        for m in methods:
+            record = records.get((m, 10))
+            lines.append(f"| {LABELS[m]} | " + " | ".join(
+                cell_text(record, a) for a in ["convnet"] + CROSS_ARCHS) + " |")
+    lines += ["", "## Cost per cell", "",
+              "| cell | distillation | its peak RSS | evaluation (ConvNet, all repeats) | its "
+              "peak RSS |",
+              "|---|---|---|---|---|"]
+    for m in methods:
+        for i in ipcs:
+            record = records.get((m, i)) or {}
+            convnet = record.get("evaluations", {}).get("convnet", {})
+            distill = (f"{record['distill_seconds'] / 60:.1f} min" if "distill_seconds" in
+                       record else "—")
+            lines.append(
+                f"| {m} IPC {i} | {distill} | "
+                f"{record.get('distill_peak_mib', '—')} MiB | "
+                f"{convnet['seconds'] / 60:.1f} min | {convnet['peak_mib']} MiB |"
+                if convnet else f"| {m} IPC {i} | {distill} | — | pending | — |")
+    pools = sorted({r.get("pool") for r in records.values() if r and r.get("pool")})
+    if pools:
+        lines += ["", "Pool: " + "; ".join(pools) + " (the first distillation trains the pool "
+                  "and caches it; the others reuse it)."]
+    if FLAGS.dataset in PUBLISHED:
+        lines += ["", "## Published numbers (not ours; ConvNet-3, IPC 1 / 10 / 50, from the "
+                  "papers as collected in the spec, §8)", "", "| method | accuracy (%) |",
+                  "|---|---|"]
+        lines += [f"| {name} (published) | {value} |" for name, value in
+                  PUBLISHED[FLAGS.dataset]]
+    lines += ["", "## Exact commands", ""]
+    for m in methods:
+        for i in ipcs:
+            record = records.get((m, i)) or {}
+            for command in [record.get("distill_command")] + [
+                    e["command"] for e in record.get("evaluations", {}).values()]:
+                if command:
+                    lines.append(f"    python {command}")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv):
+    del argv
+    budget = dict(BUDGETS[FLAGS.budget])
+    repeats = FLAGS.repeats or budget["repeats"]
+    ipcs = [int(i) for i in FLAGS.ipcs]
+    methods = FLAGS.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; use {', '.join(METHODS)}")
+    cells = [(m, i) for i in ipcs for m in methods]
+    if FLAGS.only:
+        method, _, ipc = FLAGS.only.partition(":")
+        if method not in METHODS or not ipc.isdigit():
+            raise app.UsageError(f"--only={FLAGS.only}: use METHOD:IPC, e.g. ncfm:10")
+        cells, ipcs, methods = [(method, int(ipc))], [int(ipc)], [method]
+    budget["epochs"] = {i: budget["epochs"].get(i) for i in ipcs}
+    work_dir = FLAGS.work_dir or os.path.join(ROOT, "results", f"{FLAGS.dataset}_{FLAGS.budget}")
+    pool_dir = FLAGS.pool_dir or os.path.join(work_dir, "pools")
+    output = FLAGS.output or (os.path.join(work_dir, "RESULTS.md") if FLAGS.only else
+                              os.path.join(ROOT, "RESULTS.md"))
+    command = " ".join(["python benchmarks/results.py"] + [
+        FLAGS[name].serialize() for name in ("dataset", "data_dir", "budget", "ipcs", "methods",
+                                             "repeats", "cross_arch") if FLAGS[name].present])
+    start = time.time()
+    records = {cell: load_record(work_dir, *cell) for cell in cells}
+    # ConvNet cells first (the table), then the cross-architecture evaluations of IPC 10.
+    passes = [["convnet"]] + ([CROSS_ARCHS] if FLAGS.cross_arch and not FLAGS.only else [])
+    for archs in passes:
+        for method, ipc in cells:
+            if archs == CROSS_ARCHS and ipc != 10:
+                continue
+            records[(method, ipc)] = run_cell(method, ipc, archs, work_dir, budget, repeats,
+                                              pool_dir)
+            write_table(output, records, ipcs, methods, FLAGS.budget, budget, repeats,
+                        command, time.time() - start)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
