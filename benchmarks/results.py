@@ -27,31 +27,35 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What a budget fixes. `train`: flags of train.py shared by every distilled row (beyond the
-# dataset's preset); `epochs`: evaluation epochs per IPC (None: the protocol's 2000).
-BUDGETS = {
-    "cpu": dict(
-        train=["--iterations=300", "--num_pretrained=4", "--pretrain_epochs=1",
-               "--batch_real=64", "--num_freqs=1024", "--image_lr=0.01"],
-        epochs={1: 300, 10: 200, 50: 60}, repeats=3, cross_epochs=100, cross_repeats=2,
-        note="2-core CPU budget: 300 iterations, a pool of 4 ConvNets pretrained for 1 epoch, "
-             "64 real images per class per iteration, 1024 frequencies, image lr 0.01"),
-    "smoke": dict(  # checks the whole pipeline in minutes; its numbers mean nothing
-        train=["--iterations=2", "--log_every=1", "--num_pretrained=1", "--pretrain_epochs=0",
-               "--batch_real=8", "--num_freqs=64"],
-        epochs={1: 2, 10: 2, 50: 2}, repeats=2, cross_epochs=1, cross_repeats=1,
-        note="smoke test: 2 iterations, an untrained pool of 1 ConvNet (numbers mean nothing)"),
-    "paper": dict(
-        train=[], epochs={1: None, 10: None, 50: None}, repeats=5, cross_epochs=None,
-        cross_repeats=3,
-        note="paper scale: the dataset's preset (20000 iterations, a pool of 20 ConvNets "
-             "pretrained for 60 epochs, spec settings)"),
-}
 METHODS = {  # row -> train.py flags (None: the random real subset, no distillation)
     "random": None,
     "dm": ["--loss=mmd"],
     "ncfm_nopsi": ["--sampling_net=false"],
     "ncfm": [],
+}
+# What a budget fixes. `train`: flags of train.py shared by every distilled row (beyond the
+# dataset's preset); `iterations` and evaluation `epochs` per IPC (None: the preset's 20000 /
+# the protocol's 2000); `cross_methods`: the rows evaluated on other architectures.
+BUDGETS = {
+    "cpu": dict(
+        train=["--num_pretrained=4", "--pretrain_epochs=1", "--batch_real=64",
+               "--num_freqs=1024", "--image_lr=0.01"],
+        iterations={1: 300, 10: 300, 50: 100}, epochs={1: 300, 10: 200, 50: 60}, repeats=3,
+        cross_epochs=100, cross_repeats=1, cross_methods=["random", "ncfm"],
+        note="2-core CPU budget: 300 iterations (100 at IPC 50, whose iterations cost ~4x), a "
+             "pool of 4 ConvNets pretrained for 1 epoch, 64 real images per class per "
+             "iteration, 1024 frequencies, image lr 0.01"),
+    "smoke": dict(  # checks the whole pipeline in minutes; its numbers mean nothing
+        train=["--log_every=1", "--num_pretrained=1", "--pretrain_epochs=0", "--batch_real=8",
+               "--num_freqs=64"],
+        iterations={1: 2, 10: 2, 50: 2}, epochs={1: 2, 10: 2, 50: 2}, repeats=2,
+        cross_epochs=1, cross_repeats=1, cross_methods=list(METHODS),
+        note="smoke test: 2 iterations, an untrained pool of 1 ConvNet (numbers mean nothing)"),
+    "paper": dict(
+        train=[], iterations={}, epochs={}, repeats=5, cross_epochs=None, cross_repeats=3,
+        cross_methods=list(METHODS),
+        note="paper scale: the dataset's preset (20000 iterations, a pool of 20 ConvNets "
+             "pretrained for 60 epochs, spec settings)"),
 }
 LABELS = {"random": "Random real subset", "dm": "DM (`--loss=mmd`)",
           "ncfm_nopsi": "NCFM without ψ (`--sampling_net=false`)", "ncfm": "NCFM (ψ on)"}
@@ -68,7 +72,9 @@ PUBLISHED = {
 }
 
 flags.DEFINE_string("dataset", "fashion_mnist", "Dataset, as for train.py.")
-flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "As for train.py.")
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+flags.DEFINE_string("data_dir", None, "As for train.py (default for fashion_mnist: Debian's "
+                    f"IDX files in {DEBIAN_FASHION_MNIST} when present).")
 flags.DEFINE_enum("budget", "cpu", list(BUDGETS), "Distillation and evaluation budget.")
 flags.DEFINE_list("ipcs", ["1", "10", "50"], "Columns.")
 flags.DEFINE_list("methods", list(METHODS), "Rows.")
@@ -77,7 +83,7 @@ flags.DEFINE_bool("cross_arch", True, "Also evaluate the IPC 10 sets on AlexNet,
                   "ResNet-18.")
 flags.DEFINE_string("only", None, "Run just this cell, `method:ipc` (e.g. ncfm:10).")
 flags.DEFINE_string("work_dir", None, "Cells go here (default results/<dataset>_<budget>).")
-flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default <work_dir>/pools).")
+flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default: train.py's).")
 flags.DEFINE_string("output", None, "The Markdown file (default RESULTS.md beside train.py; "
                     "with --only: <work_dir>/RESULTS.md).")
 FLAGS = flags.FLAGS
@@ -114,15 +120,18 @@ def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
     record_path = os.path.join(cell_dir, "cell.json")
     record = load_record(work_dir, method, ipc)
     os.makedirs(cell_dir, exist_ok=True)
-    data_flags = [f"--dataset={FLAGS.dataset}"] + (
-        [f"--data_dir={FLAGS.data_dir}"] if FLAGS.data_dir else [])
-    epochs = budget["epochs"][ipc]
+    data_dir = FLAGS.data_dir or (DEBIAN_FASHION_MNIST if FLAGS.dataset == "fashion_mnist" and
+                                  os.path.isdir(DEBIAN_FASHION_MNIST) else None)
+    data_flags = [f"--dataset={FLAGS.dataset}"] + ([f"--data_dir={data_dir}"] if data_dir else [])
+    epochs = budget["epochs"].get(ipc)
     epoch_flags = [f"--epochs={epochs}"] if epochs else []
     python = sys.executable
     if METHODS[method] is not None and "distill_seconds" not in record:
+        iterations = budget["iterations"].get(ipc)
         args = [python, "train.py", *data_flags, f"--ipc={ipc}", *budget["train"],
+                *([f"--iterations={iterations}"] if iterations else []),
                 *METHODS[method], f"--output_dir={os.path.join(cell_dir, 'distill')}",
-                f"--pool_dir={pool_dir}"]
+                *([f"--pool_dir={pool_dir}"] if pool_dir else [])]
         print(f"[{time.strftime('%H:%M:%S')}] {method} ipc {ipc}: distilling", flush=True)
         seconds, peak = run_logged(args, os.path.join(cell_dir, "distill.log"))
         log = os.path.join(cell_dir, "distill.log")
@@ -136,7 +145,7 @@ def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
         cross = arch != "convnet"
         arch_epochs = budget["cross_epochs"] if cross else epochs
         source = ([f"--distilled={os.path.join(cell_dir, 'distill', 'distilled.npz')}",
-                   f"--data_dir={FLAGS.data_dir}"] if METHODS[method] is not None else
+                   *data_flags[1:]] if METHODS[method] is not None else
                   [*data_flags, "--baseline=random", f"--ipc={ipc}"])
         args = [python, "evaluate.py", *source, f"--arch={arch}",
                 f"--repeats={budget['cross_repeats'] if cross else repeats}",
@@ -179,11 +188,13 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
              "`--only=METHOD:IPC` re-runs one cell).", "",
              f"- Generated {datetime.date.today()}; {versions()}.",
              f"- Distillation budget: {budget['note']}. Flags of every distilled row: "
-             f"`{' '.join(budget['train']) or '(preset)'}` plus the row's own flag; seed 0; "
-             "factor 2, init mix.",
+             f"`{' '.join(budget['train']) or '(preset)'}` plus the row's own flag; "
+             "iterations per IPC: " + ", ".join(
+                 f"IPC {i}: {budget['iterations'].get(i) or 20000}" for i in ipcs)
+             + "; seed 0; factor 2, init mix.",
              "- Evaluation: `ncfm` protocol (AdamW, DSA + CutMix, ×0.5 at 20/40/60/80 %), "
              "ConvNet-3, epochs per IPC: "
-             + ", ".join(f"IPC {i}: {budget['epochs'][i] or 2000}" for i in ipcs)
+             + ", ".join(f"IPC {i}: {budget['epochs'].get(i) or 2000}" for i in ipcs)
              + f"; mean ± std over {repeats} freshly trained networks per cell (one distilled "
              "set per cell; the random row draws a new subset per network).",
              "- **final** = accuracy after the last epoch (the headline); **best-seen** = best "
@@ -206,10 +217,11 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
     if FLAGS.cross_arch and 10 in ipcs:
         lines += ["", "## Cross-architecture, IPC 10 (distilled with ConvNet-3), final", "",
                   f"{budget['cross_epochs'] or 2000} epochs, {budget['cross_repeats']} "
-                  "networks per cell for the other architectures (ConvNet column as above).",
+                  "network(s) per cell for the other architectures (ConvNet column as above); "
+                  "the sets are the IPC 10 sets of the table.",
                   "", "| method | ConvNet-3 | AlexNet | VGG-11 | ResNet-18 |",
                   "|---|---|---|---|---|"]
-        for m in methods:
+        for m in [m for m in methods if m in budget["cross_methods"]]:
             record = records.get((m, 10))
             lines.append(f"| {LABELS[m]} | " + " | ".join(
                 cell_text(record, a) for a in ["convnet"] + CROSS_ARCHS) + " |")
@@ -230,8 +242,9 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
                 if convnet else f"| {m} IPC {i} | {distill} | — | pending | — |")
     pools = sorted({r.get("pool") for r in records.values() if r and r.get("pool")})
     if pools:
-        lines += ["", "Pool: " + "; ".join(pools) + " (the first distillation trains the pool "
-                  "and caches it; the others reuse it)."]
+        lines += ["", "Pool: " + "; ".join(pools) + " (train.py's log line: the first "
+                  "distillation trains the pool unless it is cached already; the others reuse "
+                  "it)."]
     if FLAGS.dataset in PUBLISHED:
         lines += ["", "## Published numbers (not ours; ConvNet-3, IPC 1 / 10 / 50, from the "
                   "papers as collected in the spec, §8)", "", "| method | accuracy (%) |",
@@ -266,9 +279,8 @@ def main(argv):
         if method not in METHODS or not ipc.isdigit():
             raise app.UsageError(f"--only={FLAGS.only}: use METHOD:IPC, e.g. ncfm:10")
         cells, ipcs, methods = [(method, int(ipc))], [int(ipc)], [method]
-    budget["epochs"] = {i: budget["epochs"].get(i) for i in ipcs}
     work_dir = FLAGS.work_dir or os.path.join(ROOT, "results", f"{FLAGS.dataset}_{FLAGS.budget}")
-    pool_dir = FLAGS.pool_dir or os.path.join(work_dir, "pools")
+    pool_dir = FLAGS.pool_dir
     output = FLAGS.output or (os.path.join(work_dir, "RESULTS.md") if FLAGS.only else
                               os.path.join(ROOT, "RESULTS.md"))
     command = " ".join(["python benchmarks/results.py"] + [
@@ -280,7 +292,7 @@ def main(argv):
     passes = [["convnet"]] + ([CROSS_ARCHS] if FLAGS.cross_arch and not FLAGS.only else [])
     for archs in passes:
         for method, ipc in cells:
-            if archs == CROSS_ARCHS and ipc != 10:
+            if archs == CROSS_ARCHS and (ipc != 10 or method not in budget["cross_methods"]):
                 continue
             records[(method, ipc)] = run_cell(method, ipc, archs, work_dir, budget, repeats,
                                               pool_dir)

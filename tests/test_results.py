@@ -14,6 +14,7 @@ def test_results_suite_writes_the_table_and_resumes(tmp_path):
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "results.py"), "--budget=smoke",
             f"--data_dir={FASHION_MNIST_DIR}", "--ipcs=1", "--methods=random,ncfm",
             "--repeats=1", "--nocross_arch", f"--work_dir={tmp_path}",
+            f"--pool_dir={tmp_path / 'pools'}",
             f"--output={tmp_path / 'RESULTS.md'}"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
