@@ -26,8 +26,10 @@ import hashlib
 import json
 import math
 import os
+import signal
 import struct
 import tempfile
+import zipfile
 
 import keras
 import numpy as np
@@ -314,22 +316,35 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
     return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
 
 
-def class_balanced_batches(data, batch_per_class, seed=0):
+def class_balanced_batches(data, batch_per_class, seed=0, start=0):
     """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`.
 
-    Each class is shuffled and cycled on its own, so every batch holds exactly
-    `batch_per_class` images of every class (sampling without replacement within a batch
-    whenever the class is large enough), as NCFM's per-class matching needs.
+    Every batch holds `batch_per_class` images of every class, as NCFM's per-class matching
+    needs. Each class is read in a random order that is redrawn on every pass over it, so a
+    batch never repeats an image while the class is large enough. Batch `i` is a pure
+    function of `(seed, i)` (a stateless `index_shuffle`), so the stream can begin at any
+    batch `start`: a resumed distillation sees exactly the batches it would have seen.
     """
-    per_class = []
-    for c in range(data.num_classes):
-        images = data.x_train[data.y_train == c]
-        per_class.append(tf.data.Dataset.from_tensor_slices(images)
-                         .shuffle(len(images), seed=seed + c, reshuffle_each_iteration=True)
-                         .repeat().batch(batch_per_class, drop_remainder=True))
-    return (tf.data.Dataset.zip(tuple(per_class))
-            .map(lambda *b: tf.stack(b), num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(2))
+    k, b = data.num_classes, batch_per_class
+    order = np.argsort(data.y_train, kind="stable")
+    images = tf.constant(data.x_train[order])  # class-sorted
+    counts = data.class_counts().astype(np.int64)
+    first = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))  # [K]
+    counts = tf.constant(counts)
+
+    def batch(i):
+        position = i * b + tf.range(b, dtype=tf.int64)  # in each class's endless stream
+        passes, index = position[None] // counts[:, None], position[None] % counts[:, None]
+        classes = tf.broadcast_to(tf.range(k, dtype=tf.int64)[:, None], [k, b])
+        seeds = tf.stack([tf.fill([k, b], tf.constant(seed, tf.int64)), classes, passes], -1)
+        shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per class and pass
+            index=tf.reshape(index, [-1]), seed=tf.reshape(seeds, [-1, 3]),
+            max_index=tf.reshape(tf.broadcast_to(counts[:, None] - 1, [k, b]), [-1]))
+        picks = tf.reshape(shuffled, [k, b]) + first[:, None]
+        return tf.gather(images, picks)
+
+    return tf.data.Dataset.counter(start).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                               deterministic=True).prefetch(2)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1199,6 +1214,41 @@ class NCFM(keras.Model):
             return grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
         return grad
 
+    def _resumable_variables(self):
+        """Named variables a resumed distillation needs: the images, psi (with its batch-norm
+        statistics), both optimizers (slots, step counts, learning rates, loss scale) and the
+        seed generator (which seeds every iteration's randomness)."""
+        if not self.optimizer.built:
+            self.optimizer.build([self.synthetic])
+        named = {"synthetic": self.synthetic, "seed_generator": self.seed_generator.state}
+        groups = [("image_optimizer", self.optimizer.variables)]
+        if self.sampler is not None:
+            if not self.sampler.built:
+                self.sampler(tf.zeros([2], tf.int32))
+            if not self.sampler_optimizer.built:
+                self.sampler_optimizer.build(self.sampler.trainable_variables)
+            groups += [("sampler", self.sampler.weights),
+                       ("sampler_optimizer", self.sampler_optimizer.variables)]
+        for prefix, variables in groups:
+            named.update({f"{prefix}/{i:03d}": v for i, v in enumerate(variables)})
+        return named
+
+    def get_state(self):
+        """The resumable state as numpy arrays (see `set_state`)."""
+        return {name: np.array(v.numpy())
+                for name, v in self._resumable_variables().items()}
+
+    def set_state(self, arrays):
+        """Restores `get_state()` output; refuses state of a differently configured model."""
+        variables = self._resumable_variables()
+        mismatched = sorted(set(variables) ^ set(arrays)) + [
+            n for n in variables if n in arrays and tuple(arrays[n].shape) != tuple(
+                variables[n].shape)]
+        if mismatched:
+            raise NCFMError(f"the checkpoint does not fit this model ({', '.join(mismatched)})")
+        for name, variable in variables.items():
+            variable.assign(arrays[name])
+
     def distilled_set(self, data):
         """The current synthetic images as a `DistilledSet`."""
         return DistilledSet(self.synthetic.numpy(), self.labels, self.config.ipc,
@@ -1250,6 +1300,9 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1):
                         f"{data.class_counts().min()}; lower ipc or use init=real")
     pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
                          seed=config.seed, verbose=verbose)
+    # psi's initial weights then depend on the seed only, not on whether the pool was trained
+    # in this process or loaded from the cache.
+    keras.utils.set_random_seed(config.seed)
     model = NCFM(data, config, pool)
     if jit_compile == "auto":
         jit_compile = bool(tf.config.list_physical_devices("GPU"))
@@ -1379,17 +1432,26 @@ class DistilledSetWriter(keras.callbacks.Callback):
 
 
 class IterationCSV(keras.callbacks.Callback):
-    """Appends one CSV row per iteration, once per epoch: the iteration's own metric values (Keras reports
-    running means over the epoch, m_k; the k-th value is k*m_k - (k-1)*m_{k-1}), the image
-    learning rate and, when an evaluation ran, its test accuracy."""
+    """Adds one CSV row per iteration, once per epoch (rewriting the file atomically): the
+    iteration's own metric values (Keras reports running means over the epoch, m_k; the k-th
+    value is k*m_k - (k-1)*m_{k-1}), the image learning rate and, when an evaluation ran, its
+    test accuracy. With `start_iteration` (a resumed run), rows past it are dropped first."""
 
     COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
                "image_grad_norm", "learning_rate", "test_accuracy")
 
-    def __init__(self, path, steps_per_epoch):
+    def __init__(self, path, steps_per_epoch, start_iteration=0):
         super().__init__()
-        self.path, self.steps = path, steps_per_epoch
+        self.path, self.steps, self.start = path, steps_per_epoch, start_iteration
         self.rows, self.previous, self.epoch = [], {}, 0
+
+    def on_train_begin(self, logs=None):
+        if self.start and os.path.exists(self.path):  # resuming: drop rows past the checkpoint
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            kept = lines[:1] + [line for line in lines[1:]
+                                if float(line.split(",")[0]) <= self.start]
+            write_text(self.path, "\n".join(kept) + "\n")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.previous = epoch, {}
@@ -1410,9 +1472,11 @@ class IterationCSV(keras.callbacks.Callback):
         lines = [",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in self.COLUMNS)
                  for r in self.rows]
         if epoch == 0 or not os.path.exists(self.path):
-            lines.insert(0, ",".join(self.COLUMNS))
-        with open(self.path, "w" if epoch == 0 else "a") as f:
-            f.write("\n".join(lines) + "\n")  # one write per epoch: whole rows
+            previous = ",".join(self.COLUMNS) + "\n"
+        else:
+            with open(self.path) as f:
+                previous = f.read()
+        write_text(self.path, previous + "\n".join(lines) + "\n")  # whole file, atomically
         self.rows = []
 
 
@@ -1459,6 +1523,69 @@ class LossCurves(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         plot_metrics(self.csv_path, self.png_path)
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """`BackupAndRestore` for NCFM: after every epoch, atomically writes `path` with the
+    model's resumable state (`NCFM.get_state`), the number of finished epochs, the counters of
+    a `ReduceLROnPlateau` callback and `meta` (the run's settings, to refuse a conflicting
+    resume). `restore` (from `load_checkpoint`) is applied when training begins, after the
+    plateau callback has reset itself (list this callback after it).
+
+    SIGINT / SIGTERM finish the current epoch, save, and stop `fit` (`interrupted` is then
+    the signal number); a second signal stops at once (the last checkpoint stands).
+    """
+
+    PLATEAU_FIELDS = ("wait", "best", "cooldown_counter")
+
+    def __init__(self, path, meta, plateau=None, restore=None, print_fn=print):
+        super().__init__()
+        self.path, self.meta, self.plateau, self.restore = path, meta, plateau, restore
+        self.print_fn, self.interrupted, self._handlers = print_fn, None, {}
+
+    def on_train_begin(self, logs=None):
+        if self.restore is not None:
+            self.model.set_state(self.restore["state"])
+            for field, value in self.restore["plateau"].items():
+                setattr(self.plateau, field, value)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.interrupted is not None:  # the second signal: stop now
+            signal.signal(signum, self._handlers[signum])
+            raise KeyboardInterrupt
+        self.interrupted = signum
+        self.print_fn(f"\n{signal.Signals(signum).name}: finishing this epoch to save a "
+                      "checkpoint (send it again to stop at once)")
+
+    def on_epoch_end(self, epoch, logs=None):
+        plateau = {f: float(getattr(self.plateau, f)) for f in self.PLATEAU_FIELDS
+                   if self.plateau is not None}
+        header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1, plateau=plateau))
+        arrays = {f"state/{name}": value for name, value in self.model.get_state().items()}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, header=header, **arrays)
+        atomic_write(self.path, write)
+        if self.interrupted is not None:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+
+
+def load_checkpoint(path):
+    """Reads a `Checkpoint` file: `{"meta", "epochs_done", "plateau", "state"}`."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            header = json.loads(str(f["header"]))
+            header["state"] = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise NCFMError(f"{path} is not a readable checkpoint ({e}); delete it to start over")
+    return header
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
@@ -1520,17 +1647,26 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the rename makes it visible
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_json(path, obj):
+def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
     atomic_write(path, write)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def save_distilled(path, distilled):

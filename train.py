@@ -13,6 +13,7 @@ with --eval_every or --eval_epochs, evaluation.json.
 
 import dataclasses
 import os
+import sys
 import time
 
 from absl import app, flags
@@ -45,6 +46,11 @@ flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mix
                   "Dtype policy (auto: mixed_float16 on GPU, float32 on CPU).")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the training step (auto: on for GPU).")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF ops: with the same --seed, two runs "
+                  "on the same machine (and an interrupted-then-resumed one) give identical "
+                  "outputs. Slower on GPUs.")
+flags.DEFINE_bool("resume", True, "Continue from <output_dir>/checkpoint.npz when it exists "
+                  "(--noresume starts over and replaces it).")
 FLAGS = flags.FLAGS
 
 
@@ -67,6 +73,9 @@ def main(argv):
     cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
                 f"--iterations={config.iterations} must be a multiple of --log_every="
                 f"{FLAGS.log_every}")
+    if FLAGS.deterministic:
+        keras.utils.set_random_seed(config.seed)
+        nk.tf.config.experimental.enable_op_determinism()
     policy = nk.set_precision(FLAGS.precision)
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     output_dir = FLAGS.output_dir or os.path.join(
@@ -80,15 +89,39 @@ def main(argv):
 
     steps = min(FLAGS.log_every, config.iterations)
     epochs = config.iterations // steps
+    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
+    # What a resumed run must share with the checkpoint (--iterations may grow).
+    meta = dict(dataset=FLAGS.dataset, image_size=FLAGS.image_size, log_every=steps,
+                precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
+                                          if k != "iterations"})
+    restore = None
+    if FLAGS.resume and os.path.exists(checkpoint_path):
+        restore = nk.load_checkpoint(checkpoint_path)
+        conflicts = [f"{k}={restore['meta'][k]!r} there, {v!r} now" for k, v in meta.items()
+                     if k != "config" and restore["meta"].get(k) != v]
+        conflicts += [f"--{k}={restore['meta']['config'].get(k)!r} there, {v!r} now"
+                      for k, v in meta["config"].items()
+                      if restore["meta"]["config"].get(k) != v]
+        cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
+                    f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to "
+                    "start over, or choose another --output_dir")
+    initial_epoch = restore["epochs_done"] if restore else 0
+    if restore:
+        print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
+              flush=True)
     os.makedirs(output_dir, exist_ok=True)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5,
+                                                mode="min",
+                                                patience=max(1, config.lr_patience // steps))
+    checkpoint = nk.Checkpoint(checkpoint_path, meta, plateau, restore)
     callbacks = [
         nk.DistilledSetWriter(data, output_dir),
-        keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5, mode="min",
-                                          patience=max(1, config.lr_patience // steps)),
-        nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps),
+        plateau,
+        nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps, initial_epoch * steps),
         nk.LossCurves(os.path.join(output_dir, "metrics.csv"),
                       os.path.join(output_dir, "loss_curves.png")),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
+        checkpoint,  # last: it saves what the others updated, and restores after plateau
     ]
     evaluation = None
     if FLAGS.eval_every or FLAGS.eval_epochs:
@@ -98,12 +131,20 @@ def main(argv):
                                            eval_epochs=FLAGS.eval_epochs or None)
         callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
     distill_start = time.time()
-    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed),
-              steps_per_epoch=steps, epochs=epochs, callbacks=callbacks, verbose=1,
-              shuffle=False)
+    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                        start=initial_epoch * steps),
+              steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
+              callbacks=callbacks, verbose=1, shuffle=False)
     seconds = time.time() - distill_start
-    print(f"distilled {config.iterations} iterations in {seconds:.0f} s "
-          f"({seconds / config.iterations:.2f} s/iter); wrote {output_dir}/distilled.npz")
+    if checkpoint.interrupted is not None:
+        done = (initial_epoch + len(model.history.epoch)) * steps
+        print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "
+              f"{done}; saved {checkpoint_path} and distilled.npz. Re-run the same command to "
+              "continue.", file=sys.stderr)
+        sys.exit(128 + checkpoint.interrupted)
+    ran = (epochs - initial_epoch) * steps
+    print(f"distilled {config.iterations} iterations ({ran} in this run, {seconds:.0f} s, "
+          f"{seconds / max(ran, 1):.2f} s/iter); wrote {output_dir}/distilled.npz")
     if evaluation is not None:
         nk.write_json(os.path.join(output_dir, "evaluation.json"), {
             "dataset": data.name, "protocol": FLAGS.eval_protocol,

@@ -130,3 +130,16 @@ def test_herding_picks_the_images_nearest_the_mean():
     x, y = nk.herding_subset(d, 1, lambda im: im[:, 0, 0, :] * 255.0)
     assert list(y) == [0, 1]
     assert round(x[0, 0, 0, 0] * 255) == 5 and round(x[1, 0, 0, 0] * 255) == 6
+
+
+def test_class_balanced_batches_restart_anywhere_and_cycle_each_class(fashion_mnist):
+    stream = list(nk.class_balanced_batches(fashion_mnist, 100, seed=4).take(5))
+    resumed = list(nk.class_balanced_batches(fashion_mnist, 100, seed=4, start=3).take(2))
+    np.testing.assert_array_equal(stream[3], resumed[0])
+    np.testing.assert_array_equal(stream[4], resumed[1])
+    other = next(iter(nk.class_balanced_batches(fashion_mnist, 100, seed=5)))
+    assert not np.array_equal(stream[0], other)
+    # 5 batches of 100 < 6000 images per class: no image of a class is drawn twice.
+    for c in range(10):
+        drawn = np.concatenate([s[c].numpy().reshape(100, -1) for s in stream])
+        assert len(np.unique(drawn, axis=0)) == len(drawn)

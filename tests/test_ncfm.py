@@ -236,3 +236,21 @@ def test_group_gradients_are_the_gradient_of_the_summed_loss(small_fashion_mnist
         # frequency's discrepancy is near zero: compare whole gradients, not single pixels.
         error = np.linalg.norm(grad - expected) / np.linalg.norm(expected)
         assert error < 1e-3, (group, error)
+
+
+def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch):
+    model = _model(small_fashion_mnist)
+    for _ in range(2):
+        model.train_step(real_batch)
+    state = model.get_state()
+    assert {"synthetic", "seed_generator", "sampler/000", "sampler_optimizer/000",
+            "image_optimizer/000"} <= set(state)
+    resumed = _model(small_fashion_mnist)
+    resumed.set_state(state)
+    for m in (model, resumed):
+        m.train_step(real_batch)
+    np.testing.assert_array_equal(model.synthetic.numpy(), resumed.synthetic.numpy())
+    for a, b in zip(model.sampler.weights, resumed.sampler.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(nk.NCFMError, match="does not fit"):
+        _model(small_fashion_mnist, sampling_net=False).set_state(state)

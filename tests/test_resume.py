@@ -1,0 +1,85 @@
+"""Interrupted distillations: SIGKILL at any moment, SIGTERM (saves, then exits), resuming
+with --deterministic equal to an uninterrupted run, and refusing a conflicting resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import FASHION_MNIST_DIR
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ITERATIONS = 16
+
+
+def command(out, pools, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=fashion_mnist",
+            f"--data_dir={FASHION_MNIST_DIR}", "--ipc=2", f"--iterations={ITERATIONS}",
+            "--log_every=2", "--batch_real=64", "--num_freqs=256", "--num_pretrained=2",
+            "--pretrain_epochs=0", "--deterministic", f"--pool_dir={pools}",
+            f"--output_dir={out}", *extra]
+
+
+def images(out):
+    with np.load(out / "distilled.npz") as f:
+        return f["images"]
+
+
+def epochs_done(out):
+    with np.load(out / "checkpoint.npz") as f:
+        return json.loads(str(f["header"]))["epochs_done"]
+
+
+def start_and_interrupt(args, out, signum):
+    """Starts train.py, sends `signum` once its first checkpoint exists; returns the result."""
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.npz").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    pools = tmp_path / "pools"
+    whole = subprocess.run(command(tmp_path / "whole", pools), capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    code, _, _ = start_and_interrupt(command(out, pools), out, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert epochs_done(out) < ITERATIONS // 2  # it really stopped mid-run
+    resumed = subprocess.run(command(out, pools), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from iteration" in resumed.stdout
+    np.testing.assert_array_equal(images(out), images(tmp_path / "whole"))
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, ITERATIONS + 1))
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path):
+    out, pools = tmp_path / "run", tmp_path / "pools"
+    code, _, stderr = start_and_interrupt(command(out, pools), out, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "Re-run the same command to continue" in stderr
+    done = epochs_done(out)
+    assert 0 < done < ITERATIONS // 2
+    assert np.all(np.isfinite(images(out)))
+
+    conflict = subprocess.run(command(out, pools, "--num_freqs=512"), capture_output=True,
+                              text=True, timeout=600)
+    assert conflict.returncode == 2
+    lines = conflict.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--num_freqs=256 there, 512 now" in lines[0], conflict.stderr
+
+    resumed = subprocess.run(command(out, pools), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from iteration {done * 2}" in resumed.stdout
+    assert epochs_done(out) == ITERATIONS // 2
