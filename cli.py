@@ -3,7 +3,7 @@
 import os
 import sys
 
-from absl import logging
+from absl import flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -36,6 +36,15 @@ def parse_archs(value):
     require(archs and all(a in nk.ARCHITECTURES for a in archs),
             f"--arch={value}: use a comma list of {', '.join(nk.ARCHITECTURES)}")
     return archs
+
+
+def parse_flags(argv):
+    """absl's flag parser, with a malformed or unknown flag reported in one line (exit 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def guarded(main):

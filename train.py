@@ -154,4 +154,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.guarded(main))
+    app.run(cli.guarded(main), flags_parser=cli.parse_flags)

@@ -40,6 +40,9 @@ FMNIST = ["--dataset=fashion_mnist", f"--data_dir={FASHION_MNIST_DIR}"]
     (FMNIST + ["--arch=convnet,lenet"], ["--arch=convnet,lenet", "resnet18"]),
     (FMNIST + ["--repeats=0"], ["--repeats=0"]),
     (["--distilled=/nonexistent.npz"], ["does not exist"]),
+    (["--baseline=foo"], ["--baseline=foo", "random|herding"]),  # absl's own checks, too
+    (["--epochs=many"], ["--epochs=many"]),
+    (["--no_such_flag=1"], ["no_such_flag"]),
 ])
 def test_bad_input_fails_in_one_line(tmp_path, args, fragments):
     result = run("evaluate.py", *args, f"--output_dir={tmp_path}/out")
@@ -118,6 +121,8 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
     (["--num_freqs=100"], ["num_freqs must be a positive multiple of 16"]),
     (["--loss=kl"], ["loss must be cf or mmd"]),
     (["--iterations=15", "--log_every=10"], ["multiple of --log_every"]),
+    (["--precision=float64"], ["--precision=float64", "mixed_float16"]),
+    (["--sampling_net=maybe"], ["--sampling_net=maybe"]),
 ])
 def test_train_bad_input(tmp_path, args, fragments):
     result = run("train.py", *FMNIST, *args, f"--output_dir={tmp_path}/out",
