@@ -1004,6 +1004,7 @@ class NCFM(keras.Model):
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
             ("sampler_loss",) if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
+        self.trackers["nonfinite_steps"] = keras.metrics.Sum("nonfinite_steps")  # per epoch
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
         """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
@@ -1015,6 +1016,16 @@ class NCFM(keras.Model):
             if keras.config.dtype_policy().name == "mixed_float16":
                 sampler_optimizer = keras.optimizers.LossScaleOptimizer(sampler_optimizer)
         self.sampler_optimizer = sampler_optimizer
+        self._build_optimizers()  # before tracing: updates run inside a tf.cond
+
+    def _build_optimizers(self):
+        if not self.optimizer.built:
+            self.optimizer.build([self.synthetic])
+        if self.sampler is not None:
+            if not self.sampler.built:
+                self.sampler(tf.zeros([2], tf.int32))
+            if not self.sampler_optimizer.built:
+                self.sampler_optimizer.build(self.sampler.trainable_variables)
 
     @property
     def metrics(self):
@@ -1131,8 +1142,31 @@ class NCFM(keras.Model):
                 ascent = -self._discrepancy(real_features, syn_features, t)
                 scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless loss-scaled
             variables = self.sampler.trainable_variables
-            self.sampler_optimizer.apply(tape.gradient(scaled, variables), variables)
-        return -ascent
+            done = self._apply_if_finite(self.sampler_optimizer, ascent,
+                                         tape.gradient(scaled, variables), variables)
+        return -ascent, done
+
+    def _apply_if_finite(self, optimizer, loss, grads, variables):
+        """Applies `grads` unless the loss or a gradient is not finite, so that nothing
+        non-finite reaches the images or psi: a LossScaleOptimizer skips such a step itself
+        (and lowers its scale), otherwise it is skipped here. Counted in `nonfinite_steps`.
+
+        Returns a tensor that is ready once the update is done: what reads the variables
+        next runs under a control dependency on it (a skipped-or-not `tf.cond` update is not
+        otherwise ordered before later reads)."""
+        finite = tf.math.is_finite(loss)
+        for grad in grads:
+            finite = finite & tf.reduce_all(tf.math.is_finite(grad))
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer.apply(grads, variables)
+            done = tf.identity(finite)
+        else:
+            def update():
+                optimizer.apply(grads, variables)
+                return tf.constant(True)
+            done = tf.cond(finite, update, lambda: tf.constant(False))
+        self.trackers["nonfinite_steps"].update_state(1.0 - tf.cast(finite, tf.float32))
+        return done
 
     def matching_gradient(self, real_features, weights, params, t):
         """The matching loss (spec section 6, step 3) and its gradient w.r.t. the stored
@@ -1187,13 +1221,17 @@ class NCFM(keras.Model):
         seed = self._seed() if seed is None else seed
         blended, trained, params, frequency_seed, calibration_seed = self._draw(seed)
         real_features = self._real_features(real, blended, params)
+        done = []  # the last update: later reads of the variables wait for it
         if self.sampler is not None:  # psi first, like a GAN's critic ...
-            self.trackers["sampler_loss"].update_state(self._sampler_ascent(
-                real_features, self._synthetic_features(blended, params), frequency_seed))
+            sampler_loss, sampler_done = self._sampler_ascent(
+                real_features, self._synthetic_features(blended, params), frequency_seed)
+            self.trackers["sampler_loss"].update_state(sampler_loss)
+            done = [sampler_done]
         # ... then the images minimise the discrepancy under the updated psi.
-        t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
+        with tf.control_dependencies(done):
+            t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
         matching, grad = self.matching_gradient(real_features, blended, params, t)
-        self.optimizer.apply([grad], [self.synthetic])
+        done = [self._apply_if_finite(self.optimizer, matching, [grad], [self.synthetic])]
         norm = tf.norm(self._unscale(grad))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
@@ -1202,11 +1240,14 @@ class NCFM(keras.Model):
 
         # Calibration: the trained member must classify the synthetic images correctly.
         if self.config.calibration > 0:
-            calibration, grad = self.calibration_gradient(trained, calibration_seed)
-            self.optimizer.apply([grad], [self.synthetic])
+            with tf.control_dependencies(done):
+                calibration, grad = self.calibration_gradient(trained, calibration_seed)
+            done = [self._apply_if_finite(self.optimizer, calibration, [grad],
+                                          [self.synthetic])]
             self.trackers["calibration_loss"].update_state(calibration)
 
-        self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
+        with tf.control_dependencies(done):
+            self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
         return {name: m.result() for name, m in self.trackers.items()}
 
     def _unscale(self, grad):
@@ -1218,15 +1259,10 @@ class NCFM(keras.Model):
         """Named variables a resumed distillation needs: the images, psi (with its batch-norm
         statistics), both optimizers (slots, step counts, learning rates, loss scale) and the
         seed generator (which seeds every iteration's randomness)."""
-        if not self.optimizer.built:
-            self.optimizer.build([self.synthetic])
+        self._build_optimizers()
         named = {"synthetic": self.synthetic, "seed_generator": self.seed_generator.state}
         groups = [("image_optimizer", self.optimizer.variables)]
         if self.sampler is not None:
-            if not self.sampler.built:
-                self.sampler(tf.zeros([2], tf.int32))
-            if not self.sampler_optimizer.built:
-                self.sampler_optimizer.build(self.sampler.trainable_variables)
             groups += [("sampler", self.sampler.weights),
                        ("sampler_optimizer", self.sampler_optimizer.variables)]
         for prefix, variables in groups:
@@ -1542,6 +1578,7 @@ class Checkpoint(keras.callbacks.Callback):
         super().__init__()
         self.path, self.meta, self.plateau, self.restore = path, meta, plateau, restore
         self.print_fn, self.interrupted, self._handlers = print_fn, None, {}
+        self.batches = 0
 
     def on_train_begin(self, logs=None):
         if self.restore is not None:
@@ -1559,18 +1596,31 @@ class Checkpoint(keras.callbacks.Callback):
         self.print_fn(f"\n{signal.Signals(signum).name}: finishing this epoch to save a "
                       "checkpoint (send it again to stop at once)")
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches += 1
+
     def on_epoch_end(self, epoch, logs=None):
+        if self.interrupted is not None:
+            self.model.stop_training = True
+        if self.batches < self.params["steps"]:  # fit was stopped mid-epoch: keep the last
+            return
+        state = self.model.get_state()
+        if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
+            self.print_fn(f"warning: non-finite state after epoch {epoch + 1}; "
+                          f"{self.path} keeps the previous checkpoint")
+            return
         plateau = {f: float(getattr(self.plateau, f)) for f in self.PLATEAU_FIELDS
                    if self.plateau is not None}
         header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1, plateau=plateau))
-        arrays = {f"state/{name}": value for name, value in self.model.get_state().items()}
+        arrays = {f"state/{name}": value for name, value in state.items()}
 
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, header=header, **arrays)
         atomic_write(self.path, write)
-        if self.interrupted is not None:
-            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         for signum, handler in self._handlers.items():
@@ -1586,6 +1636,23 @@ def load_checkpoint(path):
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise NCFMError(f"{path} is not a readable checkpoint ({e}); delete it to start over")
     return header
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` after the first iteration that skipped a non-finite update and records it
+    in `iteration` (for float32 runs; under loss scaling skipped steps are routine)."""
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps, self.epoch, self.iteration = steps_per_epoch, 0, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and float(logs.get("nonfinite_steps", 0)) > 0 and self.iteration is None:
+            self.iteration = self.epoch * self.steps + batch + 1
+            self.model.stop_training = True
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):

@@ -123,6 +123,9 @@ def main(argv):
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
         checkpoint,  # last: it saves what the others updated, and restores after plateau
     ]
+    nonfinite = nk.StopOnNonFinite(steps)
+    if policy != "mixed_float16":  # with loss scaling, skipped overflows are routine
+        callbacks.insert(0, nonfinite)
     evaluation = None
     if FLAGS.eval_every or FLAGS.eval_epochs:
         every = FLAGS.eval_every // steps if FLAGS.eval_every else epochs
@@ -136,6 +139,11 @@ def main(argv):
               steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
               callbacks=callbacks, verbose=1, shuffle=False)
     seconds = time.time() - distill_start
+    cli.require(nonfinite.iteration is None,
+                f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
+                "update was skipped, so nothing non-finite reached the images, and the last "
+                f"checkpoint ({checkpoint_path}) is intact. Likely cause: a learning rate too "
+                "high for this data (--image_lr, --sampler_lr)")
     if checkpoint.interrupted is not None:
         done = (initial_epoch + len(model.history.epoch)) * steps
         print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "

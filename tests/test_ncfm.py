@@ -254,3 +254,15 @@ def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch)
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(nk.NCFMError, match="does not fit"):
         _model(small_fashion_mnist, sampling_net=False).set_state(state)
+
+
+def test_nonfinite_updates_never_reach_the_images(small_fashion_mnist, real_batch):
+    model = _model(small_fashion_mnist, calibration=0.0)
+    model.train_step(real_batch)  # builds psi
+    for v in model.sampler.trainable_variables[:1]:
+        v.assign(np.full(v.shape, np.nan, np.float32))  # psi now emits NaN frequencies
+    images = model.synthetic.numpy()
+    logs = model.train_step(real_batch)
+    assert not np.isfinite(float(logs["matching_loss"]))
+    assert float(logs["nonfinite_steps"]) >= 1
+    np.testing.assert_array_equal(model.synthetic.numpy(), images)  # the step was skipped
