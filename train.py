@@ -61,6 +61,22 @@ def config_from_flags(nk):
     return dataclasses.replace(config, **given).validate()
 
 
+def resume_point(checkpoint_path, meta):
+    """The checkpoint to continue from (None: start afresh); refuses one from other settings."""
+    if not (FLAGS.resume and os.path.exists(checkpoint_path)):
+        return None
+    restore = cli.nk.load_checkpoint(checkpoint_path)
+    saved = restore["meta"]
+    conflicts = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in meta.items()
+                 if k != "config" and saved.get(k) != v]
+    conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"
+                  for k, v in meta["config"].items() if saved["config"].get(k) != v]
+    cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
+                f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to start "
+                "over, or choose another --output_dir")
+    return restore
+
+
 def main(argv):
     del argv
     nk = cli.nk
@@ -80,32 +96,22 @@ def main(argv):
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
+    steps = min(FLAGS.log_every, config.iterations)
+    epochs = config.iterations // steps
+    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
+    # What a resumed run must share with its checkpoint (--iterations may grow). Checked
+    # before the pool, which can take long to train.
+    meta = dict(dataset=FLAGS.dataset, image_size=FLAGS.image_size, log_every=steps,
+                precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
+                                          if k != "iterations"})
+    restore = resume_point(checkpoint_path, meta)
+    initial_epoch = restore["epochs_done"] if restore else 0
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
           f"policy {policy}\n{config}", flush=True)
     start = time.time()
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
     model = nk.build_distiller(data, config, FLAGS.pool_dir, jit)
     print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
-
-    steps = min(FLAGS.log_every, config.iterations)
-    epochs = config.iterations // steps
-    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
-    # What a resumed run must share with the checkpoint (--iterations may grow).
-    meta = dict(dataset=FLAGS.dataset, image_size=FLAGS.image_size, log_every=steps,
-                precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
-                                          if k != "iterations"})
-    restore = None
-    if FLAGS.resume and os.path.exists(checkpoint_path):
-        restore = nk.load_checkpoint(checkpoint_path)
-        conflicts = [f"{k}={restore['meta'][k]!r} there, {v!r} now" for k, v in meta.items()
-                     if k != "config" and restore["meta"].get(k) != v]
-        conflicts += [f"--{k}={restore['meta']['config'].get(k)!r} there, {v!r} now"
-                      for k, v in meta["config"].items()
-                      if restore["meta"]["config"].get(k) != v]
-        cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
-                    f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to "
-                    "start over, or choose another --output_dir")
-    initial_epoch = restore["epochs_done"] if restore else 0
     if restore:
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
               flush=True)
