@@ -233,13 +233,12 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
         for i in ipcs:
             record = records.get((m, i)) or {}
             convnet = record.get("evaluations", {}).get("convnet", {})
-            distill = (f"{record['distill_seconds'] / 60:.1f} min" if "distill_seconds" in
-                       record else "—")
-            lines.append(
-                f"| {m} IPC {i} | {distill} | "
-                f"{record.get('distill_peak_mib', '—')} MiB | "
-                f"{convnet['seconds'] / 60:.1f} min | {convnet['peak_mib']} MiB |"
-                if convnet else f"| {m} IPC {i} | {distill} | — | pending | — |")
+            distill = (f"{record['distill_seconds'] / 60:.1f} min | "
+                       f"{record['distill_peak_mib']} MiB" if "distill_seconds" in record
+                       else "— | —")
+            evaluation = (f"{convnet['seconds'] / 60:.1f} min | {convnet['peak_mib']} MiB"
+                          if convnet else "pending | —")
+            lines.append(f"| {m} IPC {i} | {distill} | {evaluation} |")
     pools = sorted({r.get("pool") for r in records.values() if r and r.get("pool")})
     if pools:
         lines += ["", "Pool: " + "; ".join(pools) + " (train.py's log line: the first "
