@@ -969,15 +969,26 @@ class NCFM(keras.Model):
 
     Owns the synthetic images (the only image variable), psi, and the pool of feature
     extractors stacked as `[P, ...]` constants, blended inside the compiled step.
+
+    Built under a `tf.distribute` strategy's scope (e.g. `MirroredStrategy`), `fit()` hands
+    each of the R replicas K/R classes of the real batch; each replica matches its own
+    classes and the optimizers sum the replicas' gradients, which is exactly the gradient of
+    the loss summed over all classes (a class's loss depends only on its own images).
     """
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
         self.config = config.validate()
         self.num_classes, self.image_shape = data.num_classes, data.image_shape
-        # The largest divisor of K not above config.class_group (see _map_groups).
-        self.class_group = max(g for g in range(1, min(config.class_group, self.num_classes) + 1)
-                               if self.num_classes % g == 0)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if self.num_classes % replicas:
+            raise NCFMError(f"{self.num_classes} classes cannot be split evenly across "
+                            f"{replicas} devices; use a number of devices that divides it")
+        self.local_classes = self.num_classes // replicas  # classes per replica
+        # The largest divisor of the local classes not above config.class_group (_map_groups).
+        self.class_group = max(g for g in range(1, min(config.class_group,
+                                                         self.local_classes) + 1)
+                               if self.local_classes % g == 0)
         network = build_network("convnet", data.image_shape, data.num_classes, data.mean,
                                 data.std)
         network.trainable = False  # its variables are placeholders: weights are fed per step
@@ -992,15 +1003,20 @@ class NCFM(keras.Model):
         if init_images is None:
             init_images = initial_images(data, config.ipc, config.factor, config.init,
                                          config.seed)
+        # Replicas update it identically (summed gradients); the clamp keeps the first's.
         self.synthetic = self.add_weight(
             shape=init_images.shape, initializer="zeros", dtype="float32",
-            name="synthetic_images")
+            aggregation="only_first_replica", name="synthetic_images")
         self.synthetic.assign(init_images)
         self.labels = np.repeat(np.arange(data.num_classes), config.ipc).astype(np.int32)
         feature_dim = self.extractor.outputs[0].shape[-1]
         self.sampler = (SamplingNet(feature_dim, config.num_freqs, name="sampler")
                         if config.sampling_net and config.loss == "cf" else None)
-        self.seed_generator = keras.random.SeedGenerator(config.seed)
+        # Completed iterations: iteration i's randomness is a pure function of (seed, i), the
+        # same on every replica and after a resume.
+        self.iteration = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                         trainable=False, aggregation="only_first_replica",
+                                         name="iteration")
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
             ("sampler_loss",) if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
@@ -1031,8 +1047,15 @@ class NCFM(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
+    def call(self, inputs=None):
+        """The stored synthetic images `[K * ipc, H, W, C]` (the model's only output)."""
+        return tf.convert_to_tensor(self.synthetic)
+
     def _seed(self):
-        return keras.random.randint([2], 0, 2 ** 30, seed=self.seed_generator)
+        """Iteration i's seed: the draw `keras.random.SeedGenerator(seed)` gives at its i-th
+        use, from a counter that every replica shares."""
+        seed = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
+        return tf.random.stateless_uniform([2], seed, minval=0, maxval=2 ** 30, dtype=tf.int32)
 
     def blend(self, member, lam):
         """Extractor weights `lam * init(member) + (1 - lam) * trained(member)` (spec section 2)
@@ -1073,12 +1096,23 @@ class NCFM(keras.Model):
     # The step runs the network on one group of `class_group` classes at a time (a sequential
     # map): a class's loss depends only on its own images, so per-group forward/backward
     # passes give exactly the gradient of the summed loss, while peak memory is one group's
-    # activations, whatever the number of classes.
+    # activations, whatever the number of classes. Under a distribution strategy each replica
+    # does this for its own K/R classes.
+
+    def _local_classes(self):
+        """The classes this replica matches: all K without a distribution strategy."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        return tf.cast(replica, tf.int32) * self.local_classes + tf.range(self.local_classes)
+
+    @staticmethod
+    def _sum_over_replicas(value):
+        """`value` summed over the replicas (`value` itself without a strategy)."""
+        return tf.distribute.get_replica_context().all_reduce("sum", value)
 
     def _map_groups(self, fn, elems, output_signature):
-        """`fn` on each class group of `elems` (each `[K, ...]`, seen as `[g, ...]`) in turn;
-        outputs are `[K, ...]` again, or one value per group for scalar outputs."""
-        k, g = self.num_classes, self.class_group
+        """`fn` on each class group of `elems` (each `[k, ...]`, seen as `[g, ...]`) in turn;
+        outputs are `[k, ...]` again, or one value per group for scalar outputs."""
+        k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
         grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
                                         elems)
         outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
@@ -1086,9 +1120,16 @@ class NCFM(keras.Model):
         return tf.nest.map_structure(
             lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
-    def _stored_synthetic(self):
-        """The stored images as `[K, ipc, H, W, C]`."""
-        return tf.reshape(self.synthetic, [self.num_classes, -1, *self.image_shape])
+    def _stored_synthetic(self, classes):
+        """The stored images of `classes` as `[k, ipc, H, W, C]`."""
+        stored = tf.reshape(self.synthetic, [self.num_classes, -1, *self.image_shape])
+        return tf.gather(stored, classes)
+
+    def _full_gradient(self, grads, classes):
+        """Per-class gradients `[k, ipc, H, W, C]` placed in a zero gradient of the whole
+        synthetic variable (summed over replicas, that is the full gradient)."""
+        full = tf.scatter_nd(classes[:, None], grads, [self.num_classes, *grads.shape[1:]])
+        return tf.reshape(full, self.synthetic.shape)
 
     def _decoded(self, stored):
         """`[g, ipc, H, W, C]` stored -> `[g, ipc*factor^2, H, W, C]` decoded images."""
@@ -1101,13 +1142,15 @@ class NCFM(keras.Model):
         features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
         return tf.math.l2_normalize(features, -1)
 
-    def _draw(self, seed):
+    def _draw(self, seed, classes):
         """The randomness of one iteration: the blended extractor (and its trained weights),
-        one siamese augmentation per class, the frequency seed and the calibration seed."""
+        one siamese augmentation per class (those of `classes`), the frequency seed and the
+        calibration seed. Every replica draws the same."""
         seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
         blended, trained = self._random_blend(seeds[0])
         params = dsa_parameters(seeds[1], self.num_classes, self.image_shape[:2],
                                 self.config.augment)
+        params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
         return blended, trained, params, seeds[2], seeds[3]
 
     def _real_features(self, real, weights, params):
@@ -1117,25 +1160,26 @@ class NCFM(keras.Model):
             (real, params), tf.float32)
         return tf.stop_gradient(features)
 
-    def _synthetic_features(self, weights, params):
-        """Features `[K, S, D]` of the augmented decoded synthetic images."""
+    def _synthetic_features(self, weights, params, classes):
+        """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
         return self._map_groups(
             lambda x: self._features(weights, dsa_apply(self._decoded(x[0]), x[1])),
-            (self._stored_synthetic(), params), tf.float32)
+            (self._stored_synthetic(classes), params), tf.float32)
 
     def matching_loss(self, real, seed):
         """The summed matching loss for a given step seed, without any update (for tests and
         monitoring; `train_step` with the same seed sees the same extractor, augmentation and
-        frequencies)."""
-        blended, _, params, frequency_seed, _ = self._draw(seed)
+        frequencies). Not distributed: `real` holds all K classes."""
+        classes = tf.range(self.num_classes)
+        blended, _, params, frequency_seed, _ = self._draw(seed, classes)
         return self._discrepancy(self._real_features(real, blended, params),
-                                 self._synthetic_features(blended, params),
+                                 self._synthetic_features(blended, params, classes),
                                  self._frequencies(frequency_seed, training=True))
 
     def _sampler_ascent(self, real_features, syn_features, seed):
         """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
         The features do not depend on psi, so they are computed once per iteration. Returns
-        the discrepancy psi saw before its last step."""
+        this replica's part of the discrepancy psi saw before its last step."""
         for _ in range(self.config.sampler_steps):
             with tf.GradientTape() as tape:
                 t = self._frequencies(seed, training=True)
@@ -1151,26 +1195,39 @@ class NCFM(keras.Model):
         non-finite reaches the images or psi: a LossScaleOptimizer skips such a step itself
         (and lowers its scale), otherwise it is skipped here. Counted in `nonfinite_steps`.
 
-        Returns a tensor that is ready once the update is done: what reads the variables
-        next runs under a control dependency on it (a skipped-or-not `tf.cond` update is not
-        otherwise ordered before later reads)."""
+        Replicas decide together: a step is skipped everywhere if any replica's part of it is
+        not finite. Returns a tensor that is ready once the update is done: what reads the
+        variables next runs under a control dependency on it (a skipped-or-not `tf.cond`
+        update is not otherwise ordered before later reads)."""
         finite = tf.math.is_finite(loss)
         for grad in grads:
             finite = finite & tf.reduce_all(tf.math.is_finite(grad))
+        finite = self._sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer.apply(grads, variables)
+            # It skips the step itself (and lowers its scale) when it sees a non-finite
+            # gradient; make sure every replica's gradients show it.
+            optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
             done = tf.identity(finite)
         else:
-            def update():
-                optimizer.apply(grads, variables)
-                return tf.constant(True)
-            done = tf.cond(finite, update, lambda: tf.constant(False))
-        self.trackers["nonfinite_steps"].update_state(1.0 - tf.cast(finite, tf.float32))
+            # The condition is taken once, in cross-replica context: an optimizer update
+            # synchronises the replicas, which a per-replica `tf.cond` branch may not do.
+            def update(strategy, finite, grads):
+                def apply():
+                    strategy.extended.call_for_each_replica(optimizer.apply,
+                                                            args=(grads, variables))
+                    return tf.constant(True)
+                return tf.cond(strategy.experimental_local_results(finite)[0], apply,
+                               lambda: tf.constant(False))
+            done = tf.distribute.get_replica_context().merge_call(update, args=(finite, grads))
+        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+        self.trackers["nonfinite_steps"].update_state(  # counted once: metrics sum replicas
+            tf.cast(first & ~finite, tf.float32))
         return done
 
-    def matching_gradient(self, real_features, weights, params, t):
-        """The matching loss (spec section 6, step 3) and its gradient w.r.t. the stored
-        images, one class group at a time. The gradient is of the loss-scaled loss."""
+    def matching_gradient(self, real_features, weights, params, t, classes):
+        """The matching loss of `classes` (spec section 6, step 3) and its gradient w.r.t.
+        the stored images, one class group at a time. The gradient is of the loss-scaled
+        loss."""
         def group(inputs):
             stored, group_real_features, group_params = inputs
             with tf.GradientTape() as tape:
@@ -1181,23 +1238,33 @@ class NCFM(keras.Model):
             return loss, tape.gradient(scaled, stored)
 
         losses, grads = self._map_groups(
-            group, (self._stored_synthetic(), real_features, params), (tf.float32, tf.float32))
-        return tf.reduce_sum(losses), tf.reshape(grads, self.synthetic.shape)
+            group, (self._stored_synthetic(classes), real_features, params),
+            (tf.float32, tf.float32))
+        return tf.reduce_sum(losses), self._full_gradient(grads, classes)
 
-    def calibration_gradient(self, trained, seed):
+    def calibration_gradient(self, trained, seed, classes):
         """The calibration loss (spec section 6, step 4): cross-entropy of the trained pool
         member on per-sample augmented decoded synthetic images, averaged over all of them;
-        and its (loss-scaled) gradient w.r.t. the stored images, one class group at a time."""
+        the part of `classes` and its (loss-scaled) gradient w.r.t. the stored images, one
+        class group at a time."""
         total = self.synthetic.shape[0] * self.config.factor ** 2
+        per_class = total // self.num_classes  # decoded images of a class
+
+        def class_parameters(c):  # per-sample DSA of class c's decoded images
+            return dsa_parameters(tf.random.experimental.stateless_fold_in(seed, c, RNG),
+                                  per_class, self.image_shape[:2], self.config.augment)
+        # A function of (seed, class) only, whatever the class groups and devices.
+        params = tf.map_fn(class_parameters, classes, fn_output_signature=tf.nest.map_structure(
+            lambda p: tf.TensorSpec(p.shape, p.dtype), class_parameters(0)))
 
         def group(inputs):
-            stored, classes = inputs
+            stored, classes, params = inputs
             with tf.GradientTape() as tape:
                 tape.watch(stored)
                 decoded = self._decoded(stored)
-                group_seed = tf.random.experimental.stateless_fold_in(seed, classes[0], RNG)
-                images = augment(tf.reshape(decoded, [-1, *self.image_shape]), group_seed,
-                                 self.config.augment)
+                images = dsa_apply(tf.reshape(decoded, [-1, *self.image_shape]),
+                                   tf.nest.map_structure(
+                                       lambda p: tf.reshape(p, [-1, *p.shape[2:]]), params))
                 _, logits = self._extract(trained, images)
                 labels = tf.repeat(classes, decoded.shape[1])
                 loss = self.config.calibration * tf.reduce_sum(
@@ -1207,47 +1274,54 @@ class NCFM(keras.Model):
             return loss, tape.gradient(scaled, stored)
 
         losses, grads = self._map_groups(
-            group, (self._stored_synthetic(), tf.range(self.num_classes)),
-            (tf.float32, tf.float32))
-        return tf.reduce_sum(losses), tf.reshape(grads, self.synthetic.shape)
+            group, (self._stored_synthetic(classes), classes, params), (tf.float32, tf.float32))
+        return tf.reduce_sum(losses), self._full_gradient(grads, classes)
 
     def train_step(self, real, seed=None):
         """One NCFM iteration (spec section 6): psi ascent, image descent, calibration, clamp.
 
         Args:
-          real: uint8 `[K, batch_real, H, W, C]`, a class-balanced real batch.
-          seed: int `[2]`; by default drawn from the model's SeedGenerator.
+          real: uint8 `[k, batch_real, H, W, C]`, a class-balanced real batch: all K classes,
+            or this replica's K/R under a distribution strategy.
+          seed: int `[2]`; by default a function of the model's seed and iteration count.
+
+        Losses and metrics are of all K classes (summed over replicas).
         """
         seed = self._seed() if seed is None else seed
-        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed)
+        classes = self._local_classes()
+        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
         real_features = self._real_features(real, blended, params)
         done = []  # the last update: later reads of the variables wait for it
         if self.sampler is not None:  # psi first, like a GAN's critic ...
             sampler_loss, sampler_done = self._sampler_ascent(
-                real_features, self._synthetic_features(blended, params), frequency_seed)
-            self.trackers["sampler_loss"].update_state(sampler_loss)
+                real_features, self._synthetic_features(blended, params, classes),
+                frequency_seed)
+            self.trackers["sampler_loss"].update_state(self._sum_over_replicas(sampler_loss))
             done = [sampler_done]
         # ... then the images minimise the discrepancy under the updated psi.
         with tf.control_dependencies(done):
             t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
-        matching, grad = self.matching_gradient(real_features, blended, params, t)
+        matching, grad = self.matching_gradient(real_features, blended, params, t, classes)
         done = [self._apply_if_finite(self.optimizer, matching, [grad], [self.synthetic])]
-        norm = tf.norm(self._unscale(grad))
+        norm = tf.sqrt(self._sum_over_replicas(tf.reduce_sum(tf.square(self._unscale(grad)))))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
                                                       sample_weight=tf.cast(finite, tf.float32))
-        self.trackers["matching_loss"].update_state(matching)
+        self.trackers["matching_loss"].update_state(self._sum_over_replicas(matching))
 
         # Calibration: the trained member must classify the synthetic images correctly.
         if self.config.calibration > 0:
             with tf.control_dependencies(done):
-                calibration, grad = self.calibration_gradient(trained, calibration_seed)
+                calibration, grad = self.calibration_gradient(trained, calibration_seed,
+                                                              classes)
             done = [self._apply_if_finite(self.optimizer, calibration, [grad],
                                           [self.synthetic])]
-            self.trackers["calibration_loss"].update_state(calibration)
+            self.trackers["calibration_loss"].update_state(
+                self._sum_over_replicas(calibration))
 
         with tf.control_dependencies(done):
             self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
+            self.iteration.assign_add(1)
         return {name: m.result() for name, m in self.trackers.items()}
 
     def _unscale(self, grad):
@@ -1258,9 +1332,9 @@ class NCFM(keras.Model):
     def _resumable_variables(self):
         """Named variables a resumed distillation needs: the images, psi (with its batch-norm
         statistics), both optimizers (slots, step counts, learning rates, loss scale) and the
-        seed generator (which seeds every iteration's randomness)."""
+        iteration count (which seeds every iteration's randomness)."""
         self._build_optimizers()
-        named = {"synthetic": self.synthetic, "seed_generator": self.seed_generator.state}
+        named = {"synthetic": self.synthetic, "iteration": self.iteration}
         groups = [("image_optimizer", self.optimizer.variables)]
         if self.sampler is not None:
             groups += [("sampler", self.sampler.weights),
@@ -1323,10 +1397,11 @@ def set_precision(precision="auto"):
     return precision
 
 
-def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1):
+def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
     """The pool (trained or loaded), then a compiled `NCFM` with the spec's optimizers:
     AdamW on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU (on a CPU,
-    TensorFlow's oneDNN kernels are faster than XLA's for these convolutions)."""
+    TensorFlow's oneDNN kernels are faster than XLA's for these convolutions), off under a
+    `tf.distribute` `strategy` (as Keras does), whose scope the model is built in."""
     config.validate()
     check_ipc(data, config.ipc)
     needed = config.ipc * config.factor ** 2
@@ -1339,16 +1414,32 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1):
     # psi's initial weights then depend on the seed only, not on whether the pool was trained
     # in this process or loaded from the cache.
     keras.utils.set_random_seed(config.seed)
-    model = NCFM(data, config, pool)
     if jit_compile == "auto":
-        jit_compile = bool(tf.config.list_physical_devices("GPU"))
-    model.compile(
-        image_optimizer=keras.optimizers.AdamW(config.image_lr,
-                                               weight_decay=config.image_weight_decay),
-        sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
-                                               weight_decay=config.sampler_weight_decay),
-        jit_compile=jit_compile)
+        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = NCFM(data, config, pool)
+        model.compile(
+            image_optimizer=keras.optimizers.AdamW(config.image_lr,
+                                                   weight_decay=config.image_weight_decay),
+            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                                   weight_decay=config.sampler_weight_decay),
+            jit_compile=jit_compile)
     return model
+
+
+def mirrored_strategy():
+    """`tf.distribute.MirroredStrategy` over the visible GPUs; without GPUs, over the logical
+    CPU devices (see `split_cpu`), which is how the multi-device step is tested."""
+    devices = (tf.config.list_logical_devices("GPU") or
+               tf.config.list_logical_devices("CPU"))
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+
+
+def split_cpu(count):
+    """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -1493,8 +1584,9 @@ class IterationCSV(keras.callbacks.Callback):
         self.epoch, self.previous = epoch, {}
 
     def on_train_batch_end(self, batch, logs=None):
+        learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         row = {"iteration": self.epoch * self.steps + batch + 1,
-               "learning_rate": float(self.model.optimizer.learning_rate)}
+               "learning_rate": float(learning_rate)}
         for key in self.COLUMNS[1:5]:
             if key in logs:
                 running = float(logs[key])

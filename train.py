@@ -49,6 +49,11 @@ flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
 flags.DEFINE_bool("deterministic", False, "Deterministic TF ops: with the same --seed, two runs "
                   "on the same machine (and an interrupted-then-resumed one) give identical "
                   "outputs. Slower on GPUs.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "Devices: default (one) or "
+                  "mirrored (tf.distribute.MirroredStrategy over all visible GPUs; each takes "
+                  "an equal share of the classes, so their number must divide the classes).")
+flags.DEFINE_integer("cpu_devices", 1, "Split the CPU into this many logical devices (to try "
+                     "--strategy=mirrored on a machine without GPUs).")
 flags.DEFINE_bool("resume", True, "Continue from <output_dir>/checkpoint.npz when it exists "
                   "(--noresume starts over and replaces it).")
 FLAGS = flags.FLAGS
@@ -85,6 +90,10 @@ def main(argv):
     cli.require(FLAGS.log_every >= 1, f"--log_every={FLAGS.log_every}: use 1 or more")
     cli.require(FLAGS.eval_every >= 0 and FLAGS.eval_epochs >= 0,
                 "--eval_every and --eval_epochs must be >= 0")
+    cli.require(FLAGS.cpu_devices >= 1, f"--cpu_devices={FLAGS.cpu_devices}: use 1 or more")
+    cli.require(not (FLAGS.strategy == "mirrored" and FLAGS.jit_compile == "true"),
+                "--jit_compile=true cannot be combined with --strategy=mirrored (Keras runs "
+                "tf.distribute steps without XLA); drop one of them")
     config = config_from_flags(nk)
     cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
                 f"--iterations={config.iterations} must be a multiple of --log_every="
@@ -92,8 +101,17 @@ def main(argv):
     if FLAGS.deterministic:
         keras.utils.set_random_seed(config.seed)
         nk.tf.config.experimental.enable_op_determinism()
+    if FLAGS.cpu_devices > 1:
+        nk.split_cpu(FLAGS.cpu_devices)
     policy = nk.set_precision(FLAGS.precision)
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
+    if strategy is not None:
+        replicas = strategy.num_replicas_in_sync
+        cli.require(data.num_classes % replicas == 0,
+                    f"--strategy=mirrored: {replicas} devices cannot share {data.num_classes} "
+                    "classes evenly; make the number of visible devices divide it (e.g. "
+                    "CUDA_VISIBLE_DEVICES)")
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
     steps = min(FLAGS.log_every, config.iterations)
@@ -106,11 +124,12 @@ def main(argv):
                                           if k != "iterations"})
     restore = resume_point(checkpoint_path, meta)
     initial_epoch = restore["epochs_done"] if restore else 0
+    devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
-          f"policy {policy}\n{config}", flush=True)
+          f"policy {policy}{devices}\n{config}", flush=True)
     start = time.time()
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
-    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit)
+    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit, strategy=strategy)
     print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
     if restore:
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",

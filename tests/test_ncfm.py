@@ -223,10 +223,12 @@ def test_group_gradients_are_the_gradient_of_the_summed_loss(small_fashion_mnist
     seed = tf.constant([7, 8])
     for group in (1, 5):
         model = _model(small_fashion_mnist, class_group=group, sampling_net=False)
-        blended, _, params, frequency_seed, _ = model._draw(seed)
+        classes = tf.range(10)
+        blended, _, params, frequency_seed, _ = model._draw(seed, classes)
         loss, grad = model.matching_gradient(model._real_features(real_batch, blended, params),
                                              blended, params,
-                                             model._frequencies(frequency_seed, training=True))
+                                             model._frequencies(frequency_seed, training=True),
+                                             classes)
         with tf.GradientTape() as tape:  # autodiff through the whole set at once
             whole = model.matching_loss(real_batch, seed)
         expected = tape.gradient(whole, model.synthetic)
@@ -243,7 +245,7 @@ def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch)
     for _ in range(2):
         model.train_step(real_batch)
     state = model.get_state()
-    assert {"synthetic", "seed_generator", "sampler/000", "sampler_optimizer/000",
+    assert {"synthetic", "iteration", "sampler/000", "sampler_optimizer/000",
             "image_optimizer/000"} <= set(state)
     resumed = _model(small_fashion_mnist)
     resumed.set_state(state)

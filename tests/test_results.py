@@ -34,3 +34,13 @@ def test_results_suite_writes_the_table_and_resumes(tmp_path):
     assert "distilling" not in second.stdout and "evaluating" not in second.stdout
     assert (tmp_path / "RESULTS.md").read_text().split("## Test accuracy")[1] == \
         table.split("## Test accuracy")[1]
+
+    # --tabulate computes nothing: a row with no cells shows as pending.
+    tabulated = subprocess.run(args[:5] + ["--methods=random,dm,ncfm", "--tabulate"] + args[6:],
+                               capture_output=True, text=True, timeout=300)
+    assert tabulated.returncode == 0, tabulated.stderr[-2000:]
+    assert "distilling" not in tabulated.stdout and "evaluating" not in tabulated.stdout
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| DM (`--loss=mmd`) | pending |" in table
+    assert "- IPC 1, NCFM: " in table and " vs random" in table
+    assert not (tmp_path / "dm_ipc1").exists()
