@@ -1018,7 +1018,7 @@ class NCFM(keras.Model):
                                          trainable=False, aggregation="only_first_replica",
                                          name="iteration")
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
-            ("sampler_loss",) if self.sampler is not None else ())
+            ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
         self.trackers["nonfinite_steps"] = keras.metrics.Sum("nonfinite_steps")  # per epoch
 
@@ -1246,25 +1246,18 @@ class NCFM(keras.Model):
         """The calibration loss (spec section 6, step 4): cross-entropy of the trained pool
         member on per-sample augmented decoded synthetic images, averaged over all of them;
         the part of `classes` and its (loss-scaled) gradient w.r.t. the stored images, one
-        class group at a time."""
+        class group at a time. A group's augmentation is seeded by (seed, its first class):
+        with the default one class per group, by (seed, class), on one device or several."""
         total = self.synthetic.shape[0] * self.config.factor ** 2
-        per_class = total // self.num_classes  # decoded images of a class
-
-        def class_parameters(c):  # per-sample DSA of class c's decoded images
-            return dsa_parameters(tf.random.experimental.stateless_fold_in(seed, c, RNG),
-                                  per_class, self.image_shape[:2], self.config.augment)
-        # A function of (seed, class) only, whatever the class groups and devices.
-        params = tf.map_fn(class_parameters, classes, fn_output_signature=tf.nest.map_structure(
-            lambda p: tf.TensorSpec(p.shape, p.dtype), class_parameters(0)))
 
         def group(inputs):
-            stored, classes, params = inputs
+            stored, classes = inputs
             with tf.GradientTape() as tape:
                 tape.watch(stored)
                 decoded = self._decoded(stored)
-                images = dsa_apply(tf.reshape(decoded, [-1, *self.image_shape]),
-                                   tf.nest.map_structure(
-                                       lambda p: tf.reshape(p, [-1, *p.shape[2:]]), params))
+                group_seed = tf.random.experimental.stateless_fold_in(seed, classes[0], RNG)
+                images = augment(tf.reshape(decoded, [-1, *self.image_shape]), group_seed,
+                                 self.config.augment)
                 _, logits = self._extract(trained, images)
                 labels = tf.repeat(classes, decoded.shape[1])
                 loss = self.config.calibration * tf.reduce_sum(
@@ -1274,7 +1267,7 @@ class NCFM(keras.Model):
             return loss, tape.gradient(scaled, stored)
 
         losses, grads = self._map_groups(
-            group, (self._stored_synthetic(classes), classes, params), (tf.float32, tf.float32))
+            group, (self._stored_synthetic(classes), classes), (tf.float32, tf.float32))
         return tf.reduce_sum(losses), self._full_gradient(grads, classes)
 
     def train_step(self, real, seed=None):
@@ -1301,6 +1294,8 @@ class NCFM(keras.Model):
         # ... then the images minimise the discrepancy under the updated psi.
         with tf.control_dependencies(done):
             t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
+        if self.sampler is not None:  # where psi looks: N(0, I) frequencies have |t| ~ sqrt(D)
+            self.trackers["frequency_norm"].update_state(tf.reduce_mean(tf.norm(t, axis=-1)))
         matching, grad = self.matching_gradient(real_features, blended, params, t, classes)
         done = [self._apply_if_finite(self.optimizer, matching, [grad], [self.synthetic])]
         norm = tf.sqrt(self._sum_over_replicas(tf.reduce_sum(tf.square(self._unscale(grad)))))
@@ -1565,7 +1560,8 @@ class IterationCSV(keras.callbacks.Callback):
     test accuracy. With `start_iteration` (a resumed run), rows past it are dropped first."""
 
     COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
-               "image_grad_norm", "learning_rate", "test_accuracy")
+               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
+    METRICS = COLUMNS[1:-2]  # from the step's logs
 
     def __init__(self, path, steps_per_epoch, start_iteration=0):
         super().__init__()
@@ -1587,7 +1583,7 @@ class IterationCSV(keras.callbacks.Callback):
         learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         row = {"iteration": self.epoch * self.steps + batch + 1,
                "learning_rate": float(learning_rate)}
-        for key in self.COLUMNS[1:5]:
+        for key in self.METRICS:
             if key in logs:
                 running = float(logs[key])
                 row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
@@ -1610,7 +1606,8 @@ class IterationCSV(keras.callbacks.Callback):
 
 def plot_metrics(csv_path, png_path):
     """Draws the curves of an `IterationCSV` file (matching loss with the loss psi saw before
-    its step, calibration loss, image-gradient norm, test accuracy when evaluated) as a PNG."""
+    its step, calibration loss, image-gradient norm, the mean norm of psi's frequencies, test
+    accuracy when evaluated) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1621,6 +1618,7 @@ def plot_metrics(csv_path, png_path):
     panels = [("matching / psi", ("matching_loss", "sampler_loss")),
               ("calibration", ("calibration_loss",)), ("image gradient norm",
                                                        ("image_grad_norm",)),
+              ("psi: mean |t|", ("frequency_norm",)),
               ("test accuracy (%)", ("test_accuracy",))]
     panels = [(title, [c for c in columns if c in table.dtype.names and
                        np.isfinite(table[c]).any()])

@@ -98,6 +98,8 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
     assert os.listdir(out / "tensorboard")
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,matching_loss,sampler_loss") and len(rows) == 5
+    header = rows[0].split(",")
+    assert float(rows[1].split(",")[header.index("frequency_norm")]) > 0  # psi's |t|
     assert rows[-1].split(",")[-1] != ""  # the final evaluation's accuracy
     folders = sorted(os.listdir(out / "images"))
     assert len(folders) == 10 and len(os.listdir(out / "images" / folders[0])) == 4  # 1 x 2^2
