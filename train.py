@@ -107,11 +107,7 @@ def main(argv):
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
     if strategy is not None:
-        replicas = strategy.num_replicas_in_sync
-        cli.require(data.num_classes % replicas == 0,
-                    f"--strategy=mirrored: {replicas} devices cannot share {data.num_classes} "
-                    "classes evenly; make the number of visible devices divide it (e.g. "
-                    "CUDA_VISIBLE_DEVICES)")
+        nk.check_devices(data.num_classes, strategy.num_replicas_in_sync)  # before the pool
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
     steps = min(FLAGS.log_every, config.iterations)

@@ -169,8 +169,13 @@ def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
     return record
 
 
+def evaluation_of(record, arch="convnet"):
+    """The cell's finished evaluation on `arch`, or None."""
+    return (record or {}).get("evaluations", {}).get(arch)
+
+
 def final_mean(record, arch="convnet"):
-    evaluation = (record or {}).get("evaluations", {}).get(arch)
+    evaluation = evaluation_of(record, arch)
     return evaluation["final"][0] if evaluation else None
 
 
@@ -202,7 +207,7 @@ def comparison(records, ipcs, methods):
 
 
 def cell_text(record, arch, key="final"):
-    evaluation = (record or {}).get("evaluations", {}).get(arch)
+    evaluation = evaluation_of(record, arch)
     if not evaluation:
         return "pending"
     mean, std = evaluation[key]
@@ -277,7 +282,7 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
     for m in methods:
         for i in ipcs:
             record = records.get((m, i)) or {}
-            convnet = record.get("evaluations", {}).get("convnet", {})
+            convnet = evaluation_of(record) or {}
             distill = (f"{record['distill_seconds'] / 60:.1f} min | "
                        f"{record['distill_peak_mib']} MiB" if "distill_seconds" in record
                        else "— | —")

@@ -84,6 +84,25 @@ def test_sampling_net_is_a_scale_mixture():
     assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
     with pytest.raises(nk.NCFMError, match="multiple of 16"):
         nk.SamplingNet(8, 40)
+    with pytest.raises(nk.NCFMError, match="must be > 1"):
+        nk.SamplingNet(8, 64, max_scale=1.0)
+
+
+def test_sampling_net_ascent_cannot_widen_frequencies_past_its_bound():
+    """psi starts near t ~ N(0, I); an ascent that rewards wide frequencies (as the CF loss of
+    a few images does) saturates at max_scale instead of running off."""
+    net = nk.SamplingNet(feature_dim=64, num_freqs=1024, max_scale=2.0)
+    optimizer = keras.optimizers.SGD(0.5)
+
+    def mean_norm(step):
+        return float(tf.reduce_mean(tf.norm(net(tf.constant([step, 0]), training=True), axis=-1)))
+
+    assert abs(mean_norm(0) / 8.0 - 1) < 0.25  # E|N(0, I_64)| ~ 8
+    for step in range(100):
+        with tf.GradientTape() as tape:
+            loss = -tf.reduce_mean(tf.square(net(tf.constant([step, 1]), training=True)))
+        optimizer.apply(tape.gradient(loss, net.trainable_variables), net.trainable_variables)
+    assert 1.5 * 8.0 < mean_norm(1000) <= 2.0 * 8.0 * 1.05
 
 
 # ---- the synthetic set and the model ----------------------------------------------------------
