@@ -264,6 +264,19 @@ def _load_folder(root, image_size, test_fraction):
     return x_train, y_train, x_test, y_test, class_names
 
 
+def validation_split(data, size, seed=123):
+    """`data` with its test split replaced by `size` training images drawn at random.
+
+    For choosing settings (e.g. psi's bound) without looking at the test set. The images stay
+    in the training split, where the distillation has seen them, so validation accuracy runs
+    a little above test accuracy; it ranks settings, it does not replace the test.
+    """
+    if not 0 < size <= len(data.x_train):
+        raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train)}")
+    idx = np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)
+    return dataclasses.replace(data, x_test=data.x_train[idx], y_test=data.y_train[idx])
+
+
 def to_float(images):
     """uint8 `[..., H, W, C]` -> float32 in [0, 1] (float input is passed through)."""
     if images.dtype == tf.uint8 or (isinstance(images, np.ndarray) and images.dtype == np.uint8):

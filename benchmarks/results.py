@@ -58,7 +58,8 @@ BUDGETS = {
              "pretrained for 60 epochs, spec settings)"),
 }
 LABELS = {"random": "Random real subset", "dm": "DM (`--loss=mmd`)",
-          "ncfm_nopsi": "NCFM without ψ (`--sampling_net=false`)", "ncfm": "NCFM (ψ on)"}
+          "ncfm_nopsi": "NCFM without ψ (`--sampling_net=false`)",
+          "ncfm": "NCFM (ψ on, scales bounded by 2)"}
 SHORT = {"random": "random", "dm": "DM", "ncfm_nopsi": "NCFM without ψ", "ncfm": "NCFM"}
 CROSS_ARCHS = ["alexnet", "vgg11", "resnet18"]
 # ../shared/NCFM_METHOD.md section 8: published ConvNet-3 accuracies at IPC 1 / 10 / 50

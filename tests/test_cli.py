@@ -115,6 +115,15 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
     assert "convnet: final " in evaluated.stdout
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["source"]["factor"] == 2 and report["dataset"] == "fashion_mnist"
+    assert report["tested_on"] == "test split"
+
+    validated = run("evaluate.py", f"--distilled={out / 'distilled.npz'}",
+                    f"--data_dir={FASHION_MNIST_DIR}", "--epochs=2", "--repeats=1",
+                    "--validation=1000", f"--output_dir={tmp_path / 'val'}")
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "(on the validation: 1000 training images)" in validated.stdout
+    report = json.loads((tmp_path / "val" / "evaluation.json").read_text())
+    assert report["tested_on"] == "validation: 1000 training images"
 
 
 @pytest.mark.parametrize("args,fragments", [

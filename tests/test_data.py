@@ -122,6 +122,20 @@ def test_random_subset_and_ipc_checks(fashion_mnist):
             nk.random_subset(fashion_mnist, bad)
 
 
+def test_validation_split_tests_on_held_out_training_images(fashion_mnist):
+    val = nk.validation_split(fashion_mnist, 500)
+    assert val.x_test.shape == (500, 32, 32, 1) and len(val.y_test) == 500
+    train_rows = {row.tobytes() for row in fashion_mnist.x_train.reshape(60000, -1)}
+    assert all(row.tobytes() in train_rows for row in val.x_test.reshape(500, -1))
+    assert len(np.unique(val.x_test.reshape(500, -1), axis=0)) == 500  # no repeats
+    assert len(np.unique(val.y_test)) == 10
+    np.testing.assert_array_equal(nk.validation_split(fashion_mnist, 500).x_test, val.x_test)
+    assert fashion_mnist.x_test.shape[0] == 10000  # the original is untouched
+    for bad in (0, 60001):
+        with pytest.raises(nk.NCFMError, match=f"validation size {bad} is out of range"):
+            nk.validation_split(fashion_mnist, bad)
+
+
 def test_herding_picks_the_images_nearest_the_mean():
     d = _labelled_by_pixels(num_classes=2, per_class=5)
     d.x_train = d.x_train.copy()

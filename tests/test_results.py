@@ -23,7 +23,7 @@ def test_results_suite_writes_the_table_and_resumes(tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in table.split("## Test accuracy (%), final")[1].splitlines()
             if line.startswith("| ") and "IPC" not in line}
-    for label in ("Random real subset", "NCFM (ψ on)"):
+    for label in ("Random real subset", "NCFM (ψ on, scales bounded by 2)"):
         mean, std = rows[label].split(" ± ")
         assert 0 <= float(mean) <= 100 and float(std) == 0.0  # one network per cell
     assert "python train.py --dataset=fashion_mnist" in table  # the exact commands
