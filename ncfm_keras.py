@@ -916,7 +916,7 @@ class SamplingNet(keras.Model):
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
              layers.Dense(feature_dim, activation="sigmoid", dtype="float32",
                           bias_initializer=keras.initializers.Constant(
-                              -math.log(max_scale - 1)))])  # sigmoid = 1 / max_scale
+                              -math.log(max_scale - 1)))])  # sigmoid(b) = 1 / max_scale
         self.mlp.build((None, feature_dim))
 
     def call(self, seed, training=False):

@@ -15,12 +15,14 @@ cell.json with wall times and peak memory); a finished cell is reused, so an int
 continues where it stopped and a finished one only re-tabulates. Progress goes to stdout.
 """
 
+import concurrent.futures
 import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app, flags
@@ -87,6 +89,8 @@ flags.DEFINE_bool("cross_arch", True, "Also evaluate the IPC 10 sets on AlexNet,
                   "ResNet-18.")
 flags.DEFINE_bool("tabulate", False, "Compute nothing: write the table from the cells that "
                   "are finished (the others show as pending).")
+flags.DEFINE_integer("jobs", 1, "Cells computed at once (each is one process; 2 keeps both "
+                     "cores of a small CPU busy).")
 flags.DEFINE_string("only", None, "Run just this cell, `method:ipc` (e.g. ncfm:10).")
 flags.DEFINE_string("work_dir", None, "Cells go here (default results/<dataset>_<budget>).")
 flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default: train.py's).")
@@ -328,6 +332,8 @@ def main(argv):
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise app.UsageError(f"--methods: unknown {unknown}; use {', '.join(METHODS)}")
+    if FLAGS.jobs < 1:
+        raise app.UsageError(f"--jobs={FLAGS.jobs}: use 1 or more")
     cells = [(m, i) for i in ipcs for m in methods]
     if FLAGS.only:
         method, _, ipc = FLAGS.only.partition(":")
@@ -345,15 +351,31 @@ def main(argv):
     records = {cell: load_record(work_dir, *cell) for cell in cells}
     # ConvNet cells first (the table), then the cross-architecture evaluations of IPC 10.
     passes = [["convnet"]] + ([CROSS_ARCHS] if FLAGS.cross_arch and not FLAGS.only else [])
-    for archs in passes:
-        for method, ipc in cells:
-            if archs == CROSS_ARCHS and (ipc != 10 or method not in budget["cross_methods"]):
-                continue
-            if not FLAGS.tabulate:
-                records[(method, ipc)] = run_cell(method, ipc, archs, work_dir, budget,
-                                                  repeats, pool_dir)
+    lock = threading.Lock()
+
+    def compute(cell):
+        record = run_cell(*cell, archs, work_dir, budget, repeats, pool_dir)
+        with lock:
+            records[cell] = record
             write_table(output, records, ipcs, methods, FLAGS.budget, budget, repeats,
                         command, time.time() - start)
+
+    for archs in passes:
+        todo = [(m, i) for m, i in cells
+                if archs != CROSS_ARCHS or (i == 10 and m in budget["cross_methods"])]
+        if FLAGS.tabulate:
+            write_table(output, records, ipcs, methods, FLAGS.budget, budget, repeats,
+                        command, time.time() - start)
+            continue
+        # With several jobs, the first distillation runs alone: it trains the shared pool
+        # (unless cached), which the others then load instead of training it concurrently.
+        fresh = [c for c in todo if METHODS[c[0]] is not None and
+                 "distill_seconds" not in records[c]]
+        first = fresh[:1] if FLAGS.jobs > 1 else []
+        for cell in first:
+            compute(cell)
+        with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
+            list(pool.map(compute, [c for c in todo if c not in first]))
     print(f"wrote {output}")
 
 

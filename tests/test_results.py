@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_results_suite_writes_the_table_and_resumes(tmp_path):
     args = [sys.executable, os.path.join(ROOT, "benchmarks", "results.py"), "--budget=smoke",
-            f"--data_dir={FASHION_MNIST_DIR}", "--ipcs=1", "--methods=random,ncfm",
-            "--repeats=1", "--nocross_arch", f"--work_dir={tmp_path}",
+            f"--data_dir={FASHION_MNIST_DIR}", "--ipcs=1", "--methods=random,ncfm_nopsi,ncfm",
+            "--repeats=1", "--nocross_arch", "--jobs=2", f"--work_dir={tmp_path}",
             f"--pool_dir={tmp_path / 'pools'}",
             f"--output={tmp_path / 'RESULTS.md'}"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=900)
@@ -23,7 +23,8 @@ def test_results_suite_writes_the_table_and_resumes(tmp_path):
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
             for line in table.split("## Test accuracy (%), final")[1].splitlines()
             if line.startswith("| ") and "IPC" not in line}
-    for label in ("Random real subset", "NCFM (ψ on, scales bounded by 2)"):
+    for label in ("Random real subset", "NCFM without ψ (`--sampling_net=false`)",
+                  "NCFM (ψ on, scales bounded by 2)"):
         mean, std = rows[label].split(" ± ")
         assert 0 <= float(mean) <= 100 and float(std) == 0.0  # one network per cell
     assert "python train.py --dataset=fashion_mnist" in table  # the exact commands
