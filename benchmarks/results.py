@@ -89,8 +89,7 @@ flags.DEFINE_bool("cross_arch", True, "Also evaluate the IPC 10 sets on AlexNet,
                   "ResNet-18.")
 flags.DEFINE_bool("tabulate", False, "Compute nothing: write the table from the cells that "
                   "are finished (the others show as pending).")
-flags.DEFINE_integer("jobs", 1, "Cells computed at once (each is one process; 2 keeps both "
-                     "cores of a small CPU busy).")
+flags.DEFINE_integer("jobs", 1, "Cells computed at once, each in its own processes.")
 flags.DEFINE_string("only", None, "Run just this cell, `method:ipc` (e.g. ncfm:10).")
 flags.DEFINE_string("work_dir", None, "Cells go here (default results/<dataset>_<budget>).")
 flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default: train.py's).")
