@@ -46,9 +46,9 @@ flags.DEFINE_enum("precision", "auto", ["auto", "float32", "mixed_float16", "mix
                   "Dtype policy (auto: mixed_float16 on GPU, float32 on CPU).")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the training step (auto: on for GPU).")
-flags.DEFINE_bool("deterministic", False, "Deterministic TF ops: with the same --seed, two runs "
-                  "on the same machine (and an interrupted-then-resumed one) give identical "
-                  "outputs. Slower on GPUs.")
+flags.DEFINE_bool("deterministic", False, "Deterministic TF ops, oneDNN off: with the same "
+                  "--seed, two runs on the same machine (and an interrupted-then-resumed one) "
+                  "give identical outputs. Slower.")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "Devices: default (one) or "
                   "mirrored (tf.distribute.MirroredStrategy over all visible GPUs; each takes "
                   "an equal share of the classes, so their number must divide the classes).")
