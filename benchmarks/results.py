@@ -42,11 +42,12 @@ BUDGETS = {
     "cpu": dict(
         train=["--num_pretrained=4", "--pretrain_epochs=1", "--batch_real=64",
                "--num_freqs=1024", "--image_lr=0.01"],
-        iterations={1: 300, 10: 300, 50: 100}, epochs={1: 300, 10: 200, 50: 60}, repeats=3,
+        iterations={1: 300, 10: 150, 50: 50}, epochs={1: 300, 10: 100, 50: 30}, repeats=3,
         cross_epochs=100, cross_repeats=1, cross_methods=["random", "ncfm"],
-        note="2-core CPU budget: 300 iterations (100 at IPC 50, whose iterations cost ~4x), a "
-             "pool of 4 ConvNets pretrained for 1 epoch, 64 real images per class per "
-             "iteration, 1024 frequencies, image lr 0.01"),
+        note="2-core CPU budget, about 6 h of cell time: 300 iterations at IPC 1, 150 at IPC "
+             "10, 50 at IPC 50 (an iteration costs ~4x there), a pool of 4 ConvNets "
+             "pretrained for 1 epoch, 64 real images per class per iteration, 1024 "
+             "frequencies, image lr 0.01"),
     "smoke": dict(  # checks the whole pipeline in minutes; its numbers mean nothing
         train=["--log_every=1", "--num_pretrained=1", "--pretrain_epochs=0", "--batch_real=8",
                "--num_freqs=64"],
@@ -92,7 +93,8 @@ flags.DEFINE_bool("tabulate", False, "Compute nothing: write the table from the 
 flags.DEFINE_integer("jobs", 1, "Cells computed at once, each in its own processes.")
 flags.DEFINE_string("only", None, "Run just this cell, `method:ipc` (e.g. ncfm:10).")
 flags.DEFINE_string("work_dir", None, "Cells go here (default results/<dataset>_<budget>).")
-flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default: train.py's).")
+flags.DEFINE_string("pool_dir", None, "Pretrained-pool cache (default: <work_dir>/pools, kept "
+                    "with the cells so that cells computed on different days share one pool).")
 flags.DEFINE_string("output", None, "The Markdown file (default RESULTS.md beside train.py; "
                     "with --only: <work_dir>/RESULTS.md).")
 FLAGS = flags.FLAGS
@@ -340,7 +342,7 @@ def main(argv):
             raise app.UsageError(f"--only={FLAGS.only}: use METHOD:IPC, e.g. ncfm:10")
         cells, ipcs, methods = [(method, int(ipc))], [int(ipc)], [method]
     work_dir = FLAGS.work_dir or os.path.join(ROOT, "results", f"{FLAGS.dataset}_{FLAGS.budget}")
-    pool_dir = FLAGS.pool_dir
+    pool_dir = FLAGS.pool_dir or os.path.join(work_dir, "pools")
     output = FLAGS.output or (os.path.join(work_dir, "RESULTS.md") if FLAGS.only else
                               os.path.join(ROOT, "RESULTS.md"))
     command = " ".join(["python benchmarks/results.py"] + [
