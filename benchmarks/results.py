@@ -114,6 +114,12 @@ def run_logged(args, log_path):
     return round(time.time() - start, 1), round(usage.ru_maxrss / 1024)
 
 
+def shown(args):
+    """A command line as RESULTS.md shows it: without the interpreter, paths relative to the
+    project (where the commands run)."""
+    return " ".join(args[1:]).replace(ROOT + os.sep, "")
+
+
 def log_line(path, prefix):
     with open(path) as f:
         return next((line.strip() for line in f if line.startswith(prefix)), None)
@@ -145,7 +151,7 @@ def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {method} ipc {ipc}: distilling", flush=True)
         seconds, peak = run_logged(args, os.path.join(cell_dir, "distill.log"))
         log = os.path.join(cell_dir, "distill.log")
-        record.update(distill_command=" ".join(args[1:]), distill_seconds=seconds,
+        record.update(distill_command=shown(args), distill_seconds=seconds,
                       distill_peak_mib=peak, pool=log_line(log, "pool ready"),
                       distilled=log_line(log, "distilled "))
         json.dump(record, open(record_path, "w"), indent=1)
@@ -167,7 +173,7 @@ def run_cell(method, ipc, archs, work_dir, budget, repeats, pool_dir):
         result = json.load(open(os.path.join(cell_dir, f"eval_{arch}", "evaluation.json")))
         summary = result["archs"][arch]["summary"]
         record.setdefault("evaluations", {})[arch] = dict(
-            command=" ".join(args[1:]), seconds=seconds, peak_mib=peak,
+            command=shown(args), seconds=seconds, peak_mib=peak,
             final=summary["final"], best_seen=summary["best_seen"],
             runs=[r["final"] for r in result["archs"][arch]["runs"]],
             epochs=result["archs"][arch]["runs"][0]["epochs"])
