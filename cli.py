@@ -1,15 +1,37 @@
 """What train.py and evaluate.py share: input checks that end in one clear line."""
 
 import os
+import re
 import sys
 
 from absl import flags, logging
 
+
+def asks_for_determinism(argv):
+    """Whether the command line sets --deterministic, read as absl will read it (any of its
+    spellings, the last one winning) but before absl parses it: TensorFlow reads the oneDNN
+    switch only when it is imported, and that happens before the flags are parsed."""
+    wanted = False
+    for arg in argv:
+        if arg == "--":
+            break
+        match = re.fullmatch(r"--?(no)?deterministic(?:=(.*))?", arg)
+        if match is None:
+            continue
+        if match[1] or match[2] is None:
+            wanted = not match[1]
+        else:
+            try:
+                wanted = flags.BooleanParser().parse(match[2])
+            except ValueError:
+                pass  # absl reports the malformed value itself
+    return wanted
+
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if {"--deterministic", "--deterministic=true", "--deterministic=True"} & set(sys.argv[1:]):
+if asks_for_determinism(sys.argv[1:]):
     # oneDNN's CPU kernels are outside tf.config.experimental.enable_op_determinism (measured:
-    # two runs with psi on drift apart by 1e-4 within 8 iterations), and TensorFlow reads this
-    # switch only when it is imported, before the flags are parsed.
+    # two runs with psi on drift apart by 1e-4 within 8 iterations).
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
 
 

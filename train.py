@@ -99,6 +99,10 @@ def main(argv):
                 f"--iterations={config.iterations} must be a multiple of --log_every="
                 f"{FLAGS.log_every}")
     if FLAGS.deterministic:
+        cli.require(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
+                    "--deterministic came from a flag file or from code, too late to turn "
+                    "oneDNN off before TensorFlow loaded: put it on the command line or set "
+                    "TF_ENABLE_ONEDNN_OPTS=0")
         keras.utils.set_random_seed(config.seed)
         nk.tf.config.experimental.enable_op_determinism()
     if FLAGS.cpu_devices > 1:

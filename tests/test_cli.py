@@ -151,3 +151,30 @@ def test_train_stops_on_a_nonfinite_loss(tmp_path):
                        "--sampler_lr")
     with np.load(out / "distilled.npz") as f:  # written for the stopped epoch: still finite
         assert np.all(np.isfinite(f["images"]))
+
+
+@pytest.mark.parametrize("argv,wanted", [
+    ([], False),
+    (["--deterministic"], True),
+    (["-deterministic"], True),
+    (["--deterministic=1"], True),
+    (["--deterministic=t"], True),
+    (["--deterministic=false"], False),
+    (["--deterministic", "--nodeterministic"], False),
+    (["--nodeterministic", "--deterministic=TRUE"], True),
+    (["--deterministic=maybe"], False),
+    (["--", "--deterministic"], False),
+    (["--deterministic_ish"], False),
+])
+def test_determinism_is_read_from_argv_as_absl_reads_it(argv, wanted):
+    import cli
+    assert cli.asks_for_determinism(argv) is wanted
+
+
+def test_deterministic_from_a_flag_file_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    (tmp_path / "flags.txt").write_text("--deterministic\n")
+    result = run("train.py", *FMNIST, f"--flagfile={tmp_path}/flags.txt",
+                 f"--output_dir={tmp_path}/out", f"--pool_dir={tmp_path}/pools")
+    assert_clean_error(result, "--deterministic came from a flag file", "TF_ENABLE_ONEDNN_OPTS=0")
+    assert not os.path.exists(tmp_path / "out")
