@@ -129,7 +129,9 @@ def main(argv):
           f"policy {policy}{devices}\n{config}", flush=True)
     start = time.time()
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
-    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit, strategy=strategy)
+    # Keras redraws its bar in place even into a log file; there, one line per epoch.
+    progress = 1 if sys.stdout.isatty() else 2
+    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit, progress, strategy)
     print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
     if restore:
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
@@ -162,7 +164,7 @@ def main(argv):
     model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
                                         start=initial_epoch * steps),
               steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=1, shuffle=False)
+              callbacks=callbacks, verbose=progress, shuffle=False)
     seconds = time.time() - distill_start
     cli.require(nonfinite.iteration is None,
                 f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
