@@ -360,7 +360,7 @@ def main(argv):
     passes = [["convnet"]] + ([CROSS_ARCHS] if FLAGS.cross_arch and not FLAGS.only else [])
     lock = threading.Lock()
 
-    def compute(cell):
+    def compute(cell, archs):
         record = run_cell(*cell, archs, work_dir, budget, repeats, pool_dir)
         with lock:
             records[cell] = record
@@ -374,15 +374,15 @@ def main(argv):
             write_table(output, records, ipcs, methods, FLAGS.budget, budget, repeats,
                         command, time.time() - start)
             continue
-        # With several jobs, the first distillation runs alone: it trains the shared pool
-        # (unless cached), which the others then load instead of training it concurrently.
+        # With several jobs, the first distillation runs alone (its evaluations join the
+        # others): it trains the shared pool unless cached, which the others then load
+        # instead of training it concurrently.
         fresh = [c for c in todo if METHODS[c[0]] is not None and
                  "distill_seconds" not in records[c]]
-        first = fresh[:1] if FLAGS.jobs > 1 else []
-        for cell in first:
-            compute(cell)
+        for cell in fresh[:1] if FLAGS.jobs > 1 else []:
+            compute(cell, [])
         with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
-            list(pool.map(compute, [c for c in todo if c not in first]))
+            list(pool.map(compute, todo, [archs] * len(todo)))
     print(f"wrote {output}")
 
 
