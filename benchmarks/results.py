@@ -18,6 +18,7 @@ continues where it stopped and a finished one only re-tabulates. Progress goes t
 import concurrent.futures
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -44,7 +45,7 @@ BUDGETS = {
                "--num_freqs=1024", "--image_lr=0.01"],
         iterations={1: 300, 10: 150, 50: 50}, epochs={1: 300, 10: 100, 50: 30}, repeats=3,
         cross_epochs=100, cross_repeats=1, cross_methods=["random", "ncfm"],
-        note="2-core CPU budget, about 6 h of cell time: 300 iterations at IPC 1, 150 at IPC "
+        note="2-core CPU budget, about 7 h of cell time: 300 iterations at IPC 1, 150 at IPC "
              "10, 50 at IPC 50 (an iteration costs ~4x there), a pool of 4 ConvNets "
              "pretrained for 1 epoch, 64 real images per class per iteration, 1024 "
              "frequencies, image lr 0.01"),
@@ -191,6 +192,15 @@ def final_mean(record, arch="convnet"):
     return evaluation["final"][0] if evaluation else None
 
 
+def difference(ours, theirs, name):
+    """`ours - theirs` in points, marked when it is smaller than the two cells' spreads
+    combined (sqrt(s1^2 + s2^2)): such a lead or lag could be noise."""
+    (mean, std), (other_mean, other_std) = ours["final"], theirs["final"]
+    text = f"{mean - other_mean:+.2f} vs {name}"
+    return text + (" (within noise)" if abs(mean - other_mean) < math.hypot(std, other_std)
+                   else "")
+
+
 def comparison(records, ipcs, methods):
     """Lines comparing each NCFM row with the other rows and the best published number."""
     lines = []
@@ -200,7 +210,8 @@ def comparison(records, ipcs, methods):
             ours = final_mean(records.get((row, i)))
             if ours is None:
                 continue
-            differences = [f"{ours - final_mean(records.get((m, i))):+.2f} vs {SHORT[m]}"
+            differences = [difference(evaluation_of(records.get((row, i))),
+                                      evaluation_of(records.get((m, i))), SHORT[m])
                            for m in methods if m != row and
                            final_mean(records.get((m, i))) is not None]
             text = f"- IPC {i}, {SHORT[row]}: {ours:.2f}, " + ", ".join(differences)
@@ -223,6 +234,8 @@ def cell_text(record, arch, key="final"):
     if not evaluation:
         return "pending"
     mean, std = evaluation[key]
+    if len(evaluation["runs"]) == 1:  # one network: no spread to report
+        return f"{mean:.2f}"
     return f"{mean:.2f} ± {std:.2f}"
 
 
@@ -261,9 +274,9 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
              "test accuracy seen during training (tested 10 times per run), which selects on "
              "the test set and is shown only because papers report it.",
              f"- Time: {compute_hours(records):.1f} h of wall time summed over the cells' "
-             "distillations and evaluations (the pool they share is cached and not counted); "
-             f"this run of the suite took {seconds / 3600:.1f} h (cells reused from earlier "
-             "runs cost nothing).", "",
+             "distillations and evaluations (the pool they share is cached and not counted)"
+             + ("." if FLAGS.tabulate else f"; this run of the suite took {seconds / 3600:.1f}"
+                " h (cells reused from earlier runs cost nothing)."), "",
              "## Test accuracy (%), final", "",
              "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
              "|---|" + "---|" * len(ipcs)]
@@ -287,6 +300,12 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
             record = records.get((m, 10))
             lines.append(f"| {LABELS[m]} | " + " | ".join(
                 cell_text(record, a) for a in ["convnet"] + CROSS_ARCHS) + " |")
+        costs = [f"{m} {a} {e['seconds'] / 60:.1f} min ({e['peak_mib']} MiB)"
+                 for m in methods if m in budget["cross_methods"]
+                 for a, e in (records.get((m, 10)) or {}).get("evaluations", {}).items()
+                 if a != "convnet"]
+        if costs:
+            lines += ["", "Their evaluations took " + ", ".join(costs) + "."]
     lines += ["", "## Cost per cell", "",
               "| cell | distillation | its peak RSS | evaluation (ConvNet, all repeats) | its "
               "peak RSS |",
@@ -316,6 +335,8 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
             for name, values in published["methods"].items()]
         lines += [f"| whole dataset (published) | {published['whole']} | | |"]
     lines += ["", "## NCFM against the other rows and the published numbers", "",
+              "Differences of final accuracy in points; *within noise* marks one smaller than "
+              "the two cells' standard deviations combined, √(s₁² + s₂²).", "",
               *(comparison(records, ipcs, methods) or ["- pending"])]
     lines += ["", "## Exact commands", ""]
     for m in methods:
