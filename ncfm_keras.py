@@ -838,19 +838,24 @@ def initial_images(data, ipc, factor, init="mix", seed=0):
 
 
 def empirical_cf(features, t):
-    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>).
+    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>) (paper Eq. 6).
 
     Args:
-      features: `[..., B, D]`; t: `[M, D]`.
+      features: `[..., B, D]`; t: `[M, D]` shared by all leading entries, or `[g, M, D]`,
+        one set per entry of features `[g, B, D]`.
 
     Returns:
       `(re, im)`, each `[..., M]`.
     """
-    # One [N, D] x [D, M] product rather than a batched one: a batched matmul would broadcast
-    # t over the leading dimensions, and its gradient w.r.t. t would be [..., M, D].
-    flat = tf.reshape(features, [-1, features.shape[-1]])
-    projection = tf.reshape(tf.matmul(flat, t, transpose_b=True),
-                            tf.concat([tf.shape(features)[:-1], tf.shape(t)[:1]], 0))
+    if t.shape.rank == 3:
+        projection = tf.matmul(features, t, transpose_b=True)  # [g, B, M]
+    else:
+        # One [N, D] x [D, M] product rather than a batched one: a batched matmul would
+        # broadcast t over the leading dimensions, and its gradient w.r.t. t would be
+        # [..., M, D].
+        flat = tf.reshape(features, [-1, features.shape[-1]])
+        projection = tf.reshape(tf.matmul(flat, t, transpose_b=True),
+                                tf.concat([tf.shape(features)[:-1], tf.shape(t)[:1]], 0))
     return tf.reduce_mean(tf.cos(projection), -2), tf.reduce_mean(tf.sin(projection), -2)
 
 
@@ -863,7 +868,7 @@ def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
 
     Args:
       feat_real: `[..., B1, D]`; feat_syn: `[..., B2, D]` (leading dimensions, e.g. classes,
-        are kept); t: `[M, D]` frequencies.
+        are kept); t: `[M, D]` frequencies, or `[g, M, D]` per class for `[g, B, D]` features.
 
     Returns:
       The discrepancy, shape `[...]`.
@@ -946,6 +951,8 @@ class DistillConfig:
     num_freqs: int = 4096         # M, frequencies per iteration (official)
     sampling_net: bool = True     # psi (paper); False: plain CF matching with t ~ N(0, I)
     sampler_steps: int = 1        # psi ascent steps per iteration
+    frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
+                                       # per_iteration (one draw shared by all classes)
     loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
     alpha: float = 0.5            # amplitude weight (official)
     beta: float = 0.5             # phase weight (official)
@@ -953,11 +960,13 @@ class DistillConfig:
     calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
     image_lr: float = 1e-3        # AdamW on the pixels (official)
     image_weight_decay: float = 5e-4
+    image_steps: str = "per_class"  # one AdamW step per class (official) | summed (one step)
     lr_patience: int = 500        # halve the image lr after this many iterations w/o progress
     sampler_lr: float = 1e-3      # SGD on psi (official), momentum 0.5
     sampler_max_scale: float = 2.0  # bound on psi's scales (ours, see SamplingNet)
     sampler_weight_decay: float = 5e-4
     augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
+    dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
     num_pretrained: int = 20      # pool size P
     pretrain_epochs: int = 60     # official
     class_group: int = 1          # classes the step sends through the network at once
@@ -974,6 +983,12 @@ class DistillConfig:
             (self.sampler_steps >= 1, "sampler_steps must be >= 1"),
             (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
             (self.loss in ("cf", "mmd"), "loss must be cf or mmd"),
+            (self.frequency_draw in ("per_class", "per_iteration"),
+             "frequency_draw must be per_class or per_iteration"),
+            (self.image_steps in ("per_class", "summed"), "image_steps must be per_class or "
+             "summed"),
+            (self.dsa_space in ("normalized", "pixel"), "dsa_space must be normalized or pixel"),
+            (self.lr_patience >= 1, "lr_patience must be >= 1"),
             (self.calibration >= 0, "calibration must be >= 0"),
             (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0"),
             (self.num_pretrained >= 1, "num_pretrained must be >= 1"),
@@ -1007,6 +1022,11 @@ class NCFM(keras.Model):
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         check_devices(self.num_classes, replicas)
         self.local_classes = self.num_classes // replicas  # classes per replica
+        self.distributed = tf.distribute.has_strategy()
+        # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
+        self.dsa_statistics = ((np.asarray(data.mean, np.float32),
+                                np.asarray(data.std, np.float32))
+                               if config.dsa_space == "normalized" else ())
         # The largest divisor of the local classes not above config.class_group (_map_groups).
         self.class_group = max(g for g in range(1, min(config.class_group,
                                                          self.local_classes) + 1)
@@ -1040,6 +1060,12 @@ class NCFM(keras.Model):
         self.iteration = self.add_weight(shape=(), initializer="zeros", dtype="int64",
                                          trainable=False, aggregation="only_first_replica",
                                          name="iteration")
+        # The learning-rate plateau (see _plateau): the best loss and the iterations since.
+        self.plateau_best = self.add_weight(shape=(), initializer=keras.initializers.Constant(
+            math.inf), trainable=False, aggregation="only_first_replica", name="plateau_best")
+        self.plateau_wait = self.add_weight(shape=(), initializer="zeros", dtype="int32",
+                                            trainable=False, aggregation="only_first_replica",
+                                            name="plateau_wait")
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
             ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
@@ -1100,15 +1126,9 @@ class NCFM(keras.Model):
         (features, logits), _ = self.extractor.stateless_call([], weights, images)
         return features, logits
 
-    def _frequencies(self, seed, training):
-        if self.sampler is None:
-            return tf.random.stateless_normal([self.config.num_freqs,
-                                               self.extractor.outputs[0].shape[-1]], seed,
-                                              alg=RNG)
-        return self.sampler(seed, training=training)
-
     def _discrepancy(self, real_features, syn_features, t):
-        """Summed over classes: `match_scale * loss_c`, from features `[K, B, D]`."""
+        """Summed over classes: `match_scale * loss_c`, from features `[g, B, D]` and
+        frequencies `[M, D]` (shared) or `[g, M, D]` (one draw per class)."""
         if self.config.loss == "mmd":
             per_class = mmd_loss(real_features, syn_features)
         else:
@@ -1116,11 +1136,9 @@ class NCFM(keras.Model):
                                 self.config.beta)
         return self.config.match_scale * tf.reduce_sum(per_class)
 
-    # The step runs the network on one group of `class_group` classes at a time (a sequential
-    # map): a class's loss depends only on its own images, so per-group forward/backward
-    # passes give exactly the gradient of the summed loss, while peak memory is one group's
-    # activations, whatever the number of classes. Under a distribution strategy each replica
-    # does this for its own K/R classes.
+    # The network sees one group of `class_group` classes at a time (a sequential map), so
+    # peak memory is one group's activations, whatever the number of classes. Under a
+    # distribution strategy each replica does this for its own K/R classes.
 
     def _local_classes(self):
         """The classes this replica matches: all K without a distribution strategy."""
@@ -1159,6 +1177,11 @@ class NCFM(keras.Model):
         decoded = decode(tf.reshape(stored, [-1, *self.image_shape]), self.config.factor)
         return tf.reshape(decoded, [stored.shape[0], -1, *self.image_shape])
 
+    def _dsa(self, images, params):
+        """Siamese DSA of `[g, N, H, W, C]` with one parameter set per class, in the space
+        `config.dsa_space` names."""
+        return dsa_apply(images, params, *self.dsa_statistics)
+
     def _features(self, weights, images):
         """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]`."""
         features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
@@ -1176,28 +1199,73 @@ class NCFM(keras.Model):
         params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
         return blended, trained, params, seeds[2], seeds[3]
 
+    def _class_frequencies(self, seed, classes):
+        """Frequencies of plain CF matching (no psi), `t ~ N(0, I)`: `[g, M, D]`, a fresh
+        draw for each of `classes` (as the official code draws them), or `[M, D]` shared by
+        all classes of the iteration with `frequency_draw="per_iteration"`."""
+        shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
+        if self.config.frequency_draw == "per_iteration":
+            return tf.random.stateless_normal(shape, seed, alg=RNG)
+        return tf.stack([tf.random.stateless_normal(
+            shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
+            for c in tf.unstack(classes, num=classes.shape[0])])
+
     def _real_features(self, real, weights, params):
         """Features `[K, B, D]` of the augmented real batch (no gradients needed)."""
         features = self._map_groups(
-            lambda x: self._features(weights, dsa_apply(to_float(x[0]), x[1])),
+            lambda x: self._features(weights, self._dsa(to_float(x[0]), x[1])),
             (real, params), tf.float32)
         return tf.stop_gradient(features)
 
     def _synthetic_features(self, weights, params, classes):
         """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
         return self._map_groups(
-            lambda x: self._features(weights, dsa_apply(self._decoded(x[0]), x[1])),
+            lambda x: self._features(weights, self._dsa(self._decoded(x[0]), x[1])),
             (self._stored_synthetic(classes), params), tf.float32)
+
+    def _matching(self, weights, seed, t):
+        """The matching loss of a class group (paper Eq. 8, x `match_scale`) as a function
+        `loss(stored [g, ipc, H, W, C], (real features, DSA parameters, classes))`. The
+        frequencies are psi's `t` when given, else drawn per class from `seed`."""
+        def loss(stored, inputs):
+            real_features, params, classes = inputs
+            freqs = self._class_frequencies(seed, classes) if t is None else t
+            syn_features = self._features(weights, self._dsa(self._decoded(stored), params))
+            return self._discrepancy(real_features, syn_features, freqs)
+        return loss
+
+    def _calibration(self, trained, seed):
+        """The calibration loss of a class group as `loss(stored, (classes,))`: for each class,
+        `calibration` x the cross-entropy of the trained pool member on that class's
+        per-sample augmented decoded images, averaged over them (as the official code does),
+        summed over the group. Each class's augmentation is seeded by (seed, class)."""
+        def loss(stored, inputs):
+            (classes,) = inputs
+            decoded = self._decoded(stored)
+            per_class = []
+            for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
+                images = augment(decoded[i], tf.random.experimental.stateless_fold_in(
+                    seed, c, RNG), self.config.augment, *self.dsa_statistics)
+                _, logits = self._extract(trained, images)
+                per_class.append(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                    tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32),
+                    from_logits=True)))
+            return self.config.calibration * tf.add_n(per_class)
+        return loss
 
     def matching_loss(self, real, seed):
         """The summed matching loss for a given step seed, without any update (for tests and
         monitoring; `train_step` with the same seed sees the same extractor, augmentation and
-        frequencies). Not distributed: `real` holds all K classes."""
+        frequencies, before its first image step). Not distributed: `real` holds all K."""
         classes = tf.range(self.num_classes)
         blended, _, params, frequency_seed, _ = self._draw(seed, classes)
-        return self._discrepancy(self._real_features(real, blended, params),
-                                 self._synthetic_features(blended, params, classes),
-                                 self._frequencies(frequency_seed, training=True))
+        t = (self.sampler(frequency_seed, training=True) if self.sampler is not None
+             else None)
+        loss = self._matching(blended, frequency_seed, t)
+        inputs = (self._real_features(real, blended, params), params, classes)
+        return tf.reduce_sum(self._map_groups(
+            lambda x: loss(x[0], x[1:]), (self._stored_synthetic(classes), *inputs),
+            tf.float32))
 
     def _sampler_ascent(self, real_features, syn_features, seed):
         """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
@@ -1205,7 +1273,7 @@ class NCFM(keras.Model):
         this replica's part of the discrepancy psi saw before its last step."""
         for _ in range(self.config.sampler_steps):
             with tf.GradientTape() as tape:
-                t = self._frequencies(seed, training=True)
+                t = self.sampler(seed, training=True)
                 ascent = -self._discrepancy(real_features, syn_features, t)
                 scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless loss-scaled
             variables = self.sampler.trainable_variables
@@ -1247,54 +1315,57 @@ class NCFM(keras.Model):
             tf.cast(first & ~finite, tf.float32))
         return done
 
-    def matching_gradient(self, real_features, weights, params, t, classes):
-        """The matching loss of `classes` (spec section 6, step 3) and its gradient w.r.t.
-        the stored images, one class group at a time. The gradient is of the loss-scaled
-        loss."""
-        def group(inputs):
-            stored, group_real_features, group_params = inputs
-            with tf.GradientTape() as tape:
-                tape.watch(stored)
-                images = dsa_apply(self._decoded(stored), group_params)
-                loss = self._discrepancy(group_real_features, self._features(weights, images), t)
-                scaled = self.optimizer.scale_loss(loss)
-            return loss, tape.gradient(scaled, stored)
+    def _gradient(self, loss_fn, stored, inputs):
+        """`loss_fn(stored, inputs)` and its (loss-scaled) gradient w.r.t. `stored`."""
+        with tf.GradientTape() as tape:
+            tape.watch(stored)
+            loss = loss_fn(stored, inputs)
+            scaled = self.optimizer.scale_loss(loss)
+        return loss, tape.gradient(scaled, stored)
 
-        losses, grads = self._map_groups(
-            group, (self._stored_synthetic(classes), real_features, params),
-            (tf.float32, tf.float32))
-        return tf.reduce_sum(losses), self._full_gradient(grads, classes)
+    def descend(self, loss_fn, inputs, classes, after):
+        """Image descent on `loss_fn` (a class-group loss, see `_matching`) of `classes`,
+        whose per-class `inputs` are `[k, ...]`, after the update `after` is done.
 
-    def calibration_gradient(self, trained, seed, classes):
-        """The calibration loss (spec section 6, step 4): cross-entropy of the trained pool
-        member on per-sample augmented decoded synthetic images, averaged over all of them;
-        the part of `classes` and its (loss-scaled) gradient w.r.t. the stored images, one
-        class group at a time. A group's augmentation is seeded by (seed, its first class):
-        with the default one class per group, by (seed, class), on one device or several."""
-        total = self.synthetic.shape[0] * self.config.factor ** 2
+        `image_steps="per_class"` (default, as the official code): one optimizer step per
+        class, in class order, each on the pixels the previous steps left; each step's
+        gradient is zero outside its class, but Adam's momentum and the weight decay move
+        every pixel on every step. Under a distribution strategy each replica steps its own
+        classes at once (the official code's data parallelism: K/R steps). `"summed"`: one
+        step on the loss summed over the classes, computed one class group at a time.
 
-        def group(inputs):
-            stored, classes = inputs
-            with tf.GradientTape() as tape:
-                tape.watch(stored)
-                decoded = self._decoded(stored)
-                group_seed = tf.random.experimental.stateless_fold_in(seed, classes[0], RNG)
-                images = augment(tf.reshape(decoded, [-1, *self.image_shape]), group_seed,
-                                 self.config.augment)
-                _, logits = self._extract(trained, images)
-                labels = tf.repeat(classes, decoded.shape[1])
-                loss = self.config.calibration * tf.reduce_sum(
-                    keras.losses.sparse_categorical_crossentropy(
-                        labels, tf.cast(logits, tf.float32), from_logits=True)) / total
-                scaled = self.optimizer.scale_loss(loss)
-            return loss, tape.gradient(scaled, stored)
+        Returns the loss summed over `classes`, the squared norm of its gradient and a tensor
+        ready once the last update is done.
+        """
+        if self.config.image_steps == "summed":
+            with tf.control_dependencies([after]):
+                losses, grads = self._map_groups(
+                    lambda x: self._gradient(loss_fn, x[0], x[1:]),
+                    (self._stored_synthetic(classes), *inputs), (tf.float32, tf.float32))
+            loss, grad = tf.reduce_sum(losses), self._full_gradient(grads, classes)
+            done = self._apply_if_finite(self.optimizer, loss, [grad], [self.synthetic])
+            return loss, tf.reduce_sum(tf.square(self._unscale(grad))), done
+        def step(j, loss, square, done):
+            with tf.control_dependencies([done]):  # read the pixels the last step left
+                one = classes[j][None]
+                step_loss, grad = self._gradient(
+                    loss_fn, self._stored_synthetic(one),
+                    tf.nest.map_structure(lambda v: v[j][None], inputs))
+            done = self._apply_if_finite(self.optimizer, step_loss,
+                                         [self._full_gradient(grad, one)], [self.synthetic])
+            return (j + 1, loss + step_loss,
+                    square + tf.reduce_sum(tf.square(self._unscale(grad))), done)
 
-        losses, grads = self._map_groups(
-            group, (self._stored_synthetic(classes), classes), (tf.float32, tf.float32))
-        return tf.reduce_sum(losses), self._full_gradient(grads, classes)
+        state = (0, tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
+        if not self.distributed:
+            return tf.while_loop(lambda j, *_: j < self.local_classes, step, state)[1:]
+        # A replica cannot synchronise with the others inside a graph loop: unrolled.
+        for _ in range(self.local_classes):
+            state = step(*state)
+        return state[1:]
 
     def train_step(self, real, seed=None):
-        """One NCFM iteration (spec section 6): psi ascent, image descent, calibration, clamp.
+        """One NCFM iteration: psi ascent, image descent, calibration, clamp.
 
         Args:
           real: uint8 `[k, batch_real, H, W, C]`, a class-balanced real batch: all K classes,
@@ -1307,40 +1378,50 @@ class NCFM(keras.Model):
         classes = self._local_classes()
         blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
         real_features = self._real_features(real, blended, params)
-        done = []  # the last update: later reads of the variables wait for it
+        done, t = tf.constant(True), None
         if self.sampler is not None:  # psi first, like a GAN's critic ...
-            sampler_loss, sampler_done = self._sampler_ascent(
+            sampler_loss, done = self._sampler_ascent(
                 real_features, self._synthetic_features(blended, params, classes),
                 frequency_seed)
             self.trackers["sampler_loss"].update_state(self._sum_over_replicas(sampler_loss))
-            done = [sampler_done]
-        # ... then the images minimise the discrepancy under the updated psi.
-        with tf.control_dependencies(done):
-            t = tf.stop_gradient(self._frequencies(frequency_seed, training=True))
-        if self.sampler is not None:  # where psi looks: N(0, I) frequencies have |t| ~ sqrt(D)
+            with tf.control_dependencies([done]):
+                t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
+            # Where psi looks: N(0, I) frequencies have |t| ~ sqrt(D).
             self.trackers["frequency_norm"].update_state(tf.reduce_mean(tf.norm(t, axis=-1)))
-        matching, grad = self.matching_gradient(real_features, blended, params, t, classes)
-        done = [self._apply_if_finite(self.optimizer, matching, [grad], [self.synthetic])]
-        norm = tf.sqrt(self._sum_over_replicas(tf.reduce_sum(tf.square(self._unscale(grad)))))
+        # ... then the images minimise the discrepancy under the updated psi.
+        matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
+                                              (real_features, params, classes), classes, done)
+        total = self._sum_over_replicas(matching)
+        self.trackers["matching_loss"].update_state(total)
+        norm = tf.sqrt(self._sum_over_replicas(square))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
                                                       sample_weight=tf.cast(finite, tf.float32))
-        self.trackers["matching_loss"].update_state(self._sum_over_replicas(matching))
-
         # Calibration: the trained member must classify the synthetic images correctly.
         if self.config.calibration > 0:
-            with tf.control_dependencies(done):
-                calibration, grad = self.calibration_gradient(trained, calibration_seed,
-                                                              classes)
-            done = [self._apply_if_finite(self.optimizer, calibration, [grad],
-                                          [self.synthetic])]
-            self.trackers["calibration_loss"].update_state(
-                self._sum_over_replicas(calibration))
-
-        with tf.control_dependencies(done):
+            calibration, _, done = self.descend(self._calibration(trained, calibration_seed),
+                                                (classes,), classes, done)
+            calibration = self._sum_over_replicas(calibration)
+            self.trackers["calibration_loss"].update_state(calibration)
+            total += calibration
+        with tf.control_dependencies([done]):
             self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
             self.iteration.assign_add(1)
+            self._plateau(total)
         return {name: m.result() for name, m in self.trackers.items()}
+
+    def _plateau(self, loss):
+        """Halves the image learning rate when `loss` (matching + calibration of this
+        iteration) has not improved on its best by a relative 1e-4 for more than
+        `lr_patience` iterations, as torch's `ReduceLROnPlateau` in the official code does.
+        Its state is part of the resumable state."""
+        improved = loss < self.plateau_best * (1.0 - 1e-4)
+        self.plateau_best.assign(tf.where(improved, loss, self.plateau_best))
+        wait = tf.where(improved, 0, self.plateau_wait + 1)
+        reduce = wait > self.config.lr_patience
+        self.plateau_wait.assign(tf.where(reduce, 0, wait))
+        learning_rate = self.optimizer.learning_rate
+        learning_rate.assign(tf.where(reduce, 0.5 * learning_rate, learning_rate))
 
     def _unscale(self, grad):
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
@@ -1352,7 +1433,8 @@ class NCFM(keras.Model):
         statistics), both optimizers (slots, step counts, learning rates, loss scale) and the
         iteration count (which seeds every iteration's randomness)."""
         self._build_optimizers()
-        named = {"synthetic": self.synthetic, "iteration": self.iteration}
+        named = {"synthetic": self.synthetic, "iteration": self.iteration,
+                 "plateau_best": self.plateau_best, "plateau_wait": self.plateau_wait}
         groups = [("image_optimizer", self.optimizer.variables)]
         if self.sampler is not None:
             groups += [("sampler", self.sampler.weights),

@@ -137,18 +137,14 @@ def main(argv):
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
               flush=True)
     os.makedirs(output_dir, exist_ok=True)
-    plateau = keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5,
-                                                mode="min",
-                                                patience=max(1, config.lr_patience // steps))
-    checkpoint = nk.Checkpoint(checkpoint_path, meta, plateau, restore)
+    checkpoint = nk.Checkpoint(checkpoint_path, meta, restore=restore)
     callbacks = [
         nk.DistilledSetWriter(data, output_dir),
-        plateau,
         nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps, initial_epoch * steps),
         nk.LossCurves(os.path.join(output_dir, "metrics.csv"),
                       os.path.join(output_dir, "loss_curves.png")),
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
-        checkpoint,  # last: it saves what the others updated, and restores after plateau
+        checkpoint,  # last: it saves what the others updated
     ]
     nonfinite = nk.StopOnNonFinite(steps)
     if policy != "mixed_float16":  # with loss scaling, skipped overflows are routine

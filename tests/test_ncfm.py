@@ -238,25 +238,117 @@ def test_class_groups_do_not_change_the_loss(small_fashion_mnist, real_batch):
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 
 
-def test_group_gradients_are_the_gradient_of_the_summed_loss(small_fashion_mnist, real_batch):
+def _class_mask(model, c):
+    """1 on the stored pixels of class c, 0 elsewhere."""
+    mask = np.zeros(model.synthetic.shape, np.float32)
+    ipc = model.config.ipc
+    mask[c * ipc:(c + 1) * ipc] = 1
+    return mask
+
+
+def test_summed_step_is_one_step_on_the_gradient_of_the_summed_loss(small_fashion_mnist,
+                                                                    real_batch):
+    """Class groups compute the gradient one group at a time; a summed step applies the
+    gradient of the loss of all classes at once."""
     seed = tf.constant([7, 8])
     for group in (1, 5):
-        model = _model(small_fashion_mnist, class_group=group, sampling_net=False)
-        classes = tf.range(10)
-        blended, _, params, frequency_seed, _ = model._draw(seed, classes)
-        loss, grad = model.matching_gradient(model._real_features(real_batch, blended, params),
-                                             blended, params,
-                                             model._frequencies(frequency_seed, training=True),
-                                             classes)
+        model = _model(small_fashion_mnist, class_group=group, sampling_net=False,
+                       calibration=0.0, image_steps="summed")
+        model.compile(keras.optimizers.SGD(1e-3), jit_compile=False)
         with tf.GradientTape() as tape:  # autodiff through the whole set at once
             whole = model.matching_loss(real_batch, seed)
-        expected = tape.gradient(whole, model.synthetic)
-        np.testing.assert_allclose(float(loss), float(whole), rtol=1e-5)
-        assert np.abs(expected.numpy()).max() > 0
+        gradient = tape.gradient(whole, model.synthetic).numpy()
+        expected = np.clip(model.synthetic.numpy() - 1e-3 * gradient, 0, 1)
+        logs = model.train_step(real_batch, seed)
+        np.testing.assert_allclose(float(logs["matching_loss"]), float(whole), rtol=1e-5)
+        assert np.abs(gradient).max() > 0
         # Equal up to float32 rounding, which the CF loss's square roots amplify where a
-        # frequency's discrepancy is near zero: compare whole gradients, not single pixels.
-        error = np.linalg.norm(grad - expected) / np.linalg.norm(expected)
+        # frequency's discrepancy is near zero: compare whole updates, not single pixels.
+        before = expected + 1e-3 * gradient
+        error = (np.linalg.norm(model.synthetic.numpy() - expected) /
+                 np.linalg.norm(expected - before))
         assert error < 1e-3, (group, error)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_per_class_step_is_k_sequential_optimizer_steps(small_fashion_mnist, real_batch, jit):
+    """The compiled per-class step equals K eager AdamW steps, each on one class's gradient
+    taken at the pixels the previous steps left (the official code's loop)."""
+    seed = tf.constant([3, 9])
+    settings = dict(sampling_net=False, calibration=0.0, image_steps="per_class")
+    reference = _model(small_fashion_mnist, **settings)
+    optimizer = keras.optimizers.AdamW(0.01, weight_decay=5e-4)
+    optimizer.build([reference.synthetic])
+    for c in range(small_fashion_mnist.num_classes):
+        with tf.GradientTape() as tape:
+            loss = reference.matching_loss(real_batch, seed)
+        # Classes are independent: the part of the whole gradient on class c's pixels is
+        # the gradient of class c's loss.
+        gradient = tape.gradient(loss, reference.synthetic) * _class_mask(reference, c)
+        optimizer.apply([gradient], [reference.synthetic])
+    expected = np.clip(reference.synthetic.numpy(), 0, 1)
+
+    model = _model(small_fashion_mnist, **settings)
+    model.compile(keras.optimizers.AdamW(0.01, weight_decay=5e-4), jit_compile=jit)
+    before = model.synthetic.numpy()
+    tf.function(model.train_step, jit_compile=jit)(real_batch, seed)
+    assert int(model.optimizer.iterations.numpy()) == small_fashion_mnist.num_classes
+    moved = np.abs(expected - before).max()
+    assert moved > 0.02  # ten Adam steps of lr 0.01 moved the pixels ...
+    difference = np.abs(model.synthetic.numpy() - expected)
+    # ... as the eager loop did, up to float32 rounding (Adam's g / (|g| + eps) shows it
+    # where a gradient is near eps).
+    assert difference.max() < 1e-3 and np.mean(difference > 1e-5) < 1e-2, difference.max()
+    # One step on the summed loss moves the pixels less (here: K times less per pixel).
+    summed = _model(small_fashion_mnist, **{**settings, "image_steps": "summed"})
+    summed.compile(keras.optimizers.AdamW(0.01, weight_decay=5e-4), jit_compile=False)
+    summed.train_step(real_batch, seed)
+    assert np.abs(summed.synthetic.numpy() - before).max() < 0.5 * moved
+
+
+def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist, real_batch):
+    """Calibration loss = calibration x sum over classes of the class's mean cross-entropy
+    (the official per-class loss); image_lr ~ 0 so the pixels stay put across the loop."""
+    model = _model(small_fashion_mnist, sampling_net=False, calibration=2.0, image_lr=1e-12)
+    seed = tf.constant([1, 2])
+    logs = model.train_step(real_batch, seed)
+    _, trained, _, _, calibration_seed = model._draw(seed, tf.range(10))
+    decoded = model._decoded(model._stored_synthetic(tf.range(10)))
+    expected = 0.0
+    for c in range(10):
+        images = nk.augment(decoded[c], tf.random.experimental.stateless_fold_in(
+            calibration_seed, c, nk.RNG), model.config.augment, *model.dsa_statistics)
+        _, logits = model._extract(trained, images)
+        expected += 2.0 * float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+            tf.fill([decoded.shape[1]], c), logits, from_logits=True)))
+    np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
+
+
+def test_frequencies_are_drawn_per_class_or_per_iteration(small_fashion_mnist):
+    model = _model(small_fashion_mnist, sampling_net=False)
+    seed = tf.constant([4, 4])
+    per_class = model._class_frequencies(seed, tf.constant([0, 1, 0]))
+    assert per_class.shape == (3, 64, 2048)
+    assert not np.allclose(per_class[0], per_class[1])
+    np.testing.assert_array_equal(per_class[0], per_class[2])  # a class's draw: (seed, class)
+    shared = _model(small_fashion_mnist, sampling_net=False, frequency_draw="per_iteration")
+    assert shared._class_frequencies(seed, tf.constant([0, 1])).shape == (64, 2048)
+
+
+def test_plateau_halves_the_learning_rate_and_resumes(small_fashion_mnist):
+    """torch's ReduceLROnPlateau as the official code uses it: relative threshold 1e-4,
+    halve after more than `lr_patience` iterations without improvement."""
+    model = _model(small_fashion_mnist, lr_patience=2)
+    rates = []
+    for loss in (10.0, 9.9995, 9.9995, 9.9995, 9.0, 9.0, 9.0, 9.0):
+        model._plateau(tf.constant(loss))
+        rates.append(float(model.optimizer.learning_rate.numpy()))
+    # 9.9995 is not 1e-4 below 10: no improvement; the third such iteration halves.
+    assert rates == [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025], rates
+    resumed = _model(small_fashion_mnist, lr_patience=2)
+    resumed.set_state(model.get_state())
+    assert float(resumed.optimizer.learning_rate.numpy()) == 0.0025
+    assert int(resumed.plateau_wait.numpy()) == 0 and float(resumed.plateau_best.numpy()) == 9.0
 
 
 def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch):
