@@ -478,19 +478,36 @@ def _bilinear_warp(images, theta):
     return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [g, b, h, w, c])
 
 
-def dsa_apply(images, params):
+def dsa_apply(images, params, mean=None, std=None):
     """Applies per-group DSA parameters.
+
+    With the dataset's per-channel `mean` and `std`, the augmentation acts on normalised
+    images, as DC/DSA/DM and the official NCFM code do (normalise, then augment): colour jitter
+    is in units of the dataset's std, the saturation and contrast means are taken over
+    normalised values, and every fill (crop and warp padding, cutout) is 0 in normalised space,
+    i.e. the dataset's mean colour. The result is mapped back to pixel units, so it feeds the
+    networks (which normalise in their first layer) unchanged. Without them, the same
+    operations act on the [0, 1] pixels (jitter in pixel units, black fill).
 
     Args:
       images: float `[G, B, H, W, C]` (each group's B images share its parameters) or
-        `[G, H, W, C]` (one image per group).
+        `[G, H, W, C]` (one image per group), in [0, 1].
       params: from `dsa_parameters(..., groups=G, ...)`.
+      mean, std: per-channel statistics `[C]` (e.g. `data.mean`, `data.std`), both or neither.
 
     Returns:
-      The augmented images, same shape; differentiable with respect to `images`.
+      The augmented images in pixel units, same shape; differentiable with respect to
+      `images`. Raises `NCFMError` if only one of `mean` and `std` is given.
     """
+    if (mean is None) != (std is None):
+        raise NCFMError("dsa_apply got only one of mean and std; pass both (augment in "
+                        "normalised space) or neither (augment the pixels)")
     grouped = images.shape.rank == 5
     x = images if grouped else images[:, None]
+    if mean is not None:
+        mean = tf.cast(tf.reshape(mean, [-1]), x.dtype)
+        std = tf.cast(tf.reshape(std, [-1]), x.dtype)
+        x = (x - mean) / std
     per_group = lambda v: tf.reshape(v, [-1, 1, 1, 1, 1])  # noqa: E731
     if "flip" in params:
         x = tf.where(per_group(params["flip"]) > 0.5, tf.reverse(x, [3]), x)
@@ -498,8 +515,8 @@ def dsa_apply(images, params):
         x = x + per_group(params["brightness"])
         gray = tf.reduce_mean(x, axis=4, keepdims=True)
         x = (x - gray) * per_group(params["saturation"]) + gray
-        mean = tf.reduce_mean(x, axis=[2, 3, 4], keepdims=True)
-        x = (x - mean) * per_group(params["contrast"]) + mean
+        average = tf.reduce_mean(x, axis=[2, 3, 4], keepdims=True)
+        x = (x - average) * per_group(params["contrast"]) + average
     if "theta" in params:
         x = _bilinear_warp(x, params["theta"])
     if "cutout_x" in params:
@@ -511,13 +528,16 @@ def dsa_apply(images, params):
         top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
         hole = ((rows >= top) & (rows < top + size_y) & (cols >= left) & (cols < left + size_x))
         x = x * tf.cast(~hole, x.dtype)[:, None, :, :, None]
+    if mean is not None:
+        x = x * std + mean
     return x if grouped else x[:, 0]
 
 
-def augment(images, seed, strategy):
-    """Per-sample DSA (every image its own parameters), as used when training evaluators."""
+def augment(images, seed, strategy, mean=None, std=None):
+    """Per-sample DSA (every image its own parameters), as used when training evaluators.
+    `images` `[N, H, W, C]` in [0, 1]; `mean`, `std` as for `dsa_apply`."""
     params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], strategy)
-    return dsa_apply(images, params)
+    return dsa_apply(images, params, mean, std)
 
 
 def cutmix(images, labels, seed, beta=1.0):
@@ -631,9 +651,17 @@ def with_features(model):
 # Training a network: the protocols of evaluation and of the pool's pretraining
 # ------------------------------------------------------------------------------------------
 
+DSA_SPACES = ("normalized", "pixel")
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalProtocol:
-    """How a fresh network is trained on a small labelled set before it is tested."""
+    """How a fresh network is trained on a small labelled set before it is tested.
+
+    `dsa_space` is where the DSA augmentation acts: "normalized" (after the dataset's
+    per-channel normalisation, as the official code does; see `dsa_apply`) or "pixel" (on the
+    [0, 1] pixels). Raises `NCFMError` for another value.
+    """
 
     name: str
     epochs: int
@@ -645,6 +673,12 @@ class EvalProtocol:
     lr_factor: float      # ... by this factor
     strategy: str         # per-sample DSA strategy
     cutmix_prob: float    # probability of CutMix per batch (beta = 1)
+    dsa_space: str = "normalized"  # or "pixel"
+
+    def __post_init__(self):
+        if self.dsa_space not in DSA_SPACES:
+            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use one of "
+                            f"{', '.join(DSA_SPACES)}")
 
 
 PROTOCOLS = {
@@ -670,14 +704,17 @@ def _evaluation_optimizer(protocol, steps):
     return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=protocol.weight_decay)
 
 
-def _training_stream(x, y, protocol, seed):
-    """Shuffled batches with per-sample DSA and, with probability `cutmix_prob`, CutMix."""
+def _training_stream(x, y, protocol, seed, mean, std):
+    """Shuffled batches with per-sample DSA (in the protocol's `dsa_space`, with the
+    statistics `mean`, `std`) and, with probability `cutmix_prob`, CutMix."""
     n = len(x)
     strategy, cutmix_prob = protocol.strategy, protocol.cutmix_prob
+    if protocol.dsa_space == "pixel":
+        mean = std = None
 
     def transform(images, labels, batch_seed):
         seeds = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 3, alg=RNG))
-        images = augment(to_float(images), seeds[0], strategy)
+        images = augment(to_float(images), seeds[0], strategy, mean, std)
         if cutmix_prob > 0:
             mixed, mixed_labels = cutmix(images, labels, seeds[1])
             use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < cutmix_prob
@@ -694,11 +731,19 @@ def _training_stream(x, y, protocol, seed):
             .prefetch(tf.data.AUTOTUNE))
 
 
-def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0):
+def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
+                  mean=None, std=None):
     """Trains `model` on images `x` (uint8, or float in [0, 1]) with int labels `[N]` or soft
-    labels `[N, K]`, following `protocol` (optimizer, schedule, DSA, CutMix)."""
+    labels `[N, K]`, following `protocol` (optimizer, schedule, DSA, CutMix).
+
+    `mean`, `std`: the dataset's per-channel statistics (those the model normalises with),
+    needed when `protocol.dsa_space` is "normalized"; `NCFMError` if they are missing then.
+    """
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
+    if protocol.dsa_space == "normalized" and (mean is None or std is None):
+        raise NCFMError("DSA in normalised space needs the dataset's mean and std; pass "
+                        "mean= and std=, or use a protocol with dsa_space='pixel'")
     y = np.asarray(y)
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
@@ -706,7 +751,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     model.compile(optimizer=_evaluation_optimizer(protocol, steps),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.fit(_training_stream(x, targets.astype(np.float32), protocol, seed),
+    model.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
               epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
               callbacks=list(callbacks), verbose=verbose, shuffle=False)
     return model
@@ -765,7 +810,8 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             start = [w.numpy() for w in model.weights]
             if epochs:
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
-                              seed * 1000 + member, [PoolProgress(bar, member * epochs)])
+                              seed * 1000 + member, [PoolProgress(bar, member * epochs)],
+                              mean=data.mean, std=data.std)
             arrays = {f"init_{i}": w for i, w in enumerate(start)}
             arrays.update({f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
 
@@ -1593,7 +1639,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
         (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
         .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
     tracker = TestAccuracy(test, test_every or max(1, protocol.epochs // 10), protocol.epochs)
-    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose)
+    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose,
+                  data.mean, data.std)
     accuracies = [a for _, a in tracker.history]
     return {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
             "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed}
@@ -1605,7 +1652,8 @@ def pretrained_feature_fn(data, seed=0, epochs=2):
     keras.utils.set_random_seed(seed)
     model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
-    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed)
+    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed,
+                  mean=data.mean, std=data.std)
     features = keras.Model(model.input, model.get_layer("features").output)
     return lambda images: features(images, training=False)
 

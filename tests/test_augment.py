@@ -105,3 +105,61 @@ def test_cutmix_mixes_labels_by_area():
 def test_unknown_augmentation_is_rejected():
     with pytest.raises(nk.NCFMError, match="unknown augmentation 'zoom'"):
         nk.parse_strategy("color_zoom")
+
+
+MEAN, STD = np.array([0.2, 0.5, 0.7], np.float32), np.array([0.3, 0.1, 0.25], np.float32)
+
+
+def test_brightness_in_normalised_space_moves_pixels_by_std_units():
+    x = _images(4)
+    b = tf.constant([-0.5, -0.1, 0.2, 0.45])
+    params = {"brightness": b, "saturation": tf.ones([4]), "contrast": tf.ones([4])}
+    moved = nk.dsa_apply(x, params, MEAN, STD) - x
+    np.testing.assert_allclose(moved, np.broadcast_to(b.numpy()[:, None, None, None] * STD,
+                                                      x.shape), atol=1e-5)
+    np.testing.assert_allclose(nk.dsa_apply(x, params) - x,  # pixel space: by b itself
+                               np.broadcast_to(b.numpy()[:, None, None, None], x.shape),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,theta", [
+    ("crop", [1.0, 0, 2 * 3 / 16, 0, 1.0, -2 * 2 / 16]),
+    ("scale", [1.2, 0, 0, 0, 1.15, 0]),
+    ("rotate", [np.cos(0.25), np.sin(0.25), 0, -np.sin(0.25), np.cos(0.25), 0]),
+    ("cutout", None),
+])
+def test_every_fill_is_the_mean_colour_in_normalised_space(kind, theta):
+    x = _images(3)
+    if kind == "cutout":
+        params = {"cutout_y": tf.constant([0, 5, 12]), "cutout_x": tf.constant([-3, 6, 9])}
+    else:
+        params = {"theta": tf.constant([theta] * 3, tf.float32)}
+    # Geometric ops and cutout are linear in the pixels; a pixel's coverage (the op applied
+    # to ones in pixel space) is the share of it that comes from the image, the rest is fill.
+    coverage = nk.dsa_apply(tf.ones_like(x), params).numpy()
+    pixel = nk.dsa_apply(x, params).numpy()
+    normalised = nk.dsa_apply(x, params, MEAN, STD).numpy()
+    np.testing.assert_allclose(normalised, pixel + MEAN * (1 - coverage), atol=1e-5)
+    filled = coverage == 0
+    assert filled[..., 0].sum() >= 3  # every kind leaves some pixels entirely filled
+    np.testing.assert_allclose(normalised[filled], np.broadcast_to(MEAN, x.shape)[filled],
+                               atol=1e-6)
+    assert np.all(pixel[filled] == 0)  # pixel space fills with black
+
+
+def test_normalised_space_keeps_gradients_and_compiles_under_xla():
+    x = tf.Variable(tf.reshape(_images(4 * 3), [4, 3, 16, 16, 3]))
+    params = nk.dsa_parameters(SEED, 4, (16, 16), "color_crop_cutout_flip_scale_rotate")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(nk.dsa_apply(x, params, MEAN, STD)))
+    grad = tape.gradient(loss, x).numpy()
+    assert np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
+    compiled_apply = tf.function(nk.dsa_apply, jit_compile=True)
+    np.testing.assert_allclose(compiled_apply(x, params, MEAN, STD),
+                               nk.dsa_apply(x, params, MEAN, STD), atol=1e-5)
+    assert not np.allclose(nk.dsa_apply(x, params, MEAN, STD), nk.dsa_apply(x, params))
+
+
+def test_mean_without_std_is_rejected():
+    with pytest.raises(nk.NCFMError, match="only one of mean and std"):
+        nk.augment(_images(2), SEED, "color", mean=MEAN)

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 
 import numpy as np
@@ -23,6 +24,23 @@ def test_soft_labels_and_ncfm_protocol(small_fashion_mnist):
     soft[np.arange(len(y)), y] = 0.82
     result = nk.evaluate_images(x, soft, small_fashion_mnist, "convnet", "ncfm", epochs=2)
     assert 0 <= result["final"] <= 100 and result["epochs"] == 2
+
+
+def test_training_augments_in_normalised_space_by_default():
+    assert {p.dsa_space for p in nk.PROTOCOLS.values()} == {"normalized"}
+    x = np.full((8, 16, 16, 1), 255, np.uint8)
+    y = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    protocol = dataclasses.replace(nk.PROTOCOLS["dm"], strategy="cutout", batch_size=8)
+    for space, fill in (("normalized", 0.3), ("pixel", 0.0)):
+        stream = nk._training_stream(x, y, dataclasses.replace(protocol, dsa_space=space), 0,
+                                     np.array([0.3]), np.array([0.2]))
+        images = next(iter(stream))[0].numpy()
+        np.testing.assert_allclose(np.unique(images.round(5)), [fill, 1.0])  # holes: fill
+    with pytest.raises(nk.NCFMError, match="dsa_space='rgb' is unknown"):
+        dataclasses.replace(protocol, dsa_space="rgb")
+    model = nk.build_network("convnet", (16, 16, 1), 2, [0.3], [0.2])
+    with pytest.raises(nk.NCFMError, match="needs the dataset's mean and std"):
+        nk.train_network(model, x, y, 2, protocol)
 
 
 def test_decode_multiformation():
