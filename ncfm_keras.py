@@ -570,7 +570,9 @@ def cutmix(images, labels, seed, beta=1.0):
 # Networks (spec section 2)
 # ------------------------------------------------------------------------------------------
 # Every network takes float images in [0, 1], normalises them with the dataset statistics as
-# its first layer, and names its penultimate (flattened) activation "features".
+# its first layer, and names its penultimate (flattened) activation "features". Weights start
+# as PyTorch's defaults do (the official code is PyTorch), which also sets the scale of
+# theta_init in NCFM's blended extractor.
 
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 
@@ -580,8 +582,22 @@ def convnet_depth(image_size):
     return max(1, int(round(math.log2(image_size / 4))))
 
 
-def _instance_norm():
+def _instance_norm():  # gamma 1, beta 0, as torch's GroupNorm
     return layers.GroupNormalization(groups=-1, epsilon=1e-5)  # groups = channels
+
+
+def _torch_init(fan_in):
+    """Initialisers of torch's default Conv2d / Linear reset: kernel `kaiming_uniform_(a=√5)`,
+    i.e. U(±1/√fan_in), and bias U(±1/√fan_in). Fresh instances per layer, so every layer
+    draws its own numbers."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+                bias_initializer=keras.initializers.RandomUniform(-bound, bound))
+
+
+def _conv(x, filters, kernel, strides=1, use_bias=True, activation=None):
+    return layers.Conv2D(filters, kernel, strides, padding="same", activation=activation,
+                         use_bias=use_bias, **_torch_init(kernel * kernel * x.shape[-1]))(x)
 
 
 def _input_path(image_shape, mean, std):
@@ -591,11 +607,15 @@ def _input_path(image_shape, mean, std):
 
 def _head(x, num_classes, name):
     features = layers.Flatten(name="features")(x)
-    return layers.Dense(num_classes, name="logits", dtype="float32")(features)
+    return layers.Dense(num_classes, name="logits", dtype="float32",
+                        **_torch_init(features.shape[-1]))(features)
 
 
 def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=None):
     """Builds a classifier from the dataset-distillation literature.
+
+    Conv and dense kernels and biases start uniform in ±1/√fan_in, norm layers at gamma 1,
+    beta 0: PyTorch's default initialisation, as the official code's networks have.
 
     Args:
       arch: `convnet` (ConvNet-D: D x [conv3x3(width) -> instance norm -> ReLU -> avg-pool 2]),
@@ -612,31 +632,28 @@ def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=No
     inputs, x = _input_path(image_shape, mean, std)
     if arch == "convnet":
         for _ in range(depth or convnet_depth(image_shape[0])):
-            x = layers.Conv2D(width, 3, padding="same")(x)
-            x = layers.ReLU()(_instance_norm()(x))
+            x = layers.ReLU()(_instance_norm()(_conv(x, width, 3)))
             x = layers.AveragePooling2D(2)(x)
     elif arch == "alexnet":
         for filters, kernel, pool in ((128, 5, True), (192, 5, True), (256, 3, False),
                                       (192, 3, False), (192, 3, True)):
-            x = layers.Conv2D(filters, kernel, padding="same", activation="relu")(x)
+            x = _conv(x, filters, kernel, activation="relu")
             x = layers.MaxPooling2D(2)(x) if pool else x
     elif arch == "vgg11":
         for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
             if filters == "M":
                 x = layers.MaxPooling2D(2)(x)
             else:
-                x = layers.ReLU()(_instance_norm()(layers.Conv2D(filters, 3, padding="same")(x)))
+                x = layers.ReLU()(_instance_norm()(_conv(x, filters, 3)))
     else:
-        x = layers.ReLU()(_instance_norm()(layers.Conv2D(64, 3, padding="same", use_bias=False)(x)))
+        x = layers.ReLU()(_instance_norm()(_conv(x, 64, 3, use_bias=False)))
         for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
                                 (512, 2), (512, 1)):
             shortcut = x
-            y = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False)(x)
-            y = layers.ReLU()(_instance_norm()(y))
-            y = _instance_norm()(layers.Conv2D(filters, 3, padding="same", use_bias=False)(y))
+            y = layers.ReLU()(_instance_norm()(_conv(x, filters, 3, stride, use_bias=False)))
+            y = _instance_norm()(_conv(y, filters, 3, use_bias=False))
             if stride != 1 or shortcut.shape[-1] != filters:
-                shortcut = _instance_norm()(
-                    layers.Conv2D(filters, 1, stride, use_bias=False)(shortcut))
+                shortcut = _instance_norm()(_conv(shortcut, filters, 1, stride, use_bias=False))
             x = layers.ReLU()(layers.Add()([y, shortcut]))
         x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, _head(x, num_classes, arch), name=arch)
@@ -694,14 +711,46 @@ PROTOCOLS = {
 }
 
 
+class CoupledSGD(keras.optimizers.SGD):
+    """SGD with weight decay coupled as `torch.optim.SGD` has it (the official code's
+    optimizer): `wd·w` is added to the gradient before momentum,
+
+        v <- momentum·v + g + wd·w;   w <- w - lr·v
+
+    on every variable (biases and norm parameters too). Keras' own `weight_decay` instead
+    shrinks the weights outside the momentum (`w <- w - lr·wd·w`), about 1/(1 - momentum)
+    times weaker: 10x at momentum 0.9. (Keras stores the velocity already multiplied by the
+    learning rate, so after a learning-rate drop the carried momentum fades at the old rate
+    instead of being rescaled at once; equal to torch's steps otherwise.)
+
+    Args:
+      learning_rate: float or schedule; momentum: float; coupled_weight_decay: `wd` above.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
+        super().__init__(learning_rate, momentum=momentum, **kwargs)
+        self.coupled_weight_decay = coupled_weight_decay
+
+    def update_step(self, gradient, variable, learning_rate):
+        gradient = tf.cast(gradient, variable.dtype)
+        if self.coupled_weight_decay:
+            gradient = gradient + tf.cast(self.coupled_weight_decay, variable.dtype) * variable
+        super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        return {**super().get_config(), "coupled_weight_decay": self.coupled_weight_decay}
+
+
 def _evaluation_optimizer(protocol, steps):
+    """The protocol's optimizer with its step schedule: AdamW (decoupled weight decay, as
+    `torch.optim.AdamW`) or `CoupledSGD` (momentum 0.9, weight decay as `torch.optim.SGD`)."""
     boundaries = [max(1, int(f * steps)) for f in protocol.lr_milestones]
     boundaries = sorted(set(min(b, max(steps - 1, 1)) for b in boundaries))
     values = [protocol.learning_rate * protocol.lr_factor ** i for i in range(len(boundaries) + 1)]
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     if protocol.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=protocol.weight_decay)
-    return keras.optimizers.SGD(schedule, momentum=0.9, weight_decay=protocol.weight_decay)
+    return CoupledSGD(schedule, momentum=0.9, coupled_weight_decay=protocol.weight_decay)
 
 
 def _training_stream(x, y, protocol, seed, mean, std):
@@ -765,12 +814,20 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
 
 
+POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old caches then
+# go unused. 2: torch-style initialisation and coupled weight decay, DSA in normalised space.
+
+
 def pool_key(data, arch, epochs, seed):
-    """A cache key naming the dataset, its shape and classes, the architecture and settings."""
-    digest = hashlib.sha1(json.dumps([data.name, data.image_shape, data.class_names,
-                                      data.class_counts().tolist()]).encode()).hexdigest()[:10]
+    """A cache key naming the dataset, its shape and classes, the architecture and settings,
+    and the pretraining recipe (`POOL_RECIPE` and the "pretrain" protocol's fields)."""
+    def digest(value, length):
+        return hashlib.sha1(json.dumps(value).encode()).hexdigest()[:length]
+    data_digest = digest([data.name, data.image_shape, data.class_names,
+                          data.class_counts().tolist()], 10)
+    recipe = digest([POOL_RECIPE, dataclasses.asdict(PROTOCOLS["pretrain"])], 6)
     name = "".join(c if c.isalnum() else "_" for c in data.name.split("/")[-1])[:40]
-    return f"{name}-{digest}-{arch}-e{epochs}-s{seed}"
+    return f"{name}-{data_digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
 
 
 class PoolProgress(keras.callbacks.Callback):

@@ -118,3 +118,18 @@ def test_loss_curves_are_drawn_from_the_csv(tmp_path):
     image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
     assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
     assert image.std() > 5  # not blank
+
+
+def test_pool_key_changes_with_the_pretraining_recipe(monkeypatch):
+    data = nk.Dataset("toy", np.zeros((4, 8, 8, 1), np.uint8), np.array([0, 0, 1, 1]),
+                      np.zeros((2, 8, 8, 1), np.uint8), np.array([0, 1]), ["a", "b"],
+                      np.array([0.3]), np.array([0.2]))
+    key = nk.pool_key(data, "convnet", 60, 0)
+    assert key.startswith("toy-") and "-convnet-e60-s0-r" in key
+    assert nk.pool_key(data, "convnet", 60, 0) == key  # stable
+    monkeypatch.setitem(nk.PROTOCOLS, "pretrain",
+                        dataclasses.replace(nk.PROTOCOLS["pretrain"], dsa_space="pixel"))
+    pixel_key = nk.pool_key(data, "convnet", 60, 0)
+    monkeypatch.undo()
+    monkeypatch.setattr(nk, "POOL_RECIPE", nk.POOL_RECIPE + 1)
+    assert len({key, pixel_key, nk.pool_key(data, "convnet", 60, 0)}) == 3

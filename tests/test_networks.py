@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 
@@ -14,6 +15,11 @@ def test_shapes(arch, features, channels):
     feats, logits = both(x)
     assert feats.shape == (2, features) and logits.shape == (2, 7)
     np.testing.assert_allclose(model(x), logits, rtol=1e-5, atol=1e-5)  # shared weights
+    for layer in model.layers:  # torch's default initialisation in every architecture
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            bound = 1 / np.sqrt(np.prod(layer.kernel.shape[:-1]))  # float32 rounding below
+            largest = np.abs(layer.kernel.numpy()).max()
+            assert 0.9 * bound < largest <= bound * (1 + 1e-6), layer.name
 
 
 def test_convnet_depth_follows_resolution():
@@ -32,3 +38,53 @@ def test_normalisation_is_inside_the_model():
 def test_unknown_architecture():
     with pytest.raises(nk.NCFMError, match="unknown architecture 'lenet'"):
         nk.build_network("lenet", (32, 32, 1), 2, [0.3], [0.2])
+
+
+def test_weights_start_as_torch_defaults():
+    """Conv / dense kernels and biases uniform in ±1/√fan_in, norm layers gamma 1, beta 0."""
+    keras.utils.set_random_seed(0)
+    model = nk.build_network("convnet", (32, 32, 3), 10, [0.5] * 3, [0.25] * 3)
+    checked = 0
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+            kernel, bias = (w.numpy() for w in (layer.kernel, layer.bias))
+            bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))  # fan_in: all but the output axis
+            for w in (kernel, bias):
+                assert np.abs(w).max() <= bound * (1 + 1e-6), layer.name  # float32
+                if w.size >= 100:  # U(±b): the extremes reach b, the std is b/√3
+                    assert np.abs(w).max() > 0.95 * bound, layer.name
+                    assert abs(w.mean()) < 0.25 * bound and 0.5 < w.std() / bound < 0.65
+            checked += 1
+        elif isinstance(layer, keras.layers.GroupNormalization):
+            assert np.all(layer.gamma.numpy() == 1) and np.all(layer.beta.numpy() == 0)
+    assert checked == 4  # three convs and the classifier
+    again = nk.build_network("convnet", (32, 32, 3), 10, [0.5] * 3, [0.25] * 3)
+    convs = [l for l in again.layers if isinstance(l, keras.layers.Conv2D)]
+    assert not np.allclose(convs[1].kernel.numpy(), convs[2].kernel.numpy())  # own draws
+
+
+def test_coupled_sgd_follows_the_torch_formula():
+    lr, momentum, wd = 0.1, 0.9, 0.05
+    w0 = np.array([1.0, -2.0, 0.5], np.float32)
+    grads = [np.array([0.3, 0.1, -0.2], np.float32), np.array([-0.4, 0.2, 0.6], np.float32)]
+    variable = keras.Variable(w0)
+    optimizer = nk.CoupledSGD(lr, momentum=momentum, coupled_weight_decay=wd)
+    w, v = w0.astype(np.float64), np.zeros(3)
+    for g in grads:  # torch.optim.SGD: v = mu v + g + wd w; w -= lr v
+        optimizer.apply([g], [variable])
+        v = momentum * v + g + wd * w
+        w = w - lr * v
+        np.testing.assert_allclose(variable.numpy(), w, rtol=1e-6)
+    # Keras' decoupled weight_decay would land elsewhere.
+    keras_variable = keras.Variable(w0)
+    keras_sgd = keras.optimizers.SGD(lr, momentum=momentum, weight_decay=wd)
+    for g in grads:
+        keras_sgd.apply([g], [keras_variable])
+    assert not np.allclose(keras_variable.numpy(), w, rtol=1e-4)
+
+
+def test_sgd_protocols_use_coupled_weight_decay():
+    for name in ("dm", "pretrain"):
+        optimizer = nk._evaluation_optimizer(nk.PROTOCOLS[name], 100)
+        assert isinstance(optimizer, nk.CoupledSGD) and optimizer.weight_decay is None
+        assert optimizer.coupled_weight_decay == nk.PROTOCOLS[name].weight_decay == 5e-4
