@@ -30,11 +30,14 @@ full = nk.load_dataset("fashion_mnist", sys.argv[2])
 keep = np.concatenate([np.flatnonzero(full.y_train == c)[:100] for c in range(10)])
 data = nk.Dataset(full.name, full.x_train[keep], full.y_train[keep], full.x_test[:10],
                   full.y_test[:10], full.class_names, full.mean, full.std)
+# One step on the summed loss is the same on any number of devices; per-class steps are not
+# (each device steps its own classes, K/R steps, as the official data parallelism does).
 config = nk.DistillConfig(ipc=1, batch_real=8, num_freqs=64, num_pretrained=2,
-                          pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01)
+                          pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01,
+                          image_steps="summed")
 
 
-def distil(strategy, poison_class=None):
+def distil(strategy, poison_class=None, config=config):
     model = nk.build_distiller(data, config, sys.argv[3], jit_compile=False, verbose=0,
                                strategy=strategy)
     if poison_class is not None:  # NaN pixels in one class: one replica's part is not finite
@@ -47,12 +50,15 @@ def distil(strategy, poison_class=None):
     return dict(before=before.tolist(), images=model.synthetic.numpy().tolist(),
                 psi=[w.numpy().tolist() for w in model.sampler.weights],
                 iteration=int(model.iteration.numpy()),
+                image_steps=int(model.optimizer.iterations.numpy()),
                 logs={k: float(v[-1]) for k, v in history.items()})
 
 
 mirrored = nk.mirrored_strategy()
+per_class = dict(config=config.__class__(**{**config.__dict__, "image_steps": "per_class"}))
 print(json.dumps(dict(replicas=mirrored.num_replicas_in_sync, one=distil(None),
-                      two=distil(mirrored), poisoned=distil(mirrored, poison_class=7))))
+                      two=distil(mirrored), poisoned=distil(mirrored, poison_class=7),
+                      per_class=distil(mirrored, **per_class))))
 """
 
 
@@ -91,11 +97,18 @@ def test_two_devices_give_the_single_device_step(tmp_path):
                                   np.asarray(poisoned["before"])[:5])
     assert poisoned["logs"]["nonfinite_steps"] == 3  # psi, matching and calibration
 
+    # Per-class steps on two devices: each steps its 5 classes, for matching and calibration.
+    per_class = out["per_class"]
+    assert per_class["image_steps"] == 2 * 5 and per_class["iteration"] == 1
+    assert np.abs(np.subtract(per_class["images"], per_class["before"])).max() > 1e-3
+    assert all(np.isfinite(v) for v in per_class["logs"].values())
+
 
 def test_train_py_mirrored_matches_default(tmp_path):
     common = [*FMNIST, "--ipc=1", "--iterations=3", "--log_every=1", "--batch_real=8",
               "--num_freqs=64", "--num_pretrained=1", "--pretrain_epochs=0",
-              "--sampling_net=false", "--deterministic", f"--pool_dir={tmp_path / 'pools'}"]
+              "--sampling_net=false", "--image_steps=summed", "--deterministic",
+              f"--pool_dir={tmp_path / 'pools'}"]
     single = run("train.py", *common, f"--output_dir={tmp_path / 'one'}")
     mirrored = run("train.py", *common, "--strategy=mirrored", "--cpu_devices=2",
                    f"--output_dir={tmp_path / 'two'}")

@@ -279,12 +279,17 @@ def test_per_class_step_is_k_sequential_optimizer_steps(small_fashion_mnist, rea
     reference = _model(small_fashion_mnist, **settings)
     optimizer = keras.optimizers.AdamW(0.01, weight_decay=5e-4)
     optimizer.build([reference.synthetic])
-    for c in range(small_fashion_mnist.num_classes):
+
+    @tf.function(jit_compile=jit)  # XLA draws other random numbers than TF's kernels
+    def whole_gradient():
         with tf.GradientTape() as tape:
             loss = reference.matching_loss(real_batch, seed)
+        return tape.gradient(loss, reference.synthetic)
+
+    for c in range(small_fashion_mnist.num_classes):
         # Classes are independent: the part of the whole gradient on class c's pixels is
         # the gradient of class c's loss.
-        gradient = tape.gradient(loss, reference.synthetic) * _class_mask(reference, c)
+        gradient = whole_gradient() * _class_mask(reference, c)
         optimizer.apply([gradient], [reference.synthetic])
     expected = np.clip(reference.synthetic.numpy(), 0, 1)
 
@@ -296,9 +301,10 @@ def test_per_class_step_is_k_sequential_optimizer_steps(small_fashion_mnist, rea
     moved = np.abs(expected - before).max()
     assert moved > 0.02  # ten Adam steps of lr 0.01 moved the pixels ...
     difference = np.abs(model.synthetic.numpy() - expected)
-    # ... as the eager loop did, up to float32 rounding (Adam's g / (|g| + eps) shows it
-    # where a gradient is near eps).
-    assert difference.max() < 1e-3 and np.mean(difference > 1e-5) < 1e-2, difference.max()
+    # ... as the eager loop did, up to float32 rounding: Adam's g / (|g| + eps) shows it
+    # where a gradient is near eps, so allow a fraction of one step (lr 0.01) on a few pixels.
+    assert difference.max() < 5e-3 and np.mean(difference > 1e-5) < 1e-2, (
+        difference.max(), np.mean(difference > 1e-5))
     # One step on the summed loss moves the pixels less (here: K times less per pixel).
     summed = _model(small_fashion_mnist, **{**settings, "image_steps": "summed"})
     summed.compile(keras.optimizers.AdamW(0.01, weight_decay=5e-4), jit_compile=False)
@@ -344,10 +350,10 @@ def test_plateau_halves_the_learning_rate_and_resumes(small_fashion_mnist):
         model._plateau(tf.constant(loss))
         rates.append(float(model.optimizer.learning_rate.numpy()))
     # 9.9995 is not 1e-4 below 10: no improvement; the third such iteration halves.
-    assert rates == [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025], rates
+    np.testing.assert_allclose(rates, [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025])
     resumed = _model(small_fashion_mnist, lr_patience=2)
     resumed.set_state(model.get_state())
-    assert float(resumed.optimizer.learning_rate.numpy()) == 0.0025
+    np.testing.assert_allclose(float(resumed.optimizer.learning_rate.numpy()), 0.0025)
     assert int(resumed.plateau_wait.numpy()) == 0 and float(resumed.plateau_best.numpy()) == 9.0
 
 
