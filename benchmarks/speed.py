@@ -1,4 +1,5 @@
-"""Times one compiled NCFM iteration against the bare network work it contains.
+"""Times one compiled NCFM iteration against the bare network work it contains, with one image
+step per class (the default) and with one step on the summed loss.
 
     python benchmarks/speed.py                # the issue's configuration (Fashion-MNIST shapes)
     python benchmarks/speed.py --steps=5 --batch_real=64
@@ -6,12 +7,15 @@
 Configuration: 10 classes of 32x32x1 random images, IPC 10, factor 2, batch_real 256 per class,
 4096 frequencies, calibration on, psi off and on. For each variant it prints
 
-    psi=off: N.NN s/iter  ratio=R.RR  peak_rss=M MiB
+    psi=off image_steps=per_class: N.NN s/iter  ratio=R.RR  peak_rss=M MiB
+    psi=off image_steps=summed: N.NN s/iter  ratio=R.RR  peak_rss=M MiB
+    psi=off per_class / summed = P.PP
 
 where s/iter is the median of --steps compiled `train_step` calls after warm-up, and ratio is
 that time divided by the bare work of the same iteration, timed the same way in the same
 process: the ConvNet forward on the real batch plus forward/backward on the decoded synthetic
-batch. Each variant runs in a fresh subprocess; peak_rss is that process's peak resident memory
+batch. Per-class steps do the same network work and add 2K optimizer updates (K for matching,
+K for calibration); `per_class / summed` is the cost of that, measured in one process. Each variant runs in a fresh subprocess; peak_rss is that process's peak resident memory
 after the step timings (before the bare work runs), i.e. TensorFlow itself, the model, and the
 step; `before step` is the peak before the first step.
 """
@@ -81,22 +85,25 @@ def main(argv):
     net = nk.build_network("convnet", shape, k, data.mean, data.std)
     weights = [w.numpy() for w in net.weights]
 
-    config = nk.DistillConfig(ipc=FLAGS.ipc, factor=FLAGS.factor, init="noise",
-                              batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
-                              sampling_net=FLAGS.variant == "on", num_pretrained=1,
-                              pretrain_epochs=0, class_group=FLAGS.class_group)
-    model = nk.NCFM(data, config, ([weights], [weights]))
-    model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
-                  keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)
-    before_step = peak_rss_mib()
-    model.make_train_function()
-    iterator = iter(tf.data.Dataset.from_tensors(real).repeat())
-    step_time = median_seconds(
-        lambda: float(model.train_function(iterator)["matching_loss"]), FLAGS.steps)
-    peak = peak_rss_mib()
+    times = {}
+    for image_steps in ("per_class", "summed"):
+        config = nk.DistillConfig(ipc=FLAGS.ipc, factor=FLAGS.factor, init="noise",
+                                  batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
+                                  sampling_net=FLAGS.variant == "on", num_pretrained=1,
+                                  pretrain_epochs=0, class_group=FLAGS.class_group,
+                                  image_steps=image_steps)
+        model = nk.NCFM(data, config, ([weights], [weights]))
+        model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
+                      keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)
+        before_step = peak_rss_mib()
+        model.make_train_function()
+        iterator = iter(tf.data.Dataset.from_tensors(real).repeat())
+        times[image_steps] = median_seconds(
+            lambda: float(model.train_function(iterator)["matching_loss"]), FLAGS.steps)
+        peaks = (before_step, peak_rss_mib())
 
     extractor = nk.with_features(net)
-    synthetic = tf.Variable(model.synthetic.numpy())
+    synthetic = tf.Variable(model.synthetic.numpy())  # the set's shape; values do not matter
 
     @tf.function(jit_compile=jit)
     def bare_work():
@@ -107,9 +114,12 @@ def main(argv):
         return tape.gradient(loss, synthetic)
 
     bare_time = median_seconds(lambda: bare_work().numpy(), FLAGS.steps)
-    print(f"psi={FLAGS.variant}: {step_time:.2f} s/iter  ratio={step_time / bare_time:.2f}  "
-          f"peak_rss={peak:.0f} MiB  (bare work {bare_time:.2f} s; peak before the first step "
-          f"{before_step:.0f} MiB)", flush=True)
+    for image_steps, step_time in times.items():
+        print(f"psi={FLAGS.variant} image_steps={image_steps}: {step_time:.2f} s/iter  "
+              f"ratio={step_time / bare_time:.2f}  (bare work {bare_time:.2f} s)", flush=True)
+    print(f"psi={FLAGS.variant} per_class / summed = {times['per_class'] / times['summed']:.3f}"
+          f"  peak_rss={peaks[1]:.0f} MiB (before the first step {peaks[0]:.0f} MiB)",
+          flush=True)
 
 
 if __name__ == "__main__":
