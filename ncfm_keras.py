@@ -370,7 +370,8 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 # plain TF ops with gradients and XLA kernels: geometric warps use a gather-based bilinear
 # sampler, because ImageProjectiveTransformV3 has no XLA kernel.
 
-RNG = "philox"  # stateless random algorithm; fixed so XLA and eager draw the same numbers
+RNG = "philox"  # stateless random algorithm, fixed. XLA draws other numbers from a seed than
+#                  TF's own kernels (measured on CPU), so a run is reproducible within one mode.
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
 GEOMETRIC = ("crop", "scale", "rotate")
