@@ -294,14 +294,14 @@ def _read_folder(root, class_names, image_size):
             labels.append(label)
         except Exception:  # whatever Pillow raises, the file is not a readable image
             unreadable.append(os.path.relpath(path, root))
+    if not images:
+        raise NCFMError(f"none of the {len(files)} image files in {root} could be read (e.g. "
+                        f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
     if unreadable:
         print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
               f"could not be read (empty, truncated or not images): "
               f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
               file=sys.stderr, flush=True)
-    if not images:
-        raise NCFMError(f"none of the {len(files)} image files in {root} could be read (e.g. "
-                        f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
     return np.stack(images), np.asarray(labels)
 
 
