@@ -96,3 +96,14 @@ def test_distilled_sets_from_before_digests_still_evaluate(tmp_path):
              mean=np.full(3, 0.5, np.float32), std=np.full(3, 0.2, np.float32), config="{}")
     result = run("evaluate.py", f"--distilled={distilled}", *PAST_THE_CHECKS, cwd=tmp_path)
     assert_clean_error(result, "validation size 100000 is out of range")
+
+
+def test_results_suite_resolves_relative_paths_where_it_is_run(tmp_path):
+    write_image_folder(str(tmp_path / "data" / "clothes"), ["bag", "shirt"], 5)
+    result = run("benchmarks/results.py", "--dataset=folder:data/clothes", "--budget=smoke",
+                 "--ipcs=1", "--methods=random", "--repeats=1", "--nocross_arch",
+                 "--work_dir=cells", "--output=table.md", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (tmp_path / "cells" / "random_ipc1" / "cell.json").is_file()
+    assert f"--dataset=folder:{tmp_path / 'data' / 'clothes'}" in (
+        tmp_path / "table.md").read_text()
