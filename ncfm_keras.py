@@ -32,6 +32,7 @@ import struct
 import sys
 import tempfile
 import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -127,8 +128,12 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     """
     if name.startswith("folder:"):
         name = "folder:" + os.path.abspath(os.path.expanduser(name[len("folder:"):]))
-        x_train, y_train, x_test, y_test, class_names = _load_folder(
-            name[len("folder:"):], image_size, test_fraction)
+        try:
+            x_train, y_train, x_test, y_test, class_names = _load_folder(
+                name[len("folder:"):], image_size, test_fraction)
+        except OSError as e:  # a folder we may not list
+            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check its "
+                            "permissions") from None
         data_dir = None
     elif name in MNIST_FAMILY and data_dir and _has_idx_files(data_dir):
         x_train, y_train = _load_idx(data_dir, "train")
@@ -159,9 +164,13 @@ def _has_idx_files(data_dir):
 def _read_idx(path):
     """Reads one IDX file (the MNIST format: magic, dimensions, then raw uint8 data)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
+        raise NCFMError(f"{path} cannot be read ({e}); re-install the dataset files") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or \
+            len(data) < 4 + 4 * data[3]:
         raise NCFMError(f"{path} is not an uint8 IDX file; re-install the dataset files")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
@@ -226,9 +235,10 @@ def _load_tfds(name, data_dir):
 
 # Entries that are never data, at any level of a folder: hidden (dot) files and folders
 # (.ipynb_checkpoints, .DS_Store, macOS's ._* resource forks) and operating-system metadata.
-OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "$recycle.bin",
-               "system volume information"}
-TEST_SPLITS = ("test", "val", "validation", "valid")  # in order of preference
+OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
+               "system volume information", "lost+found"}
+TRAIN_SPLITS = ("train", "training")  # split folders, in any case, in order of preference
+TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 
 def _visible(name):
@@ -308,25 +318,27 @@ def _read_folder(root, class_names, image_size):
 def _folder_splits(root, test_fraction):
     """The layout of a folder dataset: `(train_dir, test_dir)`, `test_dir` None when the test
     split is to be held out of `train_dir`. `root/<class>/...` is read as one pool of images;
-    `root/train/<class>/...` (with `root/test/`, `val/`, `validation/` or `valid/` holding the
-    same classes, as ImageNet, Imagenette and CINIC-10 ship) as given splits."""
-    subdirs = _folder_classes(root)
-    train = os.path.join(root, "train")
-    if "train" not in subdirs or not _folder_classes(train) or any(
-            _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(train)):
+    `root/train/<class>/...` (or `training/`, in any case) with `test/`, `testing/`, `val/`,
+    `validation/` or `valid/` holding the same classes beside it (as ImageNet, Imagenette and
+    CINIC-10 ship) as given splits."""
+    subdirs = {d.lower(): d for d in _folder_classes(root)}
+    train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
+    if train is None or not _folder_classes(os.path.join(root, train)) or any(
+            _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+            for f in os.listdir(os.path.join(root, train))):
         return root, None  # a class folder that happens to be called "train" holds images
-    others = [d for d in subdirs if d != "train" and d not in TEST_SPLITS]
+    others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
-        raise NCFMError(f"folder {root} mixes train/ with other folders ({', '.join(others)}); "
-                        f"expected either {root}/<class>/ or {root}/train/<class>/ with "
+        raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
+                        f"expected either {root}/<class>/ or {root}/{train}/<class>/ with "
                         f"{root}/test/<class>/ (or val/) beside it")
-    classes = _folder_classes(train)
-    candidates = [s for s in TEST_SPLITS if s in subdirs]
+    classes = _folder_classes(os.path.join(root, train))
+    candidates = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
     for split in candidates:
         if _folder_classes(os.path.join(root, split)) == classes:
-            return train, os.path.join(root, split)
+            return os.path.join(root, train), os.path.join(root, split)
     if not candidates:
-        return train, None
+        return os.path.join(root, train), None
     found = []
     for split in candidates:
         theirs = _folder_classes(os.path.join(root, split))
@@ -335,9 +347,10 @@ def _folder_splits(root, test_fraction):
                      if set(theirs) & set(classes) and not extra else
                      f"{split}/ holds {_found(os.path.join(root, split))}")
     raise NCFMError(f"folder {root}: expected {'/ or '.join(candidates)}/ to hold the "
-                    f"{len(classes)} class folders of train/, but {'; '.join(found)}; give it "
-                    f"one folder per class like train/, or use folder:{train} to hold out "
-                    f"{test_fraction:.0%} of each class as the test split")
+                    f"{len(classes)} class folders of {train}/, but {'; '.join(found)}; give it "
+                    f"one folder per class like {train}/, or use folder:"
+                    f"{os.path.join(root, train)} to hold out {test_fraction:.0%} of each class "
+                    "as the test split")
 
 
 def _load_folder(root, image_size, test_fraction):
@@ -348,15 +361,20 @@ def _load_folder(root, image_size, test_fraction):
     sorted by path and every class gives its last `test_fraction` (at least one image) to the
     test split. Grayscale folders stay single-channel.
     """
+    if os.path.isfile(root):
+        raise NCFMError(f"folder:{root} is a file, not a folder; extract it if it is an "
+                        "archive (unzip, tar xf) and pass the folder it holds")
     if not os.path.isdir(root):
         raise NCFMError(f"folder {root} does not exist; pass folder:PATH with one "
                         "sub-directory of images per class")
     train_dir, test_dir = _folder_splits(root, test_fraction)
     class_names = _folder_classes(train_dir)
     if len(class_names) < 2:
+        inside = (f"; if the classes are inside {class_names[0]}/, pass folder:"
+                  f"{os.path.join(train_dir, class_names[0])}" if class_names else "")
         raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories "
                         f"(it holds {_found(train_dir)}); classification needs at least two "
-                        "(one sub-directory per class)")
+                        f"(one sub-directory per class){inside}")
     if test_dir:
         x_train, y_train = _read_folder(train_dir, class_names, image_size)
         x_test, y_test = _read_folder(test_dir, class_names, image_size)
@@ -893,10 +911,14 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             atomic_write(path, write)
         elif bar is not None:
             bar.update((member + 1) * epochs)
-        with np.load(path) as f:
-            count = len(f.files) // 2
-            initial.append([f[f"init_{i}"] for i in range(count)])
-            trained.append([f[f"trained_{i}"] for i in range(count)])
+        try:
+            with np.load(path) as f:
+                count = len(f.files) // 2
+                initial.append([f[f"init_{i}"] for i in range(count)])
+                trained.append([f[f"trained_{i}"] for i in range(count)])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete "
+                            "it to train it again") from None
     return initial, trained
 
 

@@ -39,6 +39,27 @@ def test_idx_errors(tmp_path):
         nk.load_dataset("fashion_mnist", str(tmp_path))
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"", "is not an uint8 IDX file"),  # zero bytes
+    (b"\x00\x00\x08\x03\x00\x00", "is not an uint8 IDX file"),  # the header cut short
+    ("cut", "cannot be read (Compressed file ended"),  # a download cut short
+    (b"<html>404</html>", "cannot be read (Not a gzipped file"),
+])
+def test_idx_files_cut_short_or_corrupt(tmp_path, content, message):
+    for name in os.listdir(FASHION_MNIST_DIR):
+        if name.startswith("t10k"):
+            shutil.copy(os.path.join(FASHION_MNIST_DIR, name), tmp_path)
+    shutil.copy(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"), tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    if content == "cut":
+        content = open(os.path.join(FASHION_MNIST_DIR, images.name), "rb").read()[:100000]
+    elif content.startswith(b"\x00"):
+        content = gzip.compress(content)
+    images.write_bytes(content)
+    with pytest.raises(nk.NCFMError, match=f"{images}.*{message}".replace("(", r"\(")):
+        nk.load_dataset("fashion_mnist", str(tmp_path))
+
+
 def test_missing_and_unknown_datasets(tmp_path):
     with pytest.raises(nk.NCFMError, match="unknown dataset 'no_such_dataset'"):
         nk.load_dataset("no_such_dataset")
@@ -285,6 +306,18 @@ def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     write_image_folder(str(tmp_path / "mixed" / "extra"), ["a", "b"], 3)
     with pytest.raises(nk.NCFMError, match=r"mixes train/ with other folders \(extra\)"):
         nk.load_dataset(f"folder:{tmp_path / 'mixed'}")
+    # Training/ + Testing/ (Kaggle's brain-tumour MRI set), a disk's lost+found beside them.
+    write_image_folder(str(tmp_path / "mri" / "Training"), ["glioma", "none"], 3)
+    write_image_folder(str(tmp_path / "mri" / "Testing"), ["glioma", "none"], 1)
+    os.makedirs(tmp_path / "mri" / "lost+found")
+    assert nk.load_dataset(f"folder:{tmp_path / 'mri'}").x_test.shape[0] == 2
+    # One folder wrapping the classes (as many archives extract), and the archive itself.
+    write_image_folder(str(tmp_path / "wrapped" / "seg_train"), ["a", "b"], 3)
+    with pytest.raises(nk.NCFMError, match=f"pass folder:{tmp_path}/wrapped/seg_train$"):
+        nk.load_dataset(f"folder:{tmp_path / 'wrapped'}")
+    shutil.make_archive(str(tmp_path / "clothes"), "zip", tmp_path / "mri")
+    with pytest.raises(nk.NCFMError, match="clothes.zip is a file, not a folder; extract it"):
+        nk.load_dataset(f"folder:{tmp_path / 'clothes.zip'}")
     os.makedirs(tmp_path / "flat" / "only")
     (tmp_path / "flat" / "only" / "a.tif").write_bytes(b"II*\x00")
     os.makedirs(tmp_path / "flat" / "other")
@@ -353,6 +386,10 @@ def test_pretrained_pools_of_other_images_are_not_shared(tmp_path, monkeypatch):
         data.name = "folder:clothes"  # as it was named before paths were made absolute
         nk.pretrain_pool(data, 1, 0, str(tmp_path / "pools"), verbose=0)
     assert len(os.listdir(tmp_path / "pools")) == 2
+    member = tmp_path / "pools" / nk.pool_key(data, "convnet", 0, 0) / "member-000.npz"
+    member.write_bytes(member.read_bytes()[:100])  # a cached member cut short
+    with pytest.raises(nk.NCFMError, match=f"pool member {member} cannot be read .* delete it"):
+        nk.pretrain_pool(data, 1, 0, str(tmp_path / "pools"), verbose=0)
 
 
 def test_idx_and_distilled_files_record_their_data(tmp_path, fashion_mnist):
