@@ -20,7 +20,8 @@ import cli
 flags.DEFINE_string("dataset", None, "TFDS name, MNIST-family name with IDX files in "
                     "--data_dir, or folder:PATH (default: the distilled set's dataset).")
 flags.DEFINE_string("data_dir", None, "TFDS data dir, or the folder holding MNIST IDX files.")
-flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to.")
+flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to (with "
+                     "--distilled, default: the set's).")
 flags.DEFINE_string("distilled", None, "A distilled-set .npz written by train.py.")
 flags.DEFINE_enum("baseline", "random", ["random", "herding"],
                   "Real-data baseline when --distilled is not given.")
