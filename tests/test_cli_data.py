@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 
-from conftest import write_image_folder
+from conftest import FASHION_MNIST_DIR, write_image_folder
 from test_cli import assert_clean_error, run
 
 TRAIN = ["--dataset=folder:data/clothes", "--ipc=1", "--iterations=2", "--log_every=2",
@@ -107,3 +107,16 @@ def test_results_suite_resolves_relative_paths_where_it_is_run(tmp_path):
     assert (tmp_path / "cells" / "random_ipc1" / "cell.json").is_file()
     assert f"--dataset=folder:{tmp_path / 'data' / 'clothes'}" in (
         tmp_path / "table.md").read_text()
+
+
+def test_idx_distilled_sets_find_their_data_dir(tmp_path, fashion_mnist):
+    import ncfm_keras as nk
+    d = fashion_mnist
+    for name, digest in (("same.npz", d.digest), ("other.npz", "0123456789abcdef")):
+        nk.save_distilled(str(tmp_path / name), nk.DistilledSet(
+            np.full((10, 32, 32, 1), 0.5, np.float32), np.arange(10), 1, 1, d.name,
+            d.class_names, d.mean, d.std, {}, data_dir=d.data_dir, data_digest=digest))
+    result = run("evaluate.py", f"--distilled={tmp_path / 'same.npz'}", *PAST_THE_CHECKS)
+    assert_clean_error(result, "validation size 100000 is out of range")  # no --data_dir needed
+    result = run("evaluate.py", f"--distilled={tmp_path / 'other.npz'}", *PAST_THE_CHECKS)
+    assert_clean_error(result, f"fashion_mnist in {FASHION_MNIST_DIR} is not the data")
