@@ -20,7 +20,8 @@ import cli
 flags.DEFINE_string("dataset", None, "TFDS name, MNIST-family name with IDX files in "
                     "--data_dir, or folder:PATH (default: the distilled set's dataset).")
 flags.DEFINE_string("data_dir", None, "TFDS data dir, or the folder holding MNIST IDX files.")
-flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to.")
+flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to (with "
+                     "--distilled, default: the set's).")
 flags.DEFINE_string("distilled", None, "A distilled-set .npz written by train.py.")
 flags.DEFINE_enum("baseline", "random", ["random", "herding"],
                   "Real-data baseline when --distilled is not given.")
@@ -46,14 +47,29 @@ def main(argv):
                 f"--epochs={FLAGS.epochs}: use 1 or more")
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)
+        # Any spelling of the data it was distilled from, by default the place it came from;
+        # its content digest decides. Files without one: the name must match, as it did.
         name = FLAGS.dataset or distilled.dataset
-        cli.require(name == distilled.dataset, f"--dataset={name} but {FLAGS.distilled} was "
-                    f"distilled from {distilled.dataset}; drop --dataset")
-        data = nk.load_dataset(name, FLAGS.data_dir, FLAGS.image_size)
+        data_dir = FLAGS.data_dir if FLAGS.dataset or FLAGS.data_dir else distilled.data_dir
+        cli.require(distilled.data_digest or name == distilled.dataset, f"--dataset={name} "
+                    f"but {FLAGS.distilled} was distilled from {distilled.dataset}; drop --dataset")
+        cli.require(FLAGS.dataset or not name.startswith("folder:") or
+                    os.path.isdir(name[len("folder:"):]), f"{FLAGS.distilled} was distilled from "
+                    f"{name}, which does not exist (any more); pass --dataset=folder:PATH where "
+                    "that data is now")
+        image_size = (FLAGS.image_size if FLAGS["image_size"].present else
+                      distilled.images.shape[1])
+        data = nk.load_dataset(name, data_dir, image_size)
+        where = data.name + (f" in {data.data_dir}" if data.data_dir else "")
         cli.require(data.class_names == distilled.class_names and
                     data.image_shape == distilled.images.shape[1:],
-                    f"{FLAGS.distilled} does not match {name} as loaded from {FLAGS.data_dir} "
-                    "(classes or image shape differ); pass the --data_dir it was distilled from")
+                    f"{FLAGS.distilled} does not match {where} (classes or image shape differ); "
+                    "pass the data it was distilled from (--dataset, --data_dir)")
+        cli.require(distilled.data_digest in (None, data.digest),
+                    f"{where} is not the data {FLAGS.distilled} was distilled from "
+                    f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir
+                                               else "") + "): the same classes and image size "
+                    "but other images; pass that data (--dataset, --data_dir)")
         x, y = distilled.decoded()
         source = {"distilled": os.path.abspath(FLAGS.distilled), "ipc": distilled.ipc,
                   "factor": distilled.factor}

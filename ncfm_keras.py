@@ -21,6 +21,7 @@ The library never reads command-line flags; `train.py` and `evaluate.py` do that
 """
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -28,8 +29,10 @@ import math
 import os
 import signal
 import struct
+import sys
 import tempfile
 import zipfile
+import zlib
 
 import keras
 import numpy as np
@@ -64,7 +67,9 @@ class Dataset:
 
     Images are uint8 `[N, H, W, C]` (28x28 inputs already zero-padded to 32x32); `mean` and
     `std` are per-channel statistics of the training images in [0, 1], used inside the
-    networks' input path so that synthetic images can stay in [0, 1].
+    networks' input path so that synthetic images can stay in [0, 1]. `name` is as given to
+    `load_dataset` (folders as `folder:ABSOLUTE_PATH`), `data_dir` the absolute directory it
+    was read from (None: TFDS's default).
     """
 
     name: str
@@ -75,6 +80,20 @@ class Dataset:
     class_names: list
     mean: np.ndarray
     std: np.ndarray
+    data_dir: str = None
+
+    @functools.cached_property
+    def digest(self):
+        """16 hex digits of a SHA-256 over the class names, the image shape and, per split,
+        the sorted digests of its (image, label) pairs: the data's identity in pool-cache keys,
+        distilled-set files and checkpoints, whatever path, name or file order loaded it.
+        Computed on first use (about 0.3 s for CIFAR-10); the arrays are read-only from then."""
+        h = hashlib.sha256(json.dumps([self.class_names, self.image_shape]).encode())
+        for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
+            x, y = np.ascontiguousarray(x, np.uint8), np.asarray(y, np.int32)
+            h.update(b"".join(sorted(hashlib.sha1(image).digest() + label.tobytes()
+                                     for image, label in zip(x, y))) + b"|")
+        return h.hexdigest()[:16]
 
     @property
     def num_classes(self):
@@ -98,8 +117,8 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
         `kmnist` it may instead hold the original IDX files (`train-images-idx3-ubyte.gz`, ...),
         which are then read directly (this works offline).
       image_size: side length folder images are resized to.
-      test_fraction: for folders without `train/` and `test/` sub-directories, the fraction of
-        each class (at least one image) held out as the test split.
+      test_fraction: for folders without a test split of their own (`test/`, `val/`, ...), the
+        fraction of each class (at least one image) held out as the test split.
 
     Returns:
       A `Dataset`.
@@ -108,8 +127,14 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
       NCFMError: the dataset cannot be found or read; the message says what to do.
     """
     if name.startswith("folder:"):
-        x_train, y_train, x_test, y_test, class_names = _load_folder(
-            name[len("folder:"):], image_size, test_fraction)
+        name = "folder:" + os.path.abspath(os.path.expanduser(name[len("folder:"):]))
+        try:
+            x_train, y_train, x_test, y_test, class_names = _load_folder(
+                name[len("folder:"):], image_size, test_fraction)
+        except OSError as e:  # a folder we may not list
+            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check its "
+                            "permissions") from None
+        data_dir = None
     elif name in MNIST_FAMILY and data_dir and _has_idx_files(data_dir):
         x_train, y_train = _load_idx(data_dir, "train")
         x_test, y_test = _load_idx(data_dir, "test")
@@ -125,7 +150,8 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
         pad = ((0, 0), (2, 2), (2, 2), (0, 0))
         x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
-                   list(class_names), mean.astype(np.float32), std.astype(np.float32))
+                   list(class_names), mean.astype(np.float32), std.astype(np.float32),
+                   os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
 
 
 def _has_idx_files(data_dir):
@@ -138,9 +164,13 @@ def _has_idx_files(data_dir):
 def _read_idx(path):
     """Reads one IDX file (the MNIST format: magic, dimensions, then raw uint8 data)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
+        raise NCFMError(f"{path} cannot be read ({e}); re-install the dataset files") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or \
+            len(data) < 4 + 4 * data[3]:
         raise NCFMError(f"{path} is not an uint8 IDX file; re-install the dataset files")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
@@ -203,53 +233,160 @@ def _load_tfds(name, data_dir):
     return x_train, y_train, x_test, y_test, features[label_key].names
 
 
+# Entries that are never data, at any level of a folder: hidden (dot) files and folders
+# (.ipynb_checkpoints, .DS_Store, macOS's ._* resource forks) and operating-system metadata.
+OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
+               "system volume information", "lost+found"}
+TRAIN_SPLITS = ("train", "training")  # split folders, in any case, in order of preference
+TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
+
+
+def _visible(name):
+    return not name.startswith(".") and name.lower() not in OS_METADATA
+
+
 def _folder_classes(root):
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    return sorted(d for d in os.listdir(root)
+                  if _visible(d) and os.path.isdir(os.path.join(root, d)))
+
+
+def _found(directory):
+    """What `directory` holds, for error messages: `images/, wnids.txt and 3 more`."""
+    names = sorted(n + "/" * os.path.isdir(os.path.join(directory, n))
+                   for n in os.listdir(directory) if _visible(n))
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return ", ".join(names[:4]) + more if names else "nothing"
+
+
+def _image_files(directory):
+    """The image files under `directory` at any depth (Tiny ImageNet keeps a class's images in
+    `<class>/images/`), hidden entries skipped, symbolic links followed, sorted by path."""
+    found, seen = [], set()
+    for here, dirs, files in os.walk(directory, followlinks=True):
+        if os.path.realpath(here) in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(here))
+        dirs[:] = [d for d in dirs if _visible(d)]
+        found += [os.path.join(here, f) for f in files
+                  if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def _read_image(path, image_size):
+    """One image file as uint8 `[size, size, 3]`: decoded with Pillow, converted to RGB (alpha
+    dropped, first frame of a GIF), resized with Pillow's bilinear filter."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit grayscale: keep the high byte (convert clips)
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        elif image.mode in ("P", "PA"):  # palette transparency goes through RGBA
+            image = image.convert("RGBA")
+        image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        return np.asarray(image)
 
 
 def _read_folder(root, class_names, image_size):
-    """Reads `root/<class>/*` as uint8 images with keras.utils.image_dataset_from_directory."""
-    counts = [sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(os.path.join(root, c)))
-              for c in class_names]
-    if sum(counts) == 0:
+    """Reads `root/<class>/**/<image>` as uint8 `[N, size, size, 3]` images and int labels, in
+    class then path order. Files that cannot be decoded (empty, truncated, not images) are
+    skipped, and one warning line on stderr counts them and names the first three."""
+    files = [(path, c) for c, name in enumerate(class_names)
+             for path in _image_files(os.path.join(root, name))]
+    if not files:
         raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
-                        "class sub-directories")
-    ds = keras.utils.image_dataset_from_directory(
-        root, labels="inferred", label_mode="int", class_names=class_names, batch_size=None,
-        image_size=(image_size, image_size), shuffle=False, verbose=False)
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
-    images = np.clip(np.round(np.stack(images)), 0, 255).astype(np.uint8)
-    return images, np.asarray(labels)
+                        f"class sub-directories, at any depth ({class_names[0]}/ holds "
+                        f"{_found(os.path.join(root, class_names[0]))})")
+    images, labels, unreadable = [], [], []
+    for path, label in files:
+        try:
+            images.append(_read_image(path, image_size))
+            labels.append(label)
+        except Exception:  # whatever Pillow raises, the file is not a readable image
+            unreadable.append(os.path.relpath(path, root))
+    if not images:
+        raise NCFMError(f"none of the {len(files)} image files in {root} could be read (e.g. "
+                        f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
+    if unreadable:
+        print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
+              f"could not be read (empty, truncated or not images): "
+              f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
+              file=sys.stderr, flush=True)
+    return np.stack(images), np.asarray(labels)
+
+
+def _folder_splits(root, test_fraction):
+    """The layout of a folder dataset: `(train_dir, test_dir)`, `test_dir` None when the test
+    split is to be held out of `train_dir`. `root/<class>/...` is read as one pool of images;
+    `root/train/<class>/...` (or `training/`, in any case) with `test/`, `testing/`, `val/`,
+    `validation/` or `valid/` holding the same classes beside it (as ImageNet, Imagenette and
+    CINIC-10 ship) as given splits."""
+    subdirs = {d.lower(): d for d in _folder_classes(root)}
+    train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
+    if train is None or not _folder_classes(os.path.join(root, train)) or any(
+            _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+            for f in os.listdir(os.path.join(root, train))):
+        return root, None  # a class folder that happens to be called "train" holds images
+    others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
+    if others:
+        raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
+                        f"expected either {root}/<class>/ or {root}/{train}/<class>/ with "
+                        f"{root}/test/<class>/ (or val/) beside it")
+    classes = _folder_classes(os.path.join(root, train))
+    candidates = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
+    for split in candidates:
+        if _folder_classes(os.path.join(root, split)) == classes:
+            return os.path.join(root, train), os.path.join(root, split)
+    if not candidates:
+        return os.path.join(root, train), None
+    found = []
+    for split in candidates:
+        theirs = _folder_classes(os.path.join(root, split))
+        missing, extra = sorted(set(classes) - set(theirs)), sorted(set(theirs) - set(classes))
+        found.append(f"{split}/ lacks {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
+                     if set(theirs) & set(classes) and not extra else
+                     f"{split}/ holds {_found(os.path.join(root, split))}")
+    raise NCFMError(f"folder {root}: expected {'/ or '.join(candidates)}/ to hold the "
+                    f"{len(classes)} class folders of {train}/, but {'; '.join(found)}; give it "
+                    f"one folder per class like {train}/, or use folder:"
+                    f"{os.path.join(root, train)} to hold out {test_fraction:.0%} of each class "
+                    "as the test split")
 
 
 def _load_folder(root, image_size, test_fraction):
-    """A folder dataset: `root/<class>/*.png`, or `root/train/<class>/...` + `root/test/...`.
+    """A folder dataset: `root/<class>/**/<image>`, or `root/train/<class>/...` beside
+    `root/test/` (or `val/`, see `_folder_splits`).
 
-    Without explicit train/test sub-directories, the split is deterministic: the files of each
-    class are sorted by name and every class gives its last `test_fraction` (at least one image)
-    to the test split. Grayscale folders stay single-channel.
+    Without a given test split, the split is deterministic: the images of each class are
+    sorted by path and every class gives its last `test_fraction` (at least one image) to the
+    test split. Grayscale folders stay single-channel.
     """
+    if os.path.isfile(root):
+        raise NCFMError(f"folder:{root} is a file, not a folder; extract it if it is an "
+                        "archive (unzip, tar xf) and pass the folder it holds")
     if not os.path.isdir(root):
         raise NCFMError(f"folder {root} does not exist; pass folder:PATH with one "
                         "sub-directory of images per class")
-    explicit = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
-    class_names = _folder_classes(os.path.join(root, "train") if explicit else root)
+    train_dir, test_dir = _folder_splits(root, test_fraction)
+    class_names = _folder_classes(train_dir)
     if len(class_names) < 2:
-        raise NCFMError(f"folder {root} has {len(class_names)} class sub-directories; "
-                        "classification needs at least two (one sub-directory per class)")
-    if explicit:
-        if _folder_classes(os.path.join(root, "test")) != class_names:
-            raise NCFMError(f"{root}/train and {root}/test must hold the same class folders")
-        x_train, y_train = _read_folder(os.path.join(root, "train"), class_names, image_size)
-        x_test, y_test = _read_folder(os.path.join(root, "test"), class_names, image_size)
+        inside = (f"; if the classes are inside {class_names[0]}/, pass folder:"
+                  f"{os.path.join(train_dir, class_names[0])}" if class_names else "")
+        raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories "
+                        f"(it holds {_found(train_dir)}); classification needs at least two "
+                        f"(one sub-directory per class){inside}")
+    if test_dir:
+        x_train, y_train = _read_folder(train_dir, class_names, image_size)
+        x_test, y_test = _read_folder(test_dir, class_names, image_size)
     else:
-        images, labels = _read_folder(root, class_names, image_size)
+        images, labels = _read_folder(train_dir, class_names, image_size)
         is_test = np.zeros(len(labels), bool)
         for c in range(len(class_names)):
-            idx = np.flatnonzero(labels == c)  # file-name order (the loader does not shuffle)
+            idx = np.flatnonzero(labels == c)  # path order
             if len(idx) < 2:
-                raise NCFMError(f"class '{class_names[c]}' in {root} has {len(idx)} image(s); "
-                                "each class needs at least two (one for training, one to test)")
+                raise NCFMError(f"class '{class_names[c]}' in {train_dir} has {len(idx)} "
+                                "readable image(s); each class needs at least two (one for "
+                                "training, one to test)")
             n_test = max(1, int(round(len(idx) * test_fraction)))
             is_test[idx[-n_test:]] = True
         x_train, y_train = images[~is_test], labels[~is_test]
@@ -820,15 +957,13 @@ POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old
 
 
 def pool_key(data, arch, epochs, seed):
-    """A cache key naming the dataset, its shape and classes, the architecture and settings,
+    """A cache key: the dataset's name (for people) and content digest (so that other images
+    under the same name or class counts get their own pool), the architecture and settings,
     and the pretraining recipe (`POOL_RECIPE` and the "pretrain" protocol's fields)."""
-    def digest(value, length):
-        return hashlib.sha1(json.dumps(value).encode()).hexdigest()[:length]
-    data_digest = digest([data.name, data.image_shape, data.class_names,
-                          data.class_counts().tolist()], 10)
-    recipe = digest([POOL_RECIPE, dataclasses.asdict(PROTOCOLS["pretrain"])], 6)
+    recipe = hashlib.sha1(json.dumps([POOL_RECIPE, dataclasses.asdict(PROTOCOLS["pretrain"])])
+                          .encode()).hexdigest()[:6]
     name = "".join(c if c.isalnum() else "_" for c in data.name.split("/")[-1])[:40]
-    return f"{name}-{data_digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
+    return f"{name}-{data.digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
 
 
 class PoolProgress(keras.callbacks.Callback):
@@ -879,10 +1014,14 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             atomic_write(path, write)
         elif bar is not None:
             bar.update((member + 1) * epochs)
-        with np.load(path) as f:
-            count = len(f.files) // 2
-            initial.append([f[f"init_{i}"] for i in range(count)])
-            trained.append([f[f"trained_{i}"] for i in range(count)])
+        try:
+            with np.load(path) as f:
+                count = len(f.files) // 2
+                initial.append([f[f"init_{i}"] for i in range(count)])
+                trained.append([f[f"trained_{i}"] for i in range(count)])
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete "
+                            "it to train it again") from None
     return initial, trained
 
 
@@ -1567,7 +1706,8 @@ class NCFM(keras.Model):
         """The current synthetic images as a `DistilledSet`."""
         return DistilledSet(self.synthetic.numpy(), self.labels, self.config.ipc,
                             self.config.factor, data.name, data.class_names, data.mean,
-                            data.std, dataclasses.asdict(self.config))
+                            data.std, dataclasses.asdict(self.config),
+                            data_dir=data.data_dir, data_digest=data.digest)
 
 
 PRESETS = {
@@ -1995,7 +2135,9 @@ FILE_FORMAT = "ncfm-keras distilled set v1"
 
 @dataclasses.dataclass
 class DistilledSet:
-    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1]."""
+    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1].
+    `dataset`, `data_dir` and `data_digest` identify the data it was distilled from (see
+    `Dataset`; files from before digests were recorded load with None)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -2006,6 +2148,8 @@ class DistilledSet:
     mean: np.ndarray
     std: np.ndarray
     config: dict
+    data_dir: str = None
+    data_digest: str = None
 
     def decoded(self):
         """Training images and labels after multi-formation decoding."""
@@ -2053,6 +2197,8 @@ def save_distilled(path, distilled):
                   class_names=np.asarray(distilled.class_names, dtype=str),
                   mean=distilled.mean.astype(np.float32), std=distilled.std.astype(np.float32),
                   config=json.dumps(distilled.config))
+    arrays.update({k: getattr(distilled, k) for k in ("data_dir", "data_digest")
+                   if getattr(distilled, k) is not None})
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -2074,7 +2220,8 @@ def load_distilled(path):
                 images=f["images"], labels=f["labels"], ipc=int(f["ipc"]),
                 factor=int(f["factor"]), dataset=str(f["dataset"]),
                 class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
-                config=json.loads(str(f["config"])))
+                config=json.loads(str(f["config"])),
+                **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files})
     except NCFMError:
         raise
     except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing

@@ -72,8 +72,8 @@ def resume_point(checkpoint_path, meta):
         return None
     restore = cli.nk.load_checkpoint(checkpoint_path)
     saved = restore["meta"]
-    conflicts = [f"{k}={saved.get(k)!r} there, {v!r} now" for k, v in meta.items()
-                 if k != "config" and saved.get(k) != v]
+    conflicts = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in meta.items()
+                 if k != "config" and k in saved and saved[k] != v]  # older files lack some
     conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"
                   for k, v in meta["config"].items() if saved["config"].get(k) != v]
     cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
@@ -119,7 +119,7 @@ def main(argv):
     checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
     # What a resumed run must share with its checkpoint (--iterations may grow). Checked
     # before the pool, which can take long to train.
-    meta = dict(dataset=FLAGS.dataset, image_size=FLAGS.image_size, log_every=steps,
+    meta = dict(data_digest=data.digest, image_size=FLAGS.image_size, log_every=steps,
                 precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
                                           if k != "iterations"})
     restore = resume_point(checkpoint_path, meta)

@@ -353,6 +353,12 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
 
 def main(argv):
     del argv
+    # The cells' commands run in the project directory: paths relative to here go absolute.
+    for name in ("data_dir", "work_dir", "pool_dir", "output"):
+        if FLAGS[name].value:
+            FLAGS[name].value = os.path.abspath(os.path.expanduser(FLAGS[name].value))
+    if FLAGS.dataset.startswith("folder:"):
+        FLAGS.dataset = "folder:" + os.path.abspath(os.path.expanduser(FLAGS.dataset[7:]))
     budget = dict(BUDGETS[FLAGS.budget])
     repeats = FLAGS.repeats or budget["repeats"]
     ipcs = [int(i) for i in FLAGS.ipcs]
@@ -368,7 +374,8 @@ def main(argv):
         if method not in METHODS or not ipc.isdigit():
             raise app.UsageError(f"--only={FLAGS.only}: use METHOD:IPC, e.g. ncfm:10")
         cells, ipcs, methods = [(method, int(ipc))], [int(ipc)], [method]
-    work_dir = FLAGS.work_dir or os.path.join(ROOT, "results", f"{FLAGS.dataset}_{FLAGS.budget}")
+    work_dir = FLAGS.work_dir or os.path.join(ROOT, "results", "{}_{}".format(
+        FLAGS.dataset.replace(":", "_").replace("/", "_"), FLAGS.budget))
     pool_dir = FLAGS.pool_dir or os.path.join(work_dir, "pools")
     output = FLAGS.output or (os.path.join(work_dir, "RESULTS.md") if FLAGS.only else
                               os.path.join(ROOT, "RESULTS.md"))

@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import os
 import shutil
@@ -35,6 +36,27 @@ def test_idx_errors(tmp_path):
     with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
         f.write(head)
     with pytest.raises(nk.NCFMError, match="truncated"):
+        nk.load_dataset("fashion_mnist", str(tmp_path))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is not an uint8 IDX file"),  # zero bytes
+    (b"\x00\x00\x08\x03\x00\x00", "is not an uint8 IDX file"),  # the header cut short
+    ("cut", "cannot be read (Compressed file ended"),  # a download cut short
+    (b"<html>404</html>", "cannot be read (Not a gzipped file"),
+])
+def test_idx_files_cut_short_or_corrupt(tmp_path, content, message):
+    for name in os.listdir(FASHION_MNIST_DIR):
+        if name.startswith("t10k"):
+            shutil.copy(os.path.join(FASHION_MNIST_DIR, name), tmp_path)
+    shutil.copy(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"), tmp_path)
+    images = tmp_path / "train-images-idx3-ubyte.gz"
+    if content == "cut":
+        content = open(os.path.join(FASHION_MNIST_DIR, images.name), "rb").read()[:100000]
+    elif content.startswith(b"\x00"):
+        content = gzip.compress(content)
+    images.write_bytes(content)
+    with pytest.raises(nk.NCFMError, match=f"{images}.*{message}".replace("(", r"\(")):
         nk.load_dataset("fashion_mnist", str(tmp_path))
 
 
@@ -157,3 +179,233 @@ def test_class_balanced_batches_restart_anywhere_and_cycle_each_class(fashion_mn
     for c in range(10):
         drawn = np.concatenate([s[c].numpy().reshape(100, -1) for s in stream])
         assert len(np.unique(drawn, axis=0)) == len(drawn)
+
+
+# --- Folder datasets as they come in the field -----------------------------------------------
+
+def _png_bytes(value=128, size=(6, 6)):
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(np.full(size, value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_hidden_entries_and_os_metadata_are_never_data(tmp_path, capsys):
+    clean, messy = tmp_path / "clean", tmp_path / "messy"
+    write_image_folder(str(clean), ["cat", "dog", "fox"], per_class=5)
+    shutil.copytree(clean, messy)
+    junk = {  # what Colab, macOS, Windows and NAS boxes leave beside the data
+        ".ipynb_checkpoints/000-checkpoint.png": _png_bytes(),
+        "__MACOSX/cat/._000.png": b"\x00\x05\x16\x07 AppleDouble",
+        "@eaDir/000.png/SYNOPHOTO_THUMB_S.png": _png_bytes(),
+        ".DS_Store": b"\x00\x00\x00\x01Bud1",
+        "cat/._000.png": b"\x00\x05\x16\x07 AppleDouble",
+        "cat/.DS_Store": b"Bud1",
+        "dog/Thumbs.db": b"\xd0\xcf\x11\xe0",
+        "dog/desktop.ini": b"[.ShellClassInfo]",
+        "fox/.ipynb_checkpoints/004-checkpoint.png": _png_bytes(),
+        "fox/.hidden.png": _png_bytes(),
+    }
+    for name, content in junk.items():
+        os.makedirs(os.path.dirname(messy / name), exist_ok=True)
+        (messy / name).write_bytes(content)
+    for train in (False, True):  # beside the class folders and inside a train/ split
+        root = messy
+        if train:
+            root = tmp_path / "split"
+            shutil.copytree(messy, root / "train")
+            shutil.copytree(messy, root / "test")
+            os.makedirs(root / ".ipynb_checkpoints")
+        d = nk.load_dataset(f"folder:{root}")
+        assert d.class_names == ["cat", "dog", "fox"]
+        assert list(d.class_counts()) == ([5, 5, 5] if train else [4, 4, 4])
+    assert capsys.readouterr().err == ""  # no file was even tried
+    assert nk.load_dataset(f"folder:{messy}").digest == nk.load_dataset(f"folder:{clean}").digest
+
+
+def test_unreadable_images_are_skipped_with_one_warning_line(tmp_path, capsys):
+    write_image_folder(str(tmp_path), ["cat", "dog", "fox"], per_class=5)
+    whole = (tmp_path / "dog" / "000.png").read_bytes()
+    (tmp_path / "cat" / "x.png").write_bytes(b"")  # zero bytes
+    (tmp_path / "dog" / "cut.png").write_bytes(whole[:len(whole) // 2])  # cut short
+    (tmp_path / "fox" / "notes.jpg").write_text("not an image")
+    (tmp_path / "fox" / "gone.png").symlink_to(tmp_path / "absent.png")  # a broken link
+    d = nk.load_dataset(f"folder:{tmp_path}")
+    assert list(d.class_counts()) + list(np.bincount(d.y_test)) == [4, 4, 4, 1, 1, 1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: skipped 4 of 19 image files")
+    assert "cat/x.png, dog/cut.png, fox/gone.png, ..." in lines[0]
+    assert "Traceback" not in lines[0]
+
+
+def test_folders_with_too_few_readable_images(tmp_path, capsys):
+    write_image_folder(str(tmp_path), ["cat", "dog"], per_class=1)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"")
+    (tmp_path / "cat" / "more.png").write_bytes(_png_bytes())
+    with pytest.raises(nk.NCFMError, match="class 'dog' in .* has 1 readable image"):
+        nk.load_dataset(f"folder:{tmp_path}")
+    for png in tmp_path.glob("*/*.png"):
+        png.write_bytes(b"\x89PNG")
+    capsys.readouterr()
+    with pytest.raises(nk.NCFMError, match="none of the 4 image files .* could be read"):
+        nk.load_dataset(f"folder:{tmp_path}")
+    assert capsys.readouterr().err == ""  # the error is the one line
+
+
+def test_downloaded_layouts(tmp_path):
+    classes = ["n01", "n02", "n03"]
+    # Imagenette: train/ + val/ with the same class folders; ImageNet adds an unlabelled test/.
+    write_image_folder(str(tmp_path / "nette" / "train"), classes, 4)
+    write_image_folder(str(tmp_path / "nette" / "val"), classes, 2, seed=1)
+    os.makedirs(tmp_path / "nette" / "test")
+    (tmp_path / "nette" / "test" / "x.png").write_bytes(_png_bytes())
+    (tmp_path / "nette" / "noisy_imagenette.csv").write_text("path,label\n")
+    d = nk.load_dataset(f"folder:{tmp_path / 'nette'}", image_size=8)
+    assert d.x_train.shape[0] == 12 and d.x_test.shape[0] == 6 and d.class_names == classes
+    # CINIC-10: train/, valid/ and test/ all labelled -> test/ is the test split.
+    for split, n in (("train", 3), ("valid", 2), ("test", 4)):
+        write_image_folder(str(tmp_path / "cinic" / split), classes, n)
+    assert nk.load_dataset(f"folder:{tmp_path / 'cinic'}", image_size=8).x_test.shape[0] == 12
+    # Tiny ImageNet: <class>/images/*.JPEG, a flat val/ labelled by a text file, no test labels.
+    tiny = tmp_path / "tiny"
+    for c in classes:
+        write_image_folder(str(tiny / "train" / c), ["images"], 5, mode="RGB")
+        for png in (tiny / "train" / c / "images").glob("*.png"):
+            from PIL import Image
+            Image.open(png).save(png.with_suffix(".JPEG"))
+            png.unlink()
+        (tiny / "train" / c / f"{c}_boxes.txt").write_text("")
+    write_image_folder(str(tiny / "val"), ["images"], 3)
+    (tiny / "val" / "val_annotations.txt").write_text("")
+    write_image_folder(str(tiny / "test"), ["images"], 3)
+    (tiny / "wnids.txt").write_text("\n".join(classes))
+    with pytest.raises(nk.NCFMError) as error:
+        nk.load_dataset(f"folder:{tiny}")
+    message = str(error.value)
+    assert "expected test/ or val/ to hold the 3 class folders of train/" in message
+    assert "val/ holds images/, val_annotations.txt" in message
+    assert f"folder:{tiny / 'train'} to hold out 20% of each class" in message
+    d = nk.load_dataset(f"folder:{tiny / 'train'}", image_size=8)  # nested images are found
+    assert d.class_names == classes and list(d.class_counts()) == [4, 4, 4]
+    # train/ alone: the test split is held out of it.
+    write_image_folder(str(tmp_path / "alone" / "train"), classes, 5)
+    assert nk.load_dataset(f"folder:{tmp_path / 'alone'}").x_test.shape[0] == 3
+
+
+def test_layout_errors_say_what_was_expected_and_found(tmp_path):
+    classes = ["bus", "car", "train"]  # a class may be called train: it holds images
+    write_image_folder(str(tmp_path / "vehicles"), classes, 3)
+    assert nk.load_dataset(f"folder:{tmp_path / 'vehicles'}").class_names == classes
+    write_image_folder(str(tmp_path / "partial" / "train"), ["a", "b", "c"], 3)
+    write_image_folder(str(tmp_path / "partial" / "val"), ["a", "b"], 3)
+    with pytest.raises(nk.NCFMError, match="val/ lacks c;"):
+        nk.load_dataset(f"folder:{tmp_path / 'partial'}")
+    write_image_folder(str(tmp_path / "mixed" / "train"), ["a", "b"], 3)
+    write_image_folder(str(tmp_path / "mixed" / "test"), ["a", "b"], 3)
+    write_image_folder(str(tmp_path / "mixed" / "extra"), ["a", "b"], 3)
+    with pytest.raises(nk.NCFMError, match=r"mixes train/ with other folders \(extra\)"):
+        nk.load_dataset(f"folder:{tmp_path / 'mixed'}")
+    # Training/ + Testing/ (Kaggle's brain-tumour MRI set), a disk's lost+found beside them.
+    write_image_folder(str(tmp_path / "mri" / "Training"), ["glioma", "none"], 3)
+    write_image_folder(str(tmp_path / "mri" / "Testing"), ["glioma", "none"], 1)
+    os.makedirs(tmp_path / "mri" / "lost+found")
+    assert nk.load_dataset(f"folder:{tmp_path / 'mri'}").x_test.shape[0] == 2
+    # One folder wrapping the classes (as many archives extract), and the archive itself.
+    write_image_folder(str(tmp_path / "wrapped" / "seg_train"), ["a", "b"], 3)
+    with pytest.raises(nk.NCFMError, match=f"pass folder:{tmp_path}/wrapped/seg_train$"):
+        nk.load_dataset(f"folder:{tmp_path / 'wrapped'}")
+    shutil.make_archive(str(tmp_path / "clothes"), "zip", tmp_path / "mri")
+    with pytest.raises(nk.NCFMError, match="clothes.zip is a file, not a folder; extract it"):
+        nk.load_dataset(f"folder:{tmp_path / 'clothes.zip'}")
+    os.makedirs(tmp_path / "flat" / "only")
+    (tmp_path / "flat" / "only" / "a.tif").write_bytes(b"II*\x00")
+    os.makedirs(tmp_path / "flat" / "other")
+    with pytest.raises(nk.NCFMError, match=r"holds no images .* \(only/ holds a.tif\)"):
+        nk.load_dataset(f"folder:{tmp_path / 'flat'}")
+
+
+def test_image_kinds_names_and_links(tmp_path):
+    from PIL import Image
+    root = tmp_path / "data"
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    kinds = {
+        "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., 0]]), "RGBA"),
+        "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+        "palette.gif": Image.fromarray(rgb).convert("P"),
+        "bilevel.bmp": Image.fromarray(rgb[..., 0] > 127),
+        "grey16.png": Image.fromarray(np.full((10, 12), 0x8080, np.uint16)),
+    }
+    os.makedirs(root / "çà")
+    for name, image in kinds.items():
+        image.save(root / "çà" / name)
+    write_image_folder(str(tmp_path / "elsewhere"), ["long tail"], 20)
+    (root / "long tail").symlink_to(tmp_path / "elsewhere" / "long tail")  # a linked class
+    (root / "long tail" / "loop").symlink_to(root / "long tail")  # a link back up is read once
+    d = nk.load_dataset(f"folder:{root}", image_size=12)
+    assert d.class_names == ["long tail", "çà"] and list(d.class_counts()) == [16, 4]
+    assert d.x_train.shape[1:] == (12, 12, 3)
+    # In path order, çà's training images are bilevel, cmyk, grey16, palette (rgba is tested).
+    np.testing.assert_array_equal(d.x_train[d.y_train == 1][2], 128)  # 16 bits: the high byte
+
+
+def test_digest_identifies_the_data_not_its_spelling(tmp_path, monkeypatch):
+    write_image_folder(str(tmp_path / "a" / "clothes"), ["shirt", "bag"], 4)
+    write_image_folder(str(tmp_path / "b" / "clothes"), ["shirt", "bag"], 4, seed=1)
+    monkeypatch.chdir(tmp_path / "a")
+    here = nk.load_dataset("folder:clothes")
+    assert here.name == f"folder:{tmp_path / 'a' / 'clothes'}"  # absolute, whatever the spelling
+    same = nk.load_dataset(f"folder:{tmp_path}/a/../a/clothes/")
+    assert same.name == here.name and same.digest == here.digest
+    monkeypatch.chdir(tmp_path / "b")
+    other = nk.load_dataset("folder:clothes")  # same name, counts and classes; other images
+    assert list(other.class_counts()) == list(here.class_counts())
+    assert other.digest != here.digest
+    assert nk.pool_key(other, "convnet", 0, 0) != nk.pool_key(here, "convnet", 0, 0)
+    assert nk.pool_key(same, "convnet", 0, 0) == nk.pool_key(here, "convnet", 0, 0)
+    # The file order does not matter; a label, a pixel or a split does.
+    order = np.random.default_rng(0).permutation(len(here.y_train))
+    shuffled = dataclasses.replace(here, x_train=here.x_train[order], y_train=here.y_train[order])
+    assert shuffled.digest == here.digest
+    pixel = here.x_test.copy()
+    pixel[0, 0, 0, 0] ^= 1
+    relabelled = here.y_train.copy()
+    relabelled[0] = 1 - relabelled[0]
+    for changed in (dict(x_test=pixel), dict(y_train=relabelled),
+                    dict(x_train=here.x_test, y_train=here.y_test, x_test=here.x_train,
+                         y_test=here.y_train)):
+        assert dataclasses.replace(here, **changed).digest != here.digest
+
+
+def test_pretrained_pools_of_other_images_are_not_shared(tmp_path, monkeypatch):
+    write_image_folder(str(tmp_path / "a" / "clothes"), ["shirt", "bag"], 4)
+    write_image_folder(str(tmp_path / "b" / "clothes"), ["shirt", "bag"], 4, seed=1)
+    for project in ("a", "b", "a"):  # two projects, each with its own data/clothes
+        monkeypatch.chdir(tmp_path / project)
+        data = nk.load_dataset("folder:clothes", image_size=8)
+        data.name = "folder:clothes"  # as it was named before paths were made absolute
+        nk.pretrain_pool(data, 1, 0, str(tmp_path / "pools"), verbose=0)
+    assert len(os.listdir(tmp_path / "pools")) == 2
+    member = tmp_path / "pools" / nk.pool_key(data, "convnet", 0, 0) / "member-000.npz"
+    member.write_bytes(member.read_bytes()[:100])  # a cached member cut short
+    with pytest.raises(nk.NCFMError, match=f"pool member {member} cannot be read .* delete it"):
+        nk.pretrain_pool(data, 1, 0, str(tmp_path / "pools"), verbose=0)
+
+
+def test_idx_and_distilled_files_record_their_data(tmp_path, fashion_mnist):
+    assert fashion_mnist.data_dir == FASHION_MNIST_DIR and len(fashion_mnist.digest) == 16
+    distilled = nk.DistilledSet(np.zeros((10, 8, 8, 1), np.float32), np.arange(10), 1, 2,
+                                fashion_mnist.name, fashion_mnist.class_names,
+                                fashion_mnist.mean, fashion_mnist.std, {},
+                                data_dir=fashion_mnist.data_dir,
+                                data_digest=fashion_mnist.digest)
+    nk.save_distilled(str(tmp_path / "new.npz"), distilled)
+    loaded = nk.load_distilled(str(tmp_path / "new.npz"))
+    assert (loaded.data_dir, loaded.data_digest) == (FASHION_MNIST_DIR, fashion_mnist.digest)
+    # Files written before data digests were recorded still load.
+    nk.save_distilled(str(tmp_path / "old.npz"), dataclasses.replace(
+        distilled, data_dir=None, data_digest=None))
+    with np.load(tmp_path / "old.npz") as f:
+        assert "data_digest" not in f.files
+    old = nk.load_distilled(str(tmp_path / "old.npz"))
+    assert old.data_digest is None and old.dataset == "fashion_mnist"
