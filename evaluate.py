@@ -8,8 +8,8 @@
     python evaluate.py --dataset=fashion_mnist --data_dir=... --baseline=random --ipc=10 \\
         --labels=teacher --teacher_of=runs/fmnist/distilled.npz
 
-Prints one line per architecture, `arch: final X.XX ± Y.YY  best-seen X.XX ± Y.YY  (...)`
-(`arch [soft labels: MODE]: final ...` with --labels other than hard), and rewrites
+Prints one line per architecture, `arch: final X.XX ± Y.YY  best-seen X.XX ± Y.YY  (on the
+test split)` (`arch [soft labels: MODE]: final ...` with --labels other than hard), and rewrites
 `<output_dir>/evaluation.json` after every trained network, so a failure or Ctrl-C later keeps
 what finished. "final" is the accuracy after the last epoch (the headline); "best-seen" is the
 official statistic: the best test accuracy of the tests every 100 epochs (and after the last),
@@ -147,8 +147,7 @@ def main(argv):
             summary = results["archs"][arch]["summary"]
             print(f"{arch}{tag}: final {summary['final'][0]:.2f} ± {summary['final'][1]:.2f}  "
                   f"best-seen {summary['best_seen'][0]:.2f} ± {summary['best_seen'][1]:.2f}  "
-                  f"(on the {tested_on}; best-seen: the official statistic, best of the tests "
-                  f"every {test_every} epochs)", flush=True)
+                  f"(on the {tested_on})", flush=True)
     except KeyboardInterrupt:
         kept = (f"{path} keeps the {finished} finished network(s)" if finished else
                 "no network had finished, nothing written")
@@ -156,7 +155,8 @@ def main(argv):
         sys.exit(130)
     results["complete"] = True
     nk.write_json(path, results)
-    print(f"wrote {path}")
+    print(f"best-seen is the official statistic: the best of the tests every {test_every} "
+          f"epochs and after the last; final is the headline\nwrote {path}")
 
 
 if __name__ == "__main__":

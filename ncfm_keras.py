@@ -1648,9 +1648,11 @@ class TestAccuracy(keras.callbacks.Callback):
 
 LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "hard": "the class labels",
-    "teacher": "the official soft labels (teacher_targets, misclassified='official')",
-    "teacher_onehot": "soft labels with misclassified images on their one-hot label",
-    "teacher_per_batch": "the teacher's softmax on every augmented batch",
+    "teacher": "the official soft labels: the teacher's softmax on each un-augmented image, "
+               "softmax(one-hot) where it misclassifies; hard labels in the last epochs",
+    "teacher_onehot": "as teacher, with the one-hot label where the teacher misclassifies",
+    "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
+                         "last epochs",
 }
 OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last
 # The official code trains on soft labels while (1-based) epoch < epochs - 100, i.e. on hard
