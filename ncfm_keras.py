@@ -367,6 +367,8 @@ def _load_folder(root, image_size, test_fraction):
     if not os.path.isdir(root):
         raise NCFMError(f"folder {root} does not exist; pass folder:PATH with one "
                         "sub-directory of images per class")
+    if image_size < 1:
+        raise NCFMError(f"image size {image_size} is out of range: use 1 or more")
     train_dir, test_dir = _folder_splits(root, test_fraction)
     class_names = _folder_classes(train_dir)
     if len(class_names) < 2:
@@ -797,6 +799,44 @@ def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=No
     return keras.Model(inputs, _head(x, num_classes, arch), name=arch)
 
 
+def _fits(arch, image_shape):
+    """Whether `arch` can be built for `image_shape` (its pooling leaves at least one pixel)."""
+    channels = image_shape[-1]
+    try:
+        build_network(arch, image_shape, 2, [0.0] * channels, [1.0] * channels)
+    except NCFMError:  # an unknown architecture
+        raise
+    except ValueError:  # Keras: "Computed output size would be zero or negative"
+        return False
+    return True
+
+
+def smallest_image_size(arch, channels=3):
+    """The smallest side S such that `arch` can be built for `[S, S, channels]` images: 32
+    for VGG-11 (five 2x2 poolings), 8 for AlexNet, 2 for the ConvNet (its depth follows the
+    size), 1 for ResNet-18 (strided convolutions and a global pooling). Found by building the
+    network symbolically (no weights are trained): doubling, then bisection."""
+    size = 1
+    while not _fits(arch, (size, size, channels)):
+        size *= 2
+    low = size // 2  # does not fit (or is 0)
+    while size - low > 1:
+        middle = (low + size) // 2
+        low, size = (low, middle) if _fits(arch, (middle, middle, channels)) else (middle, size)
+    return size
+
+
+def check_architectures(archs, image_shape):
+    """Raises NCFMError, before any training, naming every architecture of `archs` that
+    cannot take `image_shape` `(H, W, C)` images and the smallest square size it needs."""
+    too_small = [(arch, smallest_image_size(arch, image_shape[-1])) for arch in archs
+                 if not _fits(arch, tuple(image_shape))]
+    if too_small:
+        needs = ", ".join(f"{arch} needs at least {s}x{s}" for arch, s in too_small)
+        raise NCFMError(f"images of {image_shape[0]}x{image_shape[1]} are too small: {needs}; "
+                        "drop those architectures or use larger images")
+
+
 def with_features(model):
     """The same network (shared weights) returning `(features, logits)`."""
     return keras.Model(model.input, [model.get_layer("features").output, model.output])
@@ -918,13 +958,68 @@ def _training_stream(x, y, protocol, seed, mean, std):
             .prefetch(tf.data.AUTOTUNE))
 
 
-def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
-                  mean=None, std=None):
-    """Trains `model` on images `x` (uint8, or float in [0, 1]) with int labels `[N]` or soft
-    labels `[N, K]`, following `protocol` (optimizer, schedule, DSA, CutMix).
+class SoftLabelStudent(keras.Model):
+    """Trains `student` on soft targets until `use_soft` is switched off (to 0), then on the
+    hard labels; `call` is the student's, so testing is unchanged.
 
-    `mean`, `std`: the dataset's per-channel statistics (those the model normalises with),
-    needed when `protocol.dsa_space` is "normalized"; `NCFMError` if they are missing then.
+    Training batches carry `[N, 2K]` targets: the one-hot label, then the soft target (CutMix
+    mixes both by the pasted area, as the official code mixes its two losses). With a
+    `teacher`, the soft target is instead the teacher's softmax (T = 1) on the augmented,
+    CutMix-ed batch itself, computed inside the step ("per-batch" labels, as SRe2L and RDED
+    use); the frozen teacher runs in the compiled step, no host round-trip.
+    """
+
+    def __init__(self, student, teacher=None, **kwargs):
+        super().__init__(**kwargs)
+        self.student, self.teacher = student, teacher
+        if teacher is not None:
+            teacher.trainable = False
+        self.use_soft = self.add_weight(shape=(), initializer="ones", trainable=False,
+                                        name="use_soft")
+
+    def call(self, images, training=False):
+        return self.student(images, training=training)
+
+    def train_step(self, data):
+        images, targets = data
+        k = targets.shape[-1] // 2
+        if self.teacher is not None:
+            soft = lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False),  # noqa: E731
+                                                 tf.float32))
+        else:
+            soft = lambda: targets[:, k:]  # noqa: E731
+        labels = tf.cond(tf.convert_to_tensor(self.use_soft) > 0.5, soft,
+                         lambda: targets[:, :k])
+        return super().train_step((images, labels))
+
+
+class HardLabelsFrom(keras.callbacks.Callback):
+    """Switches a `SoftLabelStudent` to hard labels from (0-based) epoch `epoch` on."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.use_soft.assign(1.0 if epoch < self.epoch else 0.0)
+
+
+def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
+                  mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0):
+    """Trains `model` on images `x` (uint8, or float in [0, 1]) following `protocol`
+    (optimizer, schedule, DSA, CutMix).
+
+    Args:
+      y: int labels `[N]`, or soft labels `[N, K]` used throughout.
+      mean, std: the dataset's per-channel statistics (those the model normalises with),
+        needed when `protocol.dsa_space` is "normalized"; `NCFMError` if they are missing then.
+      soft: optional soft targets `[N, K]` (e.g. `teacher_targets`), used instead of `y`
+        except in the last `hard_label_epochs` epochs, which train on `y`.
+      teacher: optional frozen network; its softmax on every augmented batch is the target,
+        except in the last `hard_label_epochs` epochs (see `SoftLabelStudent`).
+
+    Returns:
+      `model`, trained.
     """
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
@@ -935,12 +1030,17 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
     steps = protocol.epochs * math.ceil(len(x) / protocol.batch_size)
-    model.compile(optimizer=_evaluation_optimizer(protocol, steps),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    model.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
-              epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
-              callbacks=list(callbacks), verbose=verbose, shuffle=False)
+    trainer = model
+    if soft is not None or teacher is not None:
+        trainer = SoftLabelStudent(model, teacher)
+        targets = np.concatenate([targets, targets if soft is None else soft], 1)
+        callbacks = [*callbacks, HardLabelsFrom(protocol.epochs - hard_label_epochs)]
+    trainer.compile(optimizer=_evaluation_optimizer(protocol, steps),
+                    loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                    metrics=["accuracy"])
+    trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
+                epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
+                callbacks=list(callbacks), verbose=verbose, shuffle=False)
     return model
 
 
@@ -964,6 +1064,11 @@ def pool_key(data, arch, epochs, seed):
                           .encode()).hexdigest()[:6]
     name = "".join(c if c.isalnum() else "_" for c in data.name.split("/")[-1])[:40]
     return f"{name}-{data.digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
+
+
+def pool_member_path(cache_dir, key, member):
+    """The file `pretrain_pool` caches member `member` of pool `key` in."""
+    return os.path.join(cache_dir, key, f"member-{member:03d}.npz")
 
 
 class PoolProgress(keras.callbacks.Callback):
@@ -991,12 +1096,12 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     if num_models < 1 or epochs < 0:
         raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0 "
                         f"(got {num_models} and {epochs})")
-    directory = os.path.join(cache_dir, pool_key(data, arch, epochs, seed))
+    key = pool_key(data, arch, epochs, seed)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
     initial, trained = [], []
     bar = keras.utils.Progbar(num_models * epochs, verbose=verbose) if epochs else None
     for member in range(num_models):
-        path = os.path.join(directory, f"member-{member:03d}.npz")
+        path = pool_member_path(cache_dir, key, member)
         if not os.path.exists(path):
             keras.utils.set_random_seed(seed * 1000 + member)
             model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
@@ -1023,6 +1128,54 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete "
                             "it to train it again") from None
     return initial, trained
+
+
+def load_teacher(data, cache_dir, key, arch="convnet"):
+    """The soft-label teacher: pool member 0 with its trained weights, as the official code
+    loads `premodel0_trained` from its pretraining folder. Frozen.
+
+    Raises:
+      NCFMError: the member is not cached in `cache_dir/key/`, or does not fit `data`.
+    """
+    path = pool_member_path(cache_dir, key, 0)
+    if not os.path.isfile(path):
+        raise NCFMError(f"the teacher's weights {path} do not exist; re-run train.py with the "
+                        "same pool settings (--pool_dir, --pretrain_epochs, --seed) to rebuild "
+                        f"the pool, or pass --pool_dir=<the folder that holds {key}/>")
+    teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    try:
+        with np.load(path) as f:
+            teacher.set_weights([f[f"trained_{i}"] for i in range(len(f.files) // 2)])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise NCFMError(f"{path} does not hold a teacher for {data.name} ({type(e).__name__}); "
+                        "delete it and re-run train.py to rebuild the pool") from None
+    teacher.trainable = False
+    return teacher
+
+
+def teacher_targets(teacher, x, y, misclassified="official"):
+    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x`.
+
+    As the official code does (`get_softlabel`, then its `SoftCrossEntropy` at T = 1): an image
+    the teacher classifies correctly gets softmax(logits); for an image it misclassifies, the
+    *logits* are overwritten with the one-hot label before the softmax, so its target is
+    softmax(onehot): e / (e + K - 1) on the true class and 1 / (e + K - 1) on every other (0.232
+    and 0.085 for K = 10), a flatter target than the teacher's own. `misclassified="onehot"`
+    is the evident intent instead: the one-hot label itself as the target.
+
+    Args:
+      teacher: a network mapping images to logits; x: float `[N, H, W, C]` in [0, 1];
+      y: int labels `[N]`; misclassified: "official" or "onehot".
+    """
+    if misclassified not in ("official", "onehot"):
+        raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
+    logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
+    y = np.asarray(y)
+    onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
+    wrong = (logits.argmax(1) != y)[:, None]
+    if misclassified == "official":
+        return tf.nn.softmax(np.where(wrong, onehot, logits)).numpy()
+    return np.where(wrong, onehot, tf.nn.softmax(logits).numpy())
 
 
 # ------------------------------------------------------------------------------------------
@@ -1313,6 +1466,7 @@ class NCFM(keras.Model):
             ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
         self.trackers["nonfinite_steps"] = keras.metrics.Sum("nonfinite_steps")  # per epoch
+        self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
         """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
@@ -1704,10 +1858,13 @@ class NCFM(keras.Model):
 
     def distilled_set(self, data):
         """The current synthetic images as a `DistilledSet`."""
+        pool = {} if self.pool_dir is None else dict(
+            dir=self.pool_dir, arch="convnet",
+            key=pool_key(data, "convnet", self.config.pretrain_epochs, self.config.seed))
         return DistilledSet(self.synthetic.numpy(), self.labels, self.config.ipc,
                             self.config.factor, data.name, data.class_names, data.mean,
                             data.std, dataclasses.asdict(self.config),
-                            data_dir=data.data_dir, data_digest=data.digest)
+                            data_dir=data.data_dir, data_digest=data.digest, pool=pool)
 
 
 PRESETS = {
@@ -1762,6 +1919,7 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
         jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
     with (strategy or tf.distribute.get_strategy()).scope():
         model = NCFM(data, config, pool)
+        model.pool_dir = os.path.abspath(pool_dir)
         model.compile(
             image_optimizer=keras.optimizers.AdamW(config.image_lr,
                                                    weight_decay=config.image_weight_decay),
@@ -1811,8 +1969,23 @@ class TestAccuracy(keras.callbacks.Callback):
             self.history.append((epoch + 1, 100.0 * float(accuracy)))
 
 
+LABEL_MODES = {  # evaluation labels: name -> what trains the network
+    "hard": "the class labels",
+    "teacher": "the official soft labels: the teacher's softmax on each un-augmented image, "
+               "softmax(one-hot) where it misclassifies; hard labels in the last epochs",
+    "teacher_onehot": "as teacher, with the one-hot label where the teacher misclassifies",
+    "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
+                         "last epochs",
+}
+OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last
+# The official code trains on soft labels while (1-based) epoch < epochs - 100, i.e. on hard
+# labels for the last 101 epochs.
+OFFICIAL_HARD_LABEL_EPOCHS = 101
+
+
 def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
-                    test_every=None, verbose=0):
+                    test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
+                    hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
     """Trains a fresh network on `(x, y)` and tests it on `data`'s test split.
 
     Args:
@@ -1821,27 +1994,47 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
       data: the `Dataset` (test split, normalisation statistics, class count).
       arch: an entry of ARCHITECTURES; protocol: a key of PROTOCOLS or an `EvalProtocol`.
       epochs: overrides the protocol's epoch count (the milestones scale with it).
-      test_every: test every this many epochs (default: 10 times per run); the best of these
-        is reported as `best_seen`, which selects on the test set and is shown only for
-        comparison with papers that report it.
+      test_every: test every this many epochs and after the last. The best of these tests,
+        `best_seen`, is the official statistic (tested every 100 epochs); it selects on the
+        test set, so `final` is the headline.
+      labels: a key of LABEL_MODES. "teacher" is the official recipe (`teacher_targets` on
+        the un-augmented `x`, CutMix mixing them); "teacher_onehot" the same with one-hot
+        targets for misclassified images; "teacher_per_batch" the teacher's softmax on every
+        augmented batch. All three train on the hard labels `y` (int) in the last
+        `hard_label_epochs` epochs (the official code: 101).
+      teacher: the frozen teacher network (`load_teacher`), needed by the soft modes.
 
     Returns:
-      dict with `final` and `best_seen` test accuracy (%) and the `history` of tests.
+      dict with `final` and `best_seen` test accuracy (%), the `history` of tests and the
+      settings.
     """
+    if labels not in LABEL_MODES:
+        raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
+    if labels != "hard" and teacher is None:
+        raise NCFMError(f"labels={labels} needs a teacher (load_teacher)")
     protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     if epochs is not None:
         protocol = dataclasses.replace(protocol, epochs=int(epochs))
+    soft = None
+    if labels in ("teacher", "teacher_onehot"):
+        soft = teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
     keras.utils.set_random_seed(seed)
     model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
     test = (tf.data.Dataset.from_tensor_slices(
         (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
         .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
-    tracker = TestAccuracy(test, test_every or max(1, protocol.epochs // 10), protocol.epochs)
-    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose,
-                  data.mean, data.std)
+    tracker = TestAccuracy(test, test_every, protocol.epochs)
+    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose, data.mean,
+                  data.std, soft=soft,
+                  teacher=teacher if labels == "teacher_per_batch" else None,
+                  hard_label_epochs=hard_label_epochs)
     accuracies = [a for _, a in tracker.history]
-    return {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
-            "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed}
+    result = {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
+              "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed,
+              "labels": labels, "test_every": test_every}
+    if labels != "hard":
+        result["hard_label_epochs"] = min(hard_label_epochs, protocol.epochs)
+    return result
 
 
 def pretrained_feature_fn(data, seed=0, epochs=2):
@@ -2137,7 +2330,12 @@ FILE_FORMAT = "ncfm-keras distilled set v1"
 class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1].
     `dataset`, `data_dir` and `data_digest` identify the data it was distilled from (see
-    `Dataset`; files from before digests were recorded load with None)."""
+    `Dataset`; files from before digests were recorded load with None).
+
+    `pool` locates the cached pool it was distilled with (`{"dir", "key", "arch"}`: member
+    files `dir/key/member-*.npz`), whose member 0 is the soft-label teacher; empty for files
+    written before it was recorded.
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -2150,6 +2348,7 @@ class DistilledSet:
     config: dict
     data_dir: str = None
     data_digest: str = None
+    pool: dict = dataclasses.field(default_factory=dict)
 
     def decoded(self):
         """Training images and labels after multi-formation decoding."""
@@ -2196,7 +2395,7 @@ def save_distilled(path, distilled):
                   factor=distilled.factor, dataset=distilled.dataset,
                   class_names=np.asarray(distilled.class_names, dtype=str),
                   mean=distilled.mean.astype(np.float32), std=distilled.std.astype(np.float32),
-                  config=json.dumps(distilled.config))
+                  config=json.dumps(distilled.config), pool=json.dumps(distilled.pool))
     arrays.update({k: getattr(distilled, k) for k in ("data_dir", "data_digest")
                    if getattr(distilled, k) is not None})
 
@@ -2221,7 +2420,8 @@ def load_distilled(path):
                 factor=int(f["factor"]), dataset=str(f["dataset"]),
                 class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
                 config=json.loads(str(f["config"])),
-                **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files})
+                **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files},
+                pool=json.loads(str(f["pool"])) if "pool" in f.files else {})
     except NCFMError:
         raise
     except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
@@ -2230,6 +2430,22 @@ def load_distilled(path):
                         "with train.py") from None
     _validate_distilled(distilled, path)
     return distilled
+
+
+def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
+    """The soft-label teacher of a distilled set: member 0 of the pool it was distilled with
+    (`load_teacher`), found from its recorded `pool`, with `pool_dir` replacing the recorded
+    folder. Files without a record (older ones) name their pool by their settings, so they
+    need only `pool_dir`."""
+    key = distilled.pool.get("key")
+    if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
+        key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
+                       distilled.config["seed"])
+    directory = pool_dir or distilled.pool.get("dir")
+    if key is None or directory is None:
+        raise NCFMError(f"{path} does not record the pool it was distilled with; pass "
+                        "--pool_dir=<the --pool_dir of the train.py run that wrote it>")
+    return load_teacher(data, directory, key, distilled.pool.get("arch", "convnet"))
 
 
 def _validate_distilled(d, path):

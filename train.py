@@ -109,6 +109,7 @@ def main(argv):
         nk.split_cpu(FLAGS.cpu_devices)
     policy = nk.set_precision(FLAGS.precision)
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
     strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
     if strategy is not None:
         nk.check_devices(data.num_classes, strategy.num_replicas_in_sync)  # before the pool

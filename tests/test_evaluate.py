@@ -1,11 +1,19 @@
 import dataclasses
+import json
+import math
 import os
+import subprocess
+import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import ncfm_keras as nk
+from conftest import write_image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_evaluation_learns_from_a_small_real_subset(small_fashion_mnist):
@@ -133,3 +141,208 @@ def test_pool_key_changes_with_the_pretraining_recipe(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(nk, "POOL_RECIPE", nk.POOL_RECIPE + 1)
     assert len({key, pixel_key, nk.pool_key(data, "convnet", 60, 0)}) == 3
+
+
+# ------------------------------------------------------------------------------------------
+# Soft labels (the official recipe and per-batch labels), the arch check, partial results
+# ------------------------------------------------------------------------------------------
+
+def _linear(kernel, bias, image_shape=(1, 1, 1)):
+    """A network whose logits are `flatten(image) @ kernel + bias`."""
+    inputs = keras.Input(image_shape)
+    dense = keras.layers.Dense(len(bias))
+    model = keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+    dense.set_weights([np.asarray(kernel, np.float32), np.asarray(bias, np.float32)])
+    return model
+
+
+def test_official_soft_targets_by_hand():
+    # Image 0 (pixel 0) gets logits [2, 1, 0]; image 1 (pixel 1) gets [0, 3, 1].
+    teacher = _linear([[-2.0, 2.0, 1.0]], [2.0, 1.0, 0.0])
+    x = np.array([0.0, 1.0], np.float32).reshape(2, 1, 1, 1)
+    y = np.array([0, 0])  # image 0 classified correctly, image 1 misclassified (as class 1)
+    e = math.e
+    official = nk.teacher_targets(teacher, x, y)
+    np.testing.assert_allclose(official[0], np.array([e ** 2, e, 1]) / (e ** 2 + e + 1),
+                               rtol=1e-5)
+    # The logits of a misclassified image become one-hot before the softmax:
+    np.testing.assert_allclose(official[1], np.array([e, 1, 1]) / (e + 2), rtol=1e-5)
+    fixed = nk.teacher_targets(teacher, x, y, misclassified="onehot")
+    np.testing.assert_allclose(fixed[0], official[0], rtol=1e-6)
+    np.testing.assert_array_equal(fixed[1], [1, 0, 0])
+
+
+# A frozen student: lr 0, logits [5, 0, 0] whatever the image, so an epoch's mean loss is
+# -sum_k target_k log p_k with p fixed, and shows which targets were trained on.
+FROZEN = nk.EvalProtocol("frozen", 3, 4, "sgd", 0.0, 0.0, (0.5,), 1.0, "color", 0.0)
+
+
+def _epoch_losses(protocol, seed=0, **kwargs):
+    losses = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: losses.append(logs["loss"]))
+    x = np.random.default_rng(0).random((8, 2, 2, 1), np.float32)
+    student = _linear(np.zeros((4, 3)), [5.0, 0.0, 0.0], (2, 2, 1))
+    nk.train_network(student, x, np.ones(8, int), 3, protocol, seed, [record], **kwargs)
+    return np.array(losses)
+
+
+def test_hard_labels_train_the_last_epochs():
+    soft = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (8, 1))  # the student's favourite
+    losses = _epoch_losses(FROZEN, soft=soft, hard_label_epochs=1)
+    log_p = np.log(np.exp([5.0, 0, 0]) / np.exp([5.0, 0, 0]).sum())
+    np.testing.assert_allclose(losses, [-log_p[0], -log_p[0], -log_p[1]], rtol=1e-4)
+    # The official switch (soft while 1-based epoch < epochs - 100) trains on hard labels in
+    # the last OFFICIAL_HARD_LABEL_EPOCHS epochs:
+    epochs = 2000
+    assert (sum(epoch < epochs - 100 for epoch in range(1, epochs + 1)) ==
+            epochs - nk.OFFICIAL_HARD_LABEL_EPOCHS)
+
+
+def test_per_batch_labels_follow_the_augmentation():
+    # The teacher's class-0 logit is 4 x the mean pixel: colour augmentation changes it.
+    teacher = _linear(np.tile([[1.0, 0.0, 0.0]], (4, 1)), [0.0, 0.0, 0.0], (2, 2, 1))
+    x = np.random.default_rng(0).random((8, 2, 2, 1), np.float32)
+    on_x = tf.nn.softmax(teacher(x)).numpy()  # the teacher's targets on the plain images
+
+    def losses(strategy, **kwargs):
+        protocol = dataclasses.replace(FROZEN, strategy=strategy, epochs=2)
+        return _epoch_losses(protocol, hard_label_epochs=0, **kwargs)
+
+    # Without augmentation, per-batch labels are the teacher's targets on the plain images;
+    assert np.allclose(losses("", teacher=teacher), losses("", soft=on_x), rtol=1e-5)
+    # with it, they are the teacher's targets on what the student sees, which differ.
+    per_batch, fixed = losses("color", teacher=teacher), losses("color", soft=on_x)
+    assert np.all(np.abs(per_batch - fixed) > 1e-3), (per_batch, fixed)
+
+
+def test_smallest_image_sizes():
+    assert {arch: nk.smallest_image_size(arch, 1) for arch in nk.ARCHITECTURES} == {
+        "convnet": 2, "alexnet": 8, "vgg11": 32, "resnet18": 1}
+    nk.check_architectures(nk.ARCHITECTURES, (32, 32, 3))
+    with pytest.raises(nk.NCFMError, match="vgg11 needs at least 32x32, alexnet needs at "
+                                           "least 8x8"):
+        nk.check_architectures(["convnet", "vgg11", "alexnet"], (4, 4, 1))
+
+
+# ------------------------------------------------------------------------------------------
+# evaluate.py with soft labels, too-small images and partial results (subprocesses)
+# ------------------------------------------------------------------------------------------
+
+def _run(*args, script="evaluate.py"):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 3-class, 16x16 folder dataset and a distilled set of it (its pool cached)."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_image_folder(str(root / "imgs"), ["dark", "mid", "light"], per_class=8,
+                       size=(16, 16))
+    dataset = f"--dataset=folder:{root / 'imgs'}"
+    result = _run(dataset, "--image_size=16", "--ipc=1", "--factor=1", "--init=real",
+                  "--iterations=2", "--log_every=2", "--batch_real=4", "--num_freqs=64",
+                  "--num_pretrained=1", "--pretrain_epochs=1", f"--pool_dir={root / 'pools'}",
+                  f"--output_dir={root / 'run'}", script="train.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, dataset
+
+
+def test_soft_label_evaluation_end_to_end(tiny_run):
+    root, dataset = tiny_run
+    distilled = root / "run" / "distilled.npz"
+    record = nk.load_distilled(str(distilled)).pool
+    assert record["dir"] == str(root / "pools") and record["arch"] == "convnet"
+    assert os.path.isfile(root / "pools" / record["key"] / "member-000.npz")
+    common = ["--image_size=16", "--epochs=2", "--repeats=1", "--protocol=dm"]
+
+    result = _run(f"--distilled={distilled}", *common, "--labels=teacher",
+                  f"--output_dir={root / 'soft'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "convnet [soft labels: teacher]: final " in result.stdout
+    report = json.loads((root / "soft" / "evaluation.json").read_text())
+    assert report["labels"]["mode"] == "teacher" and report["complete"]
+    assert report["labels"]["teacher_of"] == str(distilled)
+    assert report["archs"]["convnet"]["runs"][0]["labels"] == "teacher"
+
+    # A random real subset under the same teacher, with per-batch labels:
+    result = _run(dataset, "--baseline=random", "--ipc=2", *common,
+                  "--labels=teacher_per_batch", f"--teacher_of={distilled}",
+                  f"--output_dir={root / 'random'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "convnet [soft labels: teacher_per_batch]: final " in result.stdout
+    _one_line_error(_run(dataset, "--baseline=random", "--ipc=2", *common, "--labels=teacher"),
+                    "--teacher_of")
+
+    # The pool moved: one line naming the file expected and the fixes; --pool_dir finds it.
+    os.rename(root / "pools", root / "moved")
+    result = _run(f"--distilled={distilled}", *common, "--labels=teacher",
+                  f"--output_dir={root / 'missing'}")
+    _one_line_error(result, str(root / "pools" / record["key"] / "member-000.npz"),
+                    "re-run train.py", "--pool_dir")
+    assert not os.path.exists(root / "missing")
+    result = _run(f"--distilled={distilled}", *common, "--labels=teacher_onehot",
+                  f"--pool_dir={root / 'moved'}", f"--output_dir={root / 'moved_eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "convnet [soft labels: teacher_onehot]: final " in result.stdout
+
+
+def test_too_small_images_fail_before_any_training(tmp_path):
+    write_image_folder(str(tmp_path / "imgs"), ["a", "b"], per_class=4, size=(16, 16))
+    result = _run(f"--dataset=folder:{tmp_path / 'imgs'}", "--image_size=16", "--ipc=2",
+                  "--arch=convnet,alexnet,resnet18,vgg11", "--epochs=1", "--repeats=1",
+                  f"--output_dir={tmp_path / 'out'}")
+    _one_line_error(result, "images of 16x16 are too small: vgg11 needs at least 32x32")
+    assert "repeat" not in result.stdout and not os.path.exists(tmp_path / "out")
+    # The same fault in train.py: the pool's ConvNet on 1x1 images.
+    result = _run(f"--dataset=folder:{tmp_path / 'imgs'}", "--image_size=1", "--ipc=1",
+                  f"--output_dir={tmp_path / 'run'}", f"--pool_dir={tmp_path / 'pools'}",
+                  script="train.py")
+    _one_line_error(result, "convnet needs at least 2x2")
+    assert not os.path.exists(tmp_path / "pools")
+
+
+# Runs evaluate.py with the second network failing (the exception given).
+INJECTED = """
+import sys
+sys.path.insert(0, {root!r})
+import cli, evaluate
+from absl import app
+real, calls = cli.nk.evaluate_images, []
+def second_fails(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise {exception}
+    return real(*args, **kwargs)
+cli.nk.evaluate_images = second_fails
+app.run(cli.guarded(evaluate.main), flags_parser=cli.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("exception", ["RuntimeError('injected')", "KeyboardInterrupt"])
+def test_finished_networks_survive_a_later_failure(tmp_path, exception):
+    write_image_folder(str(tmp_path / "imgs"), ["a", "b"], per_class=4, size=(16, 16))
+    script = INJECTED.format(root=ROOT, exception=exception)
+    result = subprocess.run(
+        [sys.executable, "-c", script, f"--dataset=folder:{tmp_path / 'imgs'}",
+         "--image_size=16", "--ipc=2", "--arch=convnet,alexnet", "--epochs=1", "--repeats=1",
+         "--protocol=dm", f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode != 0
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert list(report["archs"]) == ["convnet"] and not report["complete"]
+    assert len(report["archs"]["convnet"]["runs"]) == 1
+    if exception == "KeyboardInterrupt":
+        assert result.returncode == 130
+        assert result.stderr.strip().splitlines() == [
+            f"interrupted: {tmp_path / 'out' / 'evaluation.json'} keeps the 1 finished "
+            "network(s)"]
