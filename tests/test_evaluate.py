@@ -174,7 +174,8 @@ def test_official_soft_targets_by_hand():
 
 # A frozen student: lr 0, logits [5, 0, 0] whatever the image, so an epoch's mean loss is
 # -sum_k target_k log p_k with p fixed, and shows which targets were trained on.
-FROZEN = nk.EvalProtocol("frozen", 3, 4, "sgd", 0.0, 0.0, (0.5,), 1.0, "color", 0.0)
+FROZEN = nk.EvalProtocol("frozen", 3, 4, "sgd", 0.0, 0.0, (0.5,), 1.0, "color", 0.0,
+                        dsa_space="pixel")
 
 
 def _epoch_losses(protocol, seed=0, **kwargs):
