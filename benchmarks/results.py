@@ -34,7 +34,7 @@ METHODS = {  # row -> train.py flags (None: the random real subset, no distillat
     "random": None,
     "dm": ["--loss=mmd"],
     "ncfm_nopsi": ["--sampling_net=false"],
-    "ncfm": [],
+    "ncfm": ["--sampling_net=true"],
 }
 # What a budget fixes. `train`: flags of train.py shared by every distilled row (beyond the
 # dataset's preset); `iterations` and evaluation `epochs` per IPC (None: the preset's 20000 /

@@ -34,7 +34,7 @@ data = nk.Dataset(full.name, full.x_train[keep], full.y_train[keep], full.x_test
 # (each device steps its own classes, K/R steps, as the official data parallelism does).
 config = nk.DistillConfig(ipc=1, batch_real=8, num_freqs=64, num_pretrained=2,
                           pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01,
-                          image_steps="summed")
+                          sampling_net=True, image_steps="summed")
 
 
 def distil(strategy, poison_class=None, config=config):

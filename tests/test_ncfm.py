@@ -138,7 +138,7 @@ def _pool(data, members=2, distinct=True):
 
 def _model(data, **config):
     settings = dict(ipc=1, factor=2, batch_real=8, num_freqs=64, num_pretrained=2,
-                    pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01)
+                    pretrain_epochs=0, image_lr=0.01, sampler_lr=0.01, sampling_net=True)
     settings.update(config)
     model = nk.NCFM(data, nk.DistillConfig(**settings), _pool(data))
     model.compile(keras.optimizers.Adam(settings["image_lr"]),
