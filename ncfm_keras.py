@@ -28,7 +28,9 @@ import math
 import os
 import signal
 import struct
+import sys
 import tempfile
+import threading
 import zipfile
 
 import keras
@@ -1565,8 +1567,9 @@ def save_image_folder(directory, images, labels, class_names):
 
 
 class DistilledSetWriter(keras.callbacks.Callback):
-    """After every epoch, writes `distilled.npz` and `grid.png` (one row per class) to
-    `output_dir`; at the end also the decoded images as an image folder (`images/`)."""
+    """After every epoch and at the end (also of a `fit` with no epochs left to run), writes
+    `distilled.npz` and `grid.png` (one row per class) to `output_dir`; at the end also the
+    decoded images as an image folder (`images/`)."""
 
     def __init__(self, data, output_dir):
         super().__init__()
@@ -1579,6 +1582,7 @@ class DistilledSetWriter(keras.callbacks.Callback):
                  image_grid(distilled.images, self.data.num_classes))
 
     def on_train_end(self, logs=None):
+        self.on_epoch_end(None)
         x, y = self.model.distilled_set(self.data).decoded()
         save_image_folder(os.path.join(self.output_dir, "images"), x, y, self.data.class_names)
 
@@ -1689,7 +1693,10 @@ class Checkpoint(keras.callbacks.Callback):
     plateau callback has reset itself (list this callback after it).
 
     SIGINT / SIGTERM finish the current epoch, save, and stop `fit` (`interrupted` is then
-    the signal number); a second signal stops at once (the last checkpoint stands).
+    the signal number); a second signal ends the process at once with status 128 + its
+    number, after any file write in progress (`atomic_write`) has finished, so the last
+    checkpoint stands. Signals are read by a watcher thread (`signal.set_wakeup_fd`), not by
+    Python-level handlers, which run only between TensorFlow calls, i.e. after a step.
     """
 
     PLATEAU_FIELDS = ("wait", "best", "cooldown_counter")
@@ -1698,23 +1705,46 @@ class Checkpoint(keras.callbacks.Callback):
         super().__init__()
         self.path, self.meta, self.plateau, self.restore = path, meta, plateau, restore
         self.print_fn, self.interrupted, self._handlers = print_fn, None, {}
-        self.batches = 0
+        self.batches, self.saved = 0, restore["epochs_done"] if restore else 0
+        self._wakeup = None
+
+    def status(self):
+        """One clause saying what the checkpoint file holds (for messages)."""
+        if not self.saved:
+            return "no checkpoint had been written yet"
+        return (f"the last checkpoint ({self.path}, iteration "
+                f"{self.saved * self.params['steps']}) is intact")
 
     def on_train_begin(self, logs=None):
         if self.restore is not None:
             self.model.set_state(self.restore["state"])
             for field, value in self.restore["plateau"].items():
                 setattr(self.plateau, field, value)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._handlers[signum] = signal.signal(signum, self._on_signal)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the watcher acts; these just return
+            self._handlers[signum] = signal.signal(signum, lambda *_: None)
+        self._wakeup = (signal.set_wakeup_fd(write), write)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
 
-    def _on_signal(self, signum, frame):
-        if self.interrupted is not None:  # the second signal: stop now
-            signal.signal(signum, self._handlers[signum])
-            raise KeyboardInterrupt
-        self.interrupted = signum
-        self.print_fn(f"\n{signal.Signals(signum).name}: finishing this epoch to save a "
-                      "checkpoint (send it again to stop at once)")
+    def _watch(self, read):
+        """Runs in its own thread until `on_train_end` closes the pipe's other end."""
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for signum in iter(lambda: pipe.read(1), b""):
+                signum = signum[0]
+                if signum not in self._handlers:
+                    continue
+                name = signal.Signals(signum).name
+                if self.interrupted is None:
+                    self.interrupted = signum
+                    self.print_fn(f"\n{name}: finishing this epoch to save a checkpoint "
+                                  "(send it again to stop at once)")
+                    continue
+                with WRITING:  # held until the process ends: no file is left half-written
+                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(128 + signum)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches = 0
@@ -1728,10 +1758,7 @@ class Checkpoint(keras.callbacks.Callback):
         if self.batches < self.params["steps"]:  # fit was stopped mid-epoch: keep the last
             return
         state = self.model.get_state()
-        if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
-            self.print_fn(f"warning: non-finite state after epoch {epoch + 1}; "
-                          f"{self.path} keeps the previous checkpoint")
-            return
+        check_finite_state(state, (epoch + 1) * self.params["steps"])
         plateau = {f: float(getattr(self.plateau, f)) for f in self.PLATEAU_FIELDS
                    if self.plateau is not None}
         header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1, plateau=plateau))
@@ -1741,10 +1768,16 @@ class Checkpoint(keras.callbacks.Callback):
             with open(tmp, "wb") as f:
                 np.savez(f, header=header, **arrays)
         atomic_write(self.path, write)
+        self.saved = epoch + 1
 
     def on_train_end(self, logs=None):
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
+        if self._wakeup is not None:
+            previous, write = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the watcher reads the end of the pipe and returns
+            self._wakeup = None
 
 
 def load_checkpoint(path):
@@ -1758,21 +1791,58 @@ def load_checkpoint(path):
     return header
 
 
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit` after the first iteration that skipped a non-finite update and records it
-    in `iteration` (for float32 runs; under loss scaling skipped steps are routine)."""
+class NonFiniteState(NCFMError):
+    """The model's resumable state holds a value that is not finite, so it cannot be saved;
+    `flag` names the learning rate that most likely caused it."""
 
-    def __init__(self, steps_per_epoch):
+    def __init__(self, message, flag):
+        super().__init__(message)
+        self.flag = flag
+
+
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+
+
+def check_finite_state(state, iteration):
+    """Raises `NonFiniteState` naming the parts of `state` (`NCFM.get_state()`) that are not
+    finite after `iteration`. Skipping non-finite updates does not prevent every case: psi's
+    batch-norm running variance, updated outside the optimizer, overflows once a too high
+    --sampler_lr has blown up psi's weights while every loss stays finite."""
+    bad = sorted({name.split("/")[0] for name, v in state.items()
+                  if v.dtype.kind == "f" and not np.isfinite(v).all()})
+    if bad:
+        raise NonFiniteState(f"after iteration {iteration}, "
+                             f"{' and '.join(STATE_PARTS[b][0] for b in bad)} are not finite, "
+                             "so the run cannot be saved", STATE_PARTS[bad[0]][1])
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` at the first sign of non-finite values: after an iteration that skipped a
+    non-finite update (recorded in `iteration`; unless `skipped_ok`, as under loss scaling,
+    where skipped steps are routine), and with `check_finite_state`'s `NonFiniteState` after
+    an epoch that left non-finite values in the resumable state. List it first: it raises
+    before any other callback writes that epoch's state."""
+
+    def __init__(self, steps_per_epoch, skipped_ok=False):
         super().__init__()
-        self.steps, self.epoch, self.iteration = steps_per_epoch, 0, None
+        self.steps, self.skipped_ok = steps_per_epoch, skipped_ok
+        self.epoch, self.iteration = 0, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if logs and float(logs.get("nonfinite_steps", 0)) > 0 and self.iteration is None:
+        if (not self.skipped_ok and logs and float(logs.get("nonfinite_steps", 0)) > 0
+                and self.iteration is None):
             self.iteration = self.epoch * self.steps + batch + 1
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        check_finite_state(self.model.get_state(),
+                           self.iteration or (epoch + 1) * self.steps)
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
@@ -1825,24 +1895,29 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
+WRITING = threading.Lock()  # held by `atomic_write`; `Checkpoint` exits only between writes
+
+
 def atomic_write(path, write):
     """Calls `write(tmp_path)` and renames the result onto `path`: readers see the old
     complete file or the new complete file, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+    with WRITING:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                                   suffix=".tmp")
+        os.close(fd)
         try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the rename makes it visible
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def write_text(path, text):

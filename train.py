@@ -124,6 +124,11 @@ def main(argv):
                                           if k != "iterations"})
     restore = resume_point(checkpoint_path, meta)
     initial_epoch = restore["epochs_done"] if restore else 0
+    cli.require(initial_epoch <= epochs,
+                f"{checkpoint_path} already holds {initial_epoch * steps} iterations, more "
+                f"than --iterations={config.iterations}; a run cannot be shortened: pass "
+                f"--iterations={initial_epoch * steps} (or more, to continue), --noresume to "
+                "start over, or another --output_dir")
     devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
           f"policy {policy}{devices}\n{config}", flush=True)
@@ -150,9 +155,10 @@ def main(argv):
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
         checkpoint,  # last: it saves what the others updated, and restores after plateau
     ]
-    nonfinite = nk.StopOnNonFinite(steps)
-    if policy != "mixed_float16":  # with loss scaling, skipped overflows are routine
-        callbacks.insert(0, nonfinite)
+    # First, so that it raises before any other callback writes non-finite state. With loss
+    # scaling, skipped overflows are routine.
+    nonfinite = nk.StopOnNonFinite(steps, skipped_ok=policy == "mixed_float16")
+    callbacks.insert(0, nonfinite)
     evaluation = None
     if FLAGS.eval_every or FLAGS.eval_epochs:
         every = FLAGS.eval_every // steps if FLAGS.eval_every else epochs
@@ -161,25 +167,35 @@ def main(argv):
                                            eval_epochs=FLAGS.eval_epochs or None)
         callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
     distill_start = time.time()
-    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                        start=initial_epoch * steps),
-              steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=progress, shuffle=False)
+    start_over = " (with --noresume)" if os.path.exists(checkpoint_path) else ""
+    try:
+        model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                            start=initial_epoch * steps),
+                  steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
+                  callbacks=callbacks, verbose=progress, shuffle=False)
+    except nk.NonFiniteState as e:
+        raise nk.NCFMError(f"{e}; stopped, and {checkpoint.status()}. Likely cause: {e.flag} "
+                           f"too high for this data; lower it{start_over}") from None
     seconds = time.time() - distill_start
     cli.require(nonfinite.iteration is None,
                 f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
-                "update was skipped, so nothing non-finite reached the images, and the last "
-                f"checkpoint ({checkpoint_path}) is intact. Likely cause: a learning rate too "
-                "high for this data (--image_lr, --sampler_lr)")
+                "update was skipped, so nothing non-finite reached the images; stopped, and "
+                f"{checkpoint.status()}. Likely cause: a learning rate too high for this data "
+                f"(--image_lr, --sampler_lr); lower it{start_over}")
     if checkpoint.interrupted is not None:
         done = (initial_epoch + len(model.history.epoch)) * steps
         print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "
-              f"{done}; saved {checkpoint_path} and distilled.npz. Re-run the same command to "
-              "continue.", file=sys.stderr)
+              f"{done}; {checkpoint.status()}. Re-run the same command to continue.",
+              file=sys.stderr)
         sys.exit(128 + checkpoint.interrupted)
     ran = (epochs - initial_epoch) * steps
+    if not ran:
+        print(f"nothing to do: {checkpoint_path} already holds all {config.iterations} "
+              f"iterations; rewrote {output_dir}/distilled.npz and images/ from it (pass a "
+              "larger --iterations to continue)")
+        return
     print(f"distilled {config.iterations} iterations ({ran} in this run, {seconds:.0f} s, "
-          f"{seconds / max(ran, 1):.2f} s/iter); wrote {output_dir}/distilled.npz")
+          f"{seconds / ran:.2f} s/iter); wrote {output_dir}/distilled.npz")
     if evaluation is not None:
         nk.write_json(os.path.join(output_dir, "evaluation.json"), {
             "dataset": data.name, "protocol": FLAGS.eval_protocol,
