@@ -82,6 +82,11 @@ def resume_point(checkpoint_path, meta):
     return restore
 
 
+def start_over(checkpoint):
+    """How to re-run with another learning rate: a checkpoint of this run would refuse it."""
+    return " (with --noresume)" if checkpoint.saved else ""
+
+
 def main(argv):
     del argv
     nk = cli.nk
@@ -167,7 +172,6 @@ def main(argv):
                                            eval_epochs=FLAGS.eval_epochs or None)
         callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
     distill_start = time.time()
-    start_over = " (with --noresume)" if os.path.exists(checkpoint_path) else ""
     try:
         model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
                                             start=initial_epoch * steps),
@@ -175,13 +179,13 @@ def main(argv):
                   callbacks=callbacks, verbose=progress, shuffle=False)
     except nk.NonFiniteState as e:
         raise nk.NCFMError(f"{e}; stopped, and {checkpoint.status()}. Likely cause: {e.flag} "
-                           f"too high for this data; lower it{start_over}") from None
+                           f"too high for this data; lower it{start_over(checkpoint)}") from None
     seconds = time.time() - distill_start
     cli.require(nonfinite.iteration is None,
                 f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
                 "update was skipped, so nothing non-finite reached the images; stopped, and "
                 f"{checkpoint.status()}. Likely cause: a learning rate too high for this data "
-                f"(--image_lr, --sampler_lr); lower it{start_over}")
+                f"(--image_lr, --sampler_lr); lower it{start_over(checkpoint)}")
     if checkpoint.interrupted is not None:
         done = (initial_epoch + len(model.history.epoch)) * steps
         print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "
