@@ -1823,8 +1823,9 @@ class StopOnNonFinite(keras.callbacks.Callback):
     """Stops `fit` at the first sign of non-finite values: after an iteration that skipped a
     non-finite update (recorded in `iteration`; unless `skipped_ok`, as under loss scaling,
     where skipped steps are routine), and with `check_finite_state`'s `NonFiniteState` after
-    an epoch that left non-finite values in the resumable state. List it first: it raises
-    before any other callback writes that epoch's state."""
+    an epoch that left non-finite values in what is saved next: the resumable state, or only
+    the images after a stop mid-epoch (a partial epoch is not checkpointed). List it first: it
+    raises before any other callback writes that epoch's state."""
 
     def __init__(self, steps_per_epoch, skipped_ok=False):
         super().__init__()
@@ -1841,8 +1842,10 @@ class StopOnNonFinite(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        check_finite_state(self.model.get_state(),
-                           self.iteration or (epoch + 1) * self.steps)
+        state = self.model.get_state()
+        if self.iteration is not None:  # stopped mid-epoch: no checkpoint, only the images
+            state = {"synthetic": state["synthetic"]}
+        check_finite_state(state, self.iteration or (epoch + 1) * self.steps)
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
