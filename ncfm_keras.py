@@ -180,12 +180,19 @@ def _load_tfds(name, data_dir):
         raise NCFMError(f"unknown dataset '{name}': {str(e).splitlines()[0]}; use a TFDS name "
                         "such as cifar10, an MNIST-family name with IDX files in --data_dir, "
                         "or folder:PATH") from None
-    if data_dir and not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    offline = (f"offline, use an MNIST-family name with its IDX files in --data_dir, "
+               f"folder:PATH, or a --data_dir where `tfds build {name}` ran")
+    # is_prepared() logs a warning for a folder without dataset_info.json: ask only after it.
+    prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+                and builder.is_prepared())
+    if data_dir and not prepared:
         hint = (" nor the MNIST-format IDX files (train-images-idx3-ubyte.gz, ...)"
                 if name in MNIST_FAMILY else "")
         raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'{hint}; "
                         f"run `tfds build {name} --data_dir={data_dir}` where there is network, "
-                        "or leave --data_dir out to download to ~/tensorflow_datasets")
+                        f"or leave --data_dir out to download to ~/tensorflow_datasets; {offline}")
+    if not prepared:
+        _check_reachable(name, builder, offline)
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if len(getattr(features[image_key], "shape", ())) != 3 or None in features[image_key].shape:
@@ -203,6 +210,22 @@ def _load_tfds(name, data_dir):
                         "pass its --data_dir") from None
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     return x_train, y_train, x_test, y_test, features[label_key].names
+
+
+def _check_reachable(name, builder, offline, timeout=5):
+    """Fails within `timeout` seconds when `builder` would download and its source (the first
+    URL TFDS records for it, else TFDS's own bucket) does not answer: TFDS itself retries
+    with growing pauses for minutes before giving up."""
+    import requests
+
+    urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
+    url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as e:
+        raise NCFMError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir} and its "
+                        f"source {url.split('/')[2]} cannot be reached ({type(e).__name__}); "
+                        f"{offline}") from None
 
 
 def _folder_classes(root):

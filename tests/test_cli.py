@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -205,3 +206,20 @@ def test_train_stops_when_its_state_cannot_be_saved(tmp_path, flag):
         assert f"checkpoint.npz, iteration {done * 5}) is intact" in line
     else:
         assert "no checkpoint had been written yet" in line
+
+
+def test_offline_tfds_download_fails_fast(tmp_path):
+    """No network (the proxy refuses all): TFDS would retry for minutes; one line within 30 s
+    naming the offline ways, both with the default data dir and with an empty --data_dir."""
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"),
+               HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    (tmp_path / "empty").mkdir()
+    for extra in ([], [f"--data_dir={tmp_path / 'empty'}"]):
+        start = time.time()
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                                 "--dataset=cifar10", "--ipc=10", f"--output_dir={tmp_path}/out",
+                                 *extra], capture_output=True, text=True, env=env, timeout=120)
+        assert time.time() - start < 30
+        assert_clean_error(result, "cifar10", "IDX files in --data_dir", "folder:PATH",
+                           "tfds build cifar10")
+        assert not os.path.exists(tmp_path / "out")
