@@ -1946,6 +1946,16 @@ def atomic_write(path, write):
                 os.remove(tmp)
 
 
+def remove_temporaries(directory):
+    """Deletes what `atomic_write` leaves below `directory` when its process is killed
+    mid-write (`.NAME*.tmp`, possibly as large as a checkpoint). Only for a directory no other
+    process is writing to."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(parent, name))
+
+
 def write_text(path, text):
     def write(tmp):
         with open(tmp, "w") as f:

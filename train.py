@@ -147,6 +147,7 @@ def main(argv):
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
               flush=True)
     os.makedirs(output_dir, exist_ok=True)
+    nk.remove_temporaries(output_dir)  # of a killed run
     plateau = keras.callbacks.ReduceLROnPlateau(monitor="matching_loss", factor=0.5,
                                                 mode="min",
                                                 patience=max(1, config.lr_patience // steps))

@@ -108,11 +108,15 @@ def test_rerunning_a_finished_run_with_fewer_as_many_or_more_iterations(tmp_path
     assert epochs_done(out) == 2
 
     (out / "distilled.npz").unlink()  # lost after the last checkpoint: rewritten from it
+    stale = [out / ".checkpoint.npzk1ll3d.tmp", next((out / "images").iterdir()) / ".0.pngx.tmp"]
+    for path in stale:  # what a SIGKILL during atomic_write leaves
+        path.write_bytes(b"partial")
     same = subprocess.run(tiny(out, pools, 4), capture_output=True, text=True, timeout=600)
     assert same.returncode == 0, same.stderr[-3000:]
     assert "nothing to do" in same.stdout and "already holds all 4 iterations" in same.stdout
     assert "0 in this run" not in same.stdout
     np.testing.assert_array_equal(images(out), finished)
+    assert not any(path.exists() for path in stale)
 
     more = subprocess.run(tiny(out, pools, 6), capture_output=True, text=True, timeout=600)
     assert more.returncode == 0, more.stderr[-3000:]
