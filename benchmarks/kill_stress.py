@@ -7,7 +7,7 @@ The data: a small image folder of Fashion-MNIST images (so that the pool pretrai
 seconds). First an uninterrupted reference run (its own pool directory), then the stressed run
 (another pool directory, so that its pool is pretrained again and can be killed too). Kill 1
 falls during the pool pretraining, kill 2 while `checkpoint.npz` is being written (its
-temporary file exists), the others at moments drawn uniformly from the start of a run to three
+temporary file exists), the others at moments drawn uniformly from the start of a run to eight
 epochs past its first checkpoint (as timed in the reference run). After every kill every
 .npz/.json/.csv in the output and pool directories must be readable. The run is then finished
 without a kill; its distilled set must equal the reference's bit for bit. Prints one line per
@@ -167,8 +167,8 @@ def main(argv):
         sys.exit(f"the reference run failed:\n{stderr[-3000:]}")
     pool = float(re.search(r"pool ready \((\d+) s\)", stdout)[1])
     per_iteration = float(re.search(r"([\d.]+) s/iter", stdout)[1])
-    # From a start with the pool cached to three epochs past the first checkpoint.
-    window = first - pool + 3 * 2 * per_iteration
+    # From a start with the pool cached to eight epochs past the first checkpoint.
+    window = first - pool + 8 * 2 * per_iteration
     print(f"reference run: {duration:.0f} s (pool {pool:.0f} s, first checkpoint after "
           f"{first:.0f} s); random kills within {window:.0f} s of a start", flush=True)
 
