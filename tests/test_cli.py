@@ -193,8 +193,8 @@ def test_train_stops_when_its_state_cannot_be_saved(tmp_path, flag):
     out = tmp_path / "out"
     result = run("train.py", *FMNIST, "--ipc=1", "--iterations=20", "--log_every=5",
                  "--batch_real=16", "--num_freqs=256", "--num_pretrained=1",
-                 "--pretrain_epochs=0", "--init=real", flag, f"--output_dir={out}",
-                 f"--pool_dir={tmp_path}/pools")
+                 "--pretrain_epochs=0", "--init=real", "--sampling_net=true", flag,
+                 f"--output_dir={out}", f"--pool_dir={tmp_path}/pools")
     assert_clean_error(result, "not finite", flag.split("=")[0])
     assert "warning" not in result.stdout
     line = result.stderr.strip()

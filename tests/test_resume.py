@@ -129,7 +129,8 @@ def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint(tmp_path):
     """The second signal arrives during a long step (16384 frequencies: seconds on a CPU): it
     must not wait for the step to end."""
     out = tmp_path / "run"
-    args = tiny(out, tmp_path / "pools", 40, "--log_every=1", "--num_freqs=16384")
+    args = tiny(out, tmp_path / "pools", 40, "--log_every=1", "--num_freqs=16384",
+                "--sampling_net=true")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "checkpoint.npz").exists() and process.poll() is None:
