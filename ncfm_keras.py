@@ -31,6 +31,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import zipfile
 import zlib
 
@@ -208,12 +209,19 @@ def _load_tfds(name, data_dir):
         raise NCFMError(f"unknown dataset '{name}': {str(e).splitlines()[0]}; use a TFDS name "
                         "such as cifar10, an MNIST-family name with IDX files in --data_dir, "
                         "or folder:PATH") from None
-    if data_dir and not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    offline = (f"offline, use an MNIST-family name with its IDX files in --data_dir, "
+               f"folder:PATH, or a --data_dir where `tfds build {name}` ran")
+    # is_prepared() logs a warning for a folder without dataset_info.json: ask only after it.
+    prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+                and builder.is_prepared())
+    if data_dir and not prepared:
         hint = (" nor the MNIST-format IDX files (train-images-idx3-ubyte.gz, ...)"
                 if name in MNIST_FAMILY else "")
         raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'{hint}; "
                         f"run `tfds build {name} --data_dir={data_dir}` where there is network, "
-                        "or leave --data_dir out to download to ~/tensorflow_datasets")
+                        f"or leave --data_dir out to download to ~/tensorflow_datasets; {offline}")
+    if not prepared:
+        _check_reachable(name, builder, offline)
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if len(getattr(features[image_key], "shape", ())) != 3 or None in features[image_key].shape:
@@ -243,6 +251,22 @@ TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 def _visible(name):
     return not name.startswith(".") and name.lower() not in OS_METADATA
+
+
+def _check_reachable(name, builder, offline, timeout=5):
+    """Fails within `timeout` seconds when `builder` would download and its source (the first
+    URL TFDS records for it, else TFDS's own bucket) does not answer: TFDS itself retries
+    with growing pauses for minutes before giving up."""
+    import requests
+
+    urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
+    url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
+    try:
+        requests.head(url, timeout=timeout, allow_redirects=False)
+    except requests.RequestException as e:
+        raise NCFMError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir} and its "
+                        f"source {url.split('/')[2]} cannot be reached ({type(e).__name__}); "
+                        f"{offline}") from None
 
 
 def _folder_classes(root):
@@ -1471,7 +1495,7 @@ class NCFM(keras.Model):
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
         """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
-        callbacks such as ReduceLROnPlateau act on it); `sampler_optimizer` updates psi."""
+        callbacks see its learning rate); `sampler_optimizer` updates psi."""
         super().compile(optimizer=image_optimizer, **kwargs)
         if self.sampler is not None:
             if sampler_optimizer is None:
@@ -2087,8 +2111,9 @@ def save_image_folder(directory, images, labels, class_names):
 
 
 class DistilledSetWriter(keras.callbacks.Callback):
-    """After every epoch, writes `distilled.npz` and `grid.png` (one row per class) to
-    `output_dir`; at the end also the decoded images as an image folder (`images/`)."""
+    """After every epoch and at the end (also of a `fit` with no epochs left to run), writes
+    `distilled.npz` and `grid.png` (one row per class) to `output_dir`; at the end also the
+    decoded images as an image folder (`images/`)."""
 
     def __init__(self, data, output_dir):
         super().__init__()
@@ -2101,6 +2126,7 @@ class DistilledSetWriter(keras.callbacks.Callback):
                  image_grid(distilled.images, self.data.num_classes))
 
     def on_train_end(self, logs=None):
+        self.on_epoch_end(None)
         x, y = self.model.distilled_set(self.data).decoded()
         save_image_folder(os.path.join(self.output_dir, "images"), x, y, self.data.class_names)
 
@@ -2205,38 +2231,59 @@ class LossCurves(keras.callbacks.Callback):
 
 class Checkpoint(keras.callbacks.Callback):
     """`BackupAndRestore` for NCFM: after every epoch, atomically writes `path` with the
-    model's resumable state (`NCFM.get_state`), the number of finished epochs, the counters of
-    a `ReduceLROnPlateau` callback and `meta` (the run's settings, to refuse a conflicting
-    resume). `restore` (from `load_checkpoint`) is applied when training begins, after the
-    plateau callback has reset itself (list this callback after it).
+    model's resumable state (`NCFM.get_state`, which holds the learning-rate plateau too),
+    the number of finished epochs and `meta` (the run's settings, to refuse a conflicting
+    resume). `restore` (from `load_checkpoint`) is applied when training begins.
 
     SIGINT / SIGTERM finish the current epoch, save, and stop `fit` (`interrupted` is then
-    the signal number); a second signal stops at once (the last checkpoint stands).
+    the signal number); a second signal ends the process at once with status 128 + its
+    number, after any file write in progress (`atomic_write`) has finished, so the last
+    checkpoint stands. Signals are read by a watcher thread (`signal.set_wakeup_fd`), not by
+    Python-level handlers, which run only between TensorFlow calls, i.e. after a step.
     """
 
-    PLATEAU_FIELDS = ("wait", "best", "cooldown_counter")
-
-    def __init__(self, path, meta, plateau=None, restore=None, print_fn=print):
+    def __init__(self, path, meta, restore=None, print_fn=print):
         super().__init__()
-        self.path, self.meta, self.plateau, self.restore = path, meta, plateau, restore
+        self.path, self.meta, self.restore = path, meta, restore
         self.print_fn, self.interrupted, self._handlers = print_fn, None, {}
-        self.batches = 0
+        self.batches, self.saved = 0, restore["epochs_done"] if restore else 0
+        self._wakeup = None
+
+    def status(self):
+        """One clause saying what the checkpoint file holds (for messages)."""
+        if not self.saved:
+            return "no checkpoint had been written yet"
+        return (f"the last checkpoint ({self.path}, iteration "
+                f"{self.saved * self.params['steps']}) is intact")
 
     def on_train_begin(self, logs=None):
         if self.restore is not None:
             self.model.set_state(self.restore["state"])
-            for field, value in self.restore["plateau"].items():
-                setattr(self.plateau, field, value)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._handlers[signum] = signal.signal(signum, self._on_signal)
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the watcher acts; these just return
+            self._handlers[signum] = signal.signal(signum, lambda *_: None)
+        self._wakeup = (signal.set_wakeup_fd(write), write)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
 
-    def _on_signal(self, signum, frame):
-        if self.interrupted is not None:  # the second signal: stop now
-            signal.signal(signum, self._handlers[signum])
-            raise KeyboardInterrupt
-        self.interrupted = signum
-        self.print_fn(f"\n{signal.Signals(signum).name}: finishing this epoch to save a "
-                      "checkpoint (send it again to stop at once)")
+    def _watch(self, read):
+        """Runs in its own thread until `on_train_end` closes the pipe's other end."""
+        with os.fdopen(read, "rb", buffering=0) as pipe:
+            for signum in iter(lambda: pipe.read(1), b""):
+                signum = signum[0]
+                if signum not in self._handlers:
+                    continue
+                name = signal.Signals(signum).name
+                if self.interrupted is None:
+                    self.interrupted = signum
+                    self.print_fn(f"\n{name}: finishing this epoch to save a checkpoint "
+                                  "(send it again to stop at once)")
+                    continue
+                with WRITING:  # held until the process ends: no file is left half-written
+                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(128 + signum)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.batches = 0
@@ -2250,27 +2297,28 @@ class Checkpoint(keras.callbacks.Callback):
         if self.batches < self.params["steps"]:  # fit was stopped mid-epoch: keep the last
             return
         state = self.model.get_state()
-        if not all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f"):
-            self.print_fn(f"warning: non-finite state after epoch {epoch + 1}; "
-                          f"{self.path} keeps the previous checkpoint")
-            return
-        plateau = {f: float(getattr(self.plateau, f)) for f in self.PLATEAU_FIELDS
-                   if self.plateau is not None}
-        header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1, plateau=plateau))
+        check_finite_state(state, (epoch + 1) * self.params["steps"])
+        header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1))
         arrays = {f"state/{name}": value for name, value in state.items()}
 
         def write(tmp):
             with open(tmp, "wb") as f:
                 np.savez(f, header=header, **arrays)
         atomic_write(self.path, write)
+        self.saved = epoch + 1
 
     def on_train_end(self, logs=None):
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
+        if self._wakeup is not None:
+            previous, write = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write)  # the watcher reads the end of the pipe and returns
+            self._wakeup = None
 
 
 def load_checkpoint(path):
-    """Reads a `Checkpoint` file: `{"meta", "epochs_done", "plateau", "state"}`."""
+    """Reads a `Checkpoint` file: `{"meta", "epochs_done", "state"}`."""
     try:
         with np.load(path, allow_pickle=False) as f:
             header = json.loads(str(f["header"]))
@@ -2280,21 +2328,61 @@ def load_checkpoint(path):
     return header
 
 
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit` after the first iteration that skipped a non-finite update and records it
-    in `iteration` (for float32 runs; under loss scaling skipped steps are routine)."""
+class NonFiniteState(NCFMError):
+    """The model's resumable state holds a value that is not finite, so it cannot be saved;
+    `flag` names the learning rate that most likely caused it."""
 
-    def __init__(self, steps_per_epoch):
+    def __init__(self, message, flag):
+        super().__init__(message)
+        self.flag = flag
+
+
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+
+
+def check_finite_state(state, iteration):
+    """Raises `NonFiniteState` naming the parts of `state` (`NCFM.get_state()`) that are not
+    finite after `iteration`. Skipping non-finite updates does not prevent every case: psi's
+    batch-norm running variance, updated outside the optimizer, overflows once a too high
+    --sampler_lr has blown up psi's weights while every loss stays finite."""
+    bad = sorted({name.split("/")[0] for name, v in state.items()
+                  if v.dtype.kind == "f" and not np.isfinite(v).all()})
+    if bad:
+        raise NonFiniteState(f"after iteration {iteration}, "
+                             f"{' and '.join(STATE_PARTS[b][0] for b in bad)} are not finite, "
+                             "so the run cannot be saved", STATE_PARTS[bad[0]][1])
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `fit` at the first sign of non-finite values: after an iteration that skipped a
+    non-finite update (recorded in `iteration`; unless `skipped_ok`, as under loss scaling,
+    where skipped steps are routine), and with `check_finite_state`'s `NonFiniteState` after
+    an epoch that left non-finite values in what is saved next: the resumable state, or only
+    the images after a stop mid-epoch (a partial epoch is not checkpointed). List it first: it
+    raises before any other callback writes that epoch's state."""
+
+    def __init__(self, steps_per_epoch, skipped_ok=False):
         super().__init__()
-        self.steps, self.epoch, self.iteration = steps_per_epoch, 0, None
+        self.steps, self.skipped_ok = steps_per_epoch, skipped_ok
+        self.epoch, self.iteration = 0, None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if logs and float(logs.get("nonfinite_steps", 0)) > 0 and self.iteration is None:
+        if (not self.skipped_ok and logs and float(logs.get("nonfinite_steps", 0)) > 0
+                and self.iteration is None):
             self.iteration = self.epoch * self.steps + batch + 1
             self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.model.get_state()
+        if self.iteration is not None:  # stopped mid-epoch: no checkpoint, only the images
+            state = {"synthetic": state["synthetic"]}
+        check_finite_state(state, self.iteration or (epoch + 1) * self.steps)
 
 
 class PeriodicEvaluation(keras.callbacks.Callback):
@@ -2357,24 +2445,39 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
+WRITING = threading.Lock()  # held by `atomic_write`; `Checkpoint` exits only between writes
+
+
 def atomic_write(path, write):
     """Calls `write(tmp_path)` and renames the result onto `path`: readers see the old
     complete file or the new complete file, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
+    with WRITING:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                                   suffix=".tmp")
+        os.close(fd)
         try:
-            os.fsync(fd)  # the data is on disk before the rename makes it visible
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data is on disk before the rename makes it visible
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def remove_temporaries(directory):
+    """Deletes what `atomic_write` leaves below `directory` when its process is killed
+    mid-write (`.NAME*.tmp`, possibly as large as a checkpoint). Only for a directory no other
+    process is writing to."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(parent, name))
 
 
 def write_text(path, text):

@@ -82,6 +82,11 @@ def resume_point(checkpoint_path, meta):
     return restore
 
 
+def start_over(checkpoint):
+    """How to re-run with another learning rate: a checkpoint of this run would refuse it."""
+    return " (with --noresume)" if checkpoint.saved else ""
+
+
 def main(argv):
     del argv
     nk = cli.nk
@@ -125,6 +130,11 @@ def main(argv):
                                           if k != "iterations"})
     restore = resume_point(checkpoint_path, meta)
     initial_epoch = restore["epochs_done"] if restore else 0
+    cli.require(initial_epoch <= epochs,
+                f"{checkpoint_path} already holds {initial_epoch * steps} iterations, more "
+                f"than --iterations={config.iterations}; a run cannot be shortened: pass "
+                f"--iterations={initial_epoch * steps} (or more, to continue), --noresume to "
+                "start over, or another --output_dir")
     devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
           f"policy {policy}{devices}\n{config}", flush=True)
@@ -138,6 +148,7 @@ def main(argv):
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
               flush=True)
     os.makedirs(output_dir, exist_ok=True)
+    nk.remove_temporaries(output_dir)  # of a killed run
     checkpoint = nk.Checkpoint(checkpoint_path, meta, restore=restore)
     callbacks = [
         nk.DistilledSetWriter(data, output_dir),
@@ -147,9 +158,10 @@ def main(argv):
         keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
         checkpoint,  # last: it saves what the others updated
     ]
-    nonfinite = nk.StopOnNonFinite(steps)
-    if policy != "mixed_float16":  # with loss scaling, skipped overflows are routine
-        callbacks.insert(0, nonfinite)
+    # First, so that it raises before any other callback writes non-finite state. With loss
+    # scaling, skipped overflows are routine.
+    nonfinite = nk.StopOnNonFinite(steps, skipped_ok=policy == "mixed_float16")
+    callbacks.insert(0, nonfinite)
     evaluation = None
     if FLAGS.eval_every or FLAGS.eval_epochs:
         every = FLAGS.eval_every // steps if FLAGS.eval_every else epochs
@@ -158,25 +170,34 @@ def main(argv):
                                            eval_epochs=FLAGS.eval_epochs or None)
         callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
     distill_start = time.time()
-    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                        start=initial_epoch * steps),
-              steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=progress, shuffle=False)
+    try:
+        model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                            start=initial_epoch * steps),
+                  steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
+                  callbacks=callbacks, verbose=progress, shuffle=False)
+    except nk.NonFiniteState as e:
+        raise nk.NCFMError(f"{e}; stopped, and {checkpoint.status()}. Likely cause: {e.flag} "
+                           f"too high for this data; lower it{start_over(checkpoint)}") from None
     seconds = time.time() - distill_start
     cli.require(nonfinite.iteration is None,
                 f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
-                "update was skipped, so nothing non-finite reached the images, and the last "
-                f"checkpoint ({checkpoint_path}) is intact. Likely cause: a learning rate too "
-                "high for this data (--image_lr, --sampler_lr)")
+                "update was skipped, so nothing non-finite reached the images; stopped, and "
+                f"{checkpoint.status()}. Likely cause: a learning rate too high for this data "
+                f"(--image_lr, --sampler_lr); lower it{start_over(checkpoint)}")
     if checkpoint.interrupted is not None:
         done = (initial_epoch + len(model.history.epoch)) * steps
         print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "
-              f"{done}; saved {checkpoint_path} and distilled.npz. Re-run the same command to "
-              "continue.", file=sys.stderr)
+              f"{done}; {checkpoint.status()}. Re-run the same command to continue.",
+              file=sys.stderr)
         sys.exit(128 + checkpoint.interrupted)
     ran = (epochs - initial_epoch) * steps
+    if not ran:
+        print(f"nothing to do: {checkpoint_path} already holds all {config.iterations} "
+              f"iterations; rewrote {output_dir}/distilled.npz and images/ from it (pass a "
+              "larger --iterations to continue)")
+        return
     print(f"distilled {config.iterations} iterations ({ran} in this run, {seconds:.0f} s, "
-          f"{seconds / max(ran, 1):.2f} s/iter); wrote {output_dir}/distilled.npz")
+          f"{seconds / ran:.2f} s/iter); wrote {output_dir}/distilled.npz")
     if evaluation is not None:
         nk.write_json(os.path.join(output_dir, "evaluation.json"), {
             "dataset": data.name, "protocol": FLAGS.eval_protocol,

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,47 @@ def test_deterministic_from_a_flag_file_fails_clearly(tmp_path, monkeypatch):
                  f"--output_dir={tmp_path}/out", f"--pool_dir={tmp_path}/pools")
     assert_clean_error(result, "--deterministic came from a flag file", "TF_ENABLE_ONEDNN_OPTS=0")
     assert not os.path.exists(tmp_path / "out")
+
+
+def npz_paths_named(line):
+    return [word.strip("(),;") for word in line.split() if ".npz" in word]
+
+
+@pytest.mark.parametrize("flag", ["--sampler_lr=1e4", "--sampler_lr=1e5", "--image_lr=inf"])
+def test_train_stops_when_its_state_cannot_be_saved(tmp_path, flag):
+    """psi's batch-norm variance overflows under a huge --sampler_lr while every loss stays
+    finite; the run must stop, not go on skipping every checkpoint. No message may name a
+    checkpoint that was never written."""
+    out = tmp_path / "out"
+    result = run("train.py", *FMNIST, "--ipc=1", "--iterations=20", "--log_every=5",
+                 "--batch_real=16", "--num_freqs=256", "--num_pretrained=1",
+                 "--pretrain_epochs=0", "--init=real", "--sampling_net=true", flag,
+                 f"--output_dir={out}", f"--pool_dir={tmp_path}/pools")
+    assert_clean_error(result, "not finite", flag.split("=")[0])
+    assert "warning" not in result.stdout
+    line = result.stderr.strip()
+    for path in npz_paths_named(line):
+        assert os.path.exists(path), line
+    if (out / "checkpoint.npz").exists():
+        with np.load(out / "checkpoint.npz") as f:
+            done = json.loads(str(f["header"]))["epochs_done"]
+        assert f"checkpoint.npz, iteration {done * 5}) is intact" in line
+    else:
+        assert "no checkpoint had been written yet" in line
+
+
+def test_offline_tfds_download_fails_fast(tmp_path):
+    """No network (the proxy refuses all): TFDS would retry for minutes; one line within 30 s
+    naming the offline ways, both with the default data dir and with an empty --data_dir."""
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"),
+               HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    (tmp_path / "empty").mkdir()
+    for extra in ([], [f"--data_dir={tmp_path / 'empty'}"]):
+        start = time.time()
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                                 "--dataset=cifar10", "--ipc=10", f"--output_dir={tmp_path}/out",
+                                 *extra], capture_output=True, text=True, env=env, timeout=120)
+        assert time.time() - start < 30
+        assert_clean_error(result, "cifar10", "IDX files in --data_dir", "folder:PATH",
+                           "tfds build cifar10")
+        assert not os.path.exists(tmp_path / "out")

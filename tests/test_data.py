@@ -69,11 +69,29 @@ def test_missing_and_unknown_datasets(tmp_path):
         nk.load_dataset("fashion_mnist", str(tmp_path))
 
 
-def test_tfds_path_with_mock_data():
+def prepared_tfds_dir(root, name, examples):
+    """A TFDS data dir holding `name`'s metadata as `tfds build` leaves it (no records:
+    `tfds.testing.mock_data` supplies the examples)."""
     import tensorflow_datasets as tfds
 
-    with tfds.testing.mock_data(num_examples=30, policy=tfds.testing.MockPolicy.USE_CODE):
-        d = nk.load_dataset("cifar10")
+    builder = tfds.builder(name, data_dir=str(root))
+    builder.data_path.mkdir(parents=True)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=s, shard_lengths=[examples], num_bytes=0)
+        for s in ("train", "test")]))
+    builder.info.write_to_directory(builder.data_path)
+    return str(root)
+
+
+def test_tfds_path_with_mock_data(tmp_path, monkeypatch):
+    """A prepared dataset is read without any network access (the proxy refuses all)."""
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    data_dir = prepared_tfds_dir(tmp_path, "cifar10", 30)
+    with tfds.testing.mock_data(num_examples=30, data_dir=data_dir):
+        d = nk.load_dataset("cifar10", data_dir)
     assert d.x_train.shape == (30, 32, 32, 3) and d.x_test.shape == (30, 32, 32, 3)
     assert d.x_train.dtype == np.uint8 and d.y_train.max() < 10
     assert len(d.class_names) == 10  # names come with the real download

@@ -83,3 +83,69 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from iteration {done * 2}" in resumed.stdout
     assert epochs_done(out) == ITERATIONS // 2
+
+
+def tiny(out, pools, iterations, *extra):
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=fashion_mnist",
+            f"--data_dir={FASHION_MNIST_DIR}", "--ipc=1", f"--iterations={iterations}",
+            "--log_every=2", "--batch_real=8", "--num_freqs=64", "--num_pretrained=1",
+            "--pretrain_epochs=0", "--init=real", f"--pool_dir={pools}",
+            f"--output_dir={out}", *extra]
+
+
+def test_rerunning_a_finished_run_with_fewer_as_many_or_more_iterations(tmp_path):
+    out, pools = tmp_path / "run", tmp_path / "pools"
+    first = subprocess.run(tiny(out, pools, 4), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    finished = images(out)
+
+    fewer = subprocess.run(tiny(out, pools, 2), capture_output=True, text=True, timeout=600)
+    assert fewer.returncode == 2 and "-2 in this run" not in fewer.stdout
+    lines = fewer.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already holds 4 iterations, more than --iterations=2" in \
+        lines[0] and "cannot be shortened" in lines[0], fewer.stderr
+    np.testing.assert_array_equal(images(out), finished)
+    assert epochs_done(out) == 2
+
+    (out / "distilled.npz").unlink()  # lost after the last checkpoint: rewritten from it
+    stale = [out / ".checkpoint.npzk1ll3d.tmp", next((out / "images").iterdir()) / ".0.pngx.tmp"]
+    for path in stale:  # what a SIGKILL during atomic_write leaves
+        path.write_bytes(b"partial")
+    same = subprocess.run(tiny(out, pools, 4), capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert "nothing to do" in same.stdout and "already holds all 4 iterations" in same.stdout
+    assert "0 in this run" not in same.stdout
+    np.testing.assert_array_equal(images(out), finished)
+    assert not any(path.exists() for path in stale)
+
+    more = subprocess.run(tiny(out, pools, 6), capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming from iteration 4" in more.stdout
+    assert "distilled 6 iterations (2 in this run" in more.stdout
+    assert epochs_done(out) == 3
+
+
+def test_a_second_sigterm_stops_at_once_and_keeps_the_checkpoint(tmp_path):
+    """The second signal arrives during a long step (16384 frequencies: seconds on a CPU): it
+    must not wait for the step to end."""
+    out = tmp_path / "run"
+    args = tiny(out, tmp_path / "pools", 40, "--log_every=1", "--num_freqs=16384",
+                "--sampling_net=true")
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.npz").exists() and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(1.0)  # into the next step
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert time.time() - sent < 3, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "send it again to stop at once" in stdout
+    assert "Traceback" not in stderr and "SIGTERM again: stopped at once" in stderr
+    assert "is intact" in stderr
+    assert epochs_done(out) >= 1 and np.all(np.isfinite(images(out)))
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
