@@ -89,8 +89,8 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
     out = tmp_path / "run"
     result = run("train.py", *FMNIST, "--ipc=1", "--iterations=4", "--log_every=2",
                  "--batch_real=8", "--num_freqs=64", "--num_pretrained=1",
-                 "--pretrain_epochs=0", f"--pool_dir={tmp_path / 'pools'}",
-                 f"--output_dir={out}", "--eval_epochs=1")
+                 "--pretrain_epochs=0", "--sampling_net=true",
+                 f"--pool_dir={tmp_path / 'pools'}", f"--output_dir={out}", "--eval_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distilled 4 iterations" in result.stdout
     for name in ("distilled.npz", "grid.png", "metrics.csv", "loss_curves.png",
