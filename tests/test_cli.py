@@ -147,7 +147,8 @@ def test_train_stops_on_a_nonfinite_loss(tmp_path):
     out = tmp_path / "out"
     result = run("train.py", *FMNIST, "--ipc=1", "--iterations=4", "--log_every=2",
                  "--batch_real=8", "--num_freqs=64", "--num_pretrained=1", "--pretrain_epochs=0",
-                 "--sampler_lr=1e30", f"--output_dir={out}", f"--pool_dir={tmp_path}/pools")
+                 "--sampling_net=true", "--sampler_lr=1e30",
+                 f"--output_dir={out}", f"--pool_dir={tmp_path}/pools")
     assert_clean_error(result, "iteration 1: the loss or a gradient is not finite",
                        "--sampler_lr")
     with np.load(out / "distilled.npz") as f:  # written for the stopped epoch: still finite
