@@ -85,6 +85,12 @@ def main(argv):
                 f"--epochs={FLAGS.epochs}: use 1 or more")
     cli.require(FLAGS.hard_label_epochs >= 0,
                 f"--hard_label_epochs={FLAGS.hard_label_epochs}: use 0 or more")
+    epochs = FLAGS.epochs or nk.PROTOCOLS[FLAGS.protocol].epochs
+    cli.require(FLAGS.labels == "hard" or FLAGS.hard_label_epochs < epochs,
+                f"--labels={FLAGS.labels} with --epochs={epochs} and --hard_label_epochs="
+                f"{FLAGS.hard_label_epochs} would train on the hard labels throughout; pass "
+                f"--hard_label_epochs below {epochs} (the official recipe keeps the last 5 % "
+                "of its 2000 epochs hard)")
     distilled = None
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)

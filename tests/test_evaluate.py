@@ -264,7 +264,11 @@ def test_soft_label_evaluation_end_to_end(tiny_run):
     record = nk.load_distilled(str(distilled)).pool
     assert record["dir"] == str(root / "pools") and record["arch"] == "convnet"
     assert os.path.isfile(root / "pools" / record["key"] / "member-000.npz")
-    common = ["--image_size=16", "--epochs=2", "--repeats=1", "--protocol=dm"]
+    common = ["--image_size=16", "--epochs=2", "--repeats=1", "--protocol=dm",
+              "--hard_label_epochs=1"]
+    # The official 101 hard-label epochs would leave no soft epoch of 2: refused, not ignored.
+    _one_line_error(_run(f"--distilled={distilled}", *common[:-1], "--labels=teacher"),
+                    "would train on the hard labels throughout", "--hard_label_epochs below 2")
 
     result = _run(f"--distilled={distilled}", *common, "--labels=teacher",
                   f"--output_dir={root / 'soft'}")
