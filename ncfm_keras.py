@@ -1369,8 +1369,8 @@ class DistillConfig:
     iterations: int = 20000       # official
     batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
     num_freqs: int = 4096         # M, frequencies per iteration (official)
-    sampling_net: bool = False    # psi, the min-max (paper; ours, see README); off: plain CF
-                                  # matching with t ~ N(0, I), as every official config
+    sampling_net: bool = True     # psi, the min-max (paper; ours trains, see README); False:
+                                  # plain CF matching, t ~ N(0, I), as every official config
     sampler_steps: int = 1        # psi ascent steps per iteration
     frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
                                        # per_iteration (one draw shared by all classes)
