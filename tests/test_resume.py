@@ -16,12 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = 16
 
 
-def command(out, pools, *extra):
+def train_command(out, pools, *flags):
     return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=fashion_mnist",
-            f"--data_dir={FASHION_MNIST_DIR}", "--ipc=2", f"--iterations={ITERATIONS}",
-            "--log_every=2", "--batch_real=64", "--num_freqs=256", "--num_pretrained=2",
-            "--pretrain_epochs=0", "--deterministic", f"--pool_dir={pools}",
-            f"--output_dir={out}", *extra]
+            f"--data_dir={FASHION_MNIST_DIR}", "--log_every=2", "--pretrain_epochs=0",
+            f"--pool_dir={pools}", f"--output_dir={out}", *flags]
+
+
+def command(out, pools, *extra):
+    return train_command(out, pools, "--ipc=2", f"--iterations={ITERATIONS}",
+                         "--batch_real=64", "--num_freqs=256", "--num_pretrained=2",
+                         "--deterministic", *extra)
 
 
 def images(out):
@@ -86,11 +90,8 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
 
 
 def tiny(out, pools, iterations, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=fashion_mnist",
-            f"--data_dir={FASHION_MNIST_DIR}", "--ipc=1", f"--iterations={iterations}",
-            "--log_every=2", "--batch_real=8", "--num_freqs=64", "--num_pretrained=1",
-            "--pretrain_epochs=0", "--init=real", f"--pool_dir={pools}",
-            f"--output_dir={out}", *extra]
+    return train_command(out, pools, "--ipc=1", f"--iterations={iterations}", "--batch_real=8",
+                         "--num_freqs=64", "--num_pretrained=1", "--init=real", *extra)
 
 
 def test_rerunning_a_finished_run_with_fewer_as_many_or_more_iterations(tmp_path):
