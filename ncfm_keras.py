@@ -1203,14 +1203,13 @@ def teacher_targets(teacher, x, y, misclassified="official"):
 
 
 # ------------------------------------------------------------------------------------------
-# The synthetic set: multi-formation and initialisation (spec section 1)
+# The synthetic set: multi-formation (IDC, Kim et al. 2022, as NCFM uses it) and initialisation
 # ------------------------------------------------------------------------------------------
 
 def decode(images, factor):
-    """Multi-formation decoding (spec section 1): every stored image holds a factor x factor
-    mosaic; each cell is resized back to full size. `[N, H, W, C]` -> `[N*factor^2, H, W, C]`,
-    cells in row-major order. Differentiable, XLA-friendly.
-    """
+    """Multi-formation decoding: every stored image holds a factor x factor mosaic whose cells
+    are resized (bilinear) back to full size. `[N, H, W, C]` -> `[N*factor^2, H, W, C]`, cells
+    in row-major order. Differentiable, XLA-friendly."""
     if factor == 1:
         return images
     n, height, width, channels = (tf.shape(images)[0],) + tuple(images.shape[1:])
@@ -1226,21 +1225,20 @@ def decode_labels(labels, factor):
 
 
 def initial_images(data, ipc, factor, init="mix", seed=0):
-    """Initial stored synthetic images `[K*ipc, H, W, C]` in [0, 1], class-sorted.
-
-    `real` copies `ipc` random real images per class; `mix` fills every cell of each
-    factor x factor mosaic with a different real image of the class, downsampled, so that
-    decoding returns (blurred) real images; `noise` draws N(0.5, 0.25^2), clamped.
-    """
+    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted: `real` copies random
+    real images; `mix` fills each mosaic cell with another real image of the class, area-
+    downsampled, so decoding returns blurred real images; `noise` is N(0.5, 0.25^2), clamped.
+    Raises NCFMError for an unknown `init`, a `factor` that does not divide the image size or
+    classes too small for the images needed."""
     if init not in ("real", "mix", "noise"):
         raise NCFMError(f"unknown init '{init}'; use real, mix or noise")
     height, width, channels = data.image_shape
     if factor < 1 or height % factor or width % factor:
         raise NCFMError(f"factor={factor} must be >= 1 and divide the image size {height}x{width}")
     if init == "noise":
-        rng = np.random.default_rng(seed)
         shape = (data.num_classes * ipc, height, width, channels)
-        return np.clip(rng.normal(0.5, 0.25, shape), 0, 1).astype(np.float32)
+        return np.clip(np.random.default_rng(seed).normal(0.5, 0.25, shape), 0, 1).astype(
+            np.float32)
     cells = ipc * factor * factor if init == "mix" else ipc
     check_ipc(data, cells)
     x, _ = random_subset(data, cells, seed)  # [K*cells, H, W, C]
@@ -1256,23 +1254,19 @@ def initial_images(data, ipc, factor, init="mix", seed=0):
 # The characteristic-function discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2)
 # ------------------------------------------------------------------------------------------
 
-
 def empirical_cf(features, t):
-    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>) (paper Eq. 6).
+    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq. 6).
 
     Args:
-      features: `[..., B, D]`; t: `[M, D]` shared by all leading entries, or `[g, M, D]`,
-        one set per entry of features `[g, B, D]`.
+      features: `[..., B, D]`; t: `[M, D]` shared by every leading entry, or `[g, M, D]`, one
+        set per entry of `[g, B, D]` features.
 
     Returns:
       `(re, im)`, each `[..., M]`.
     """
     if t.shape.rank == 3:
         projection = tf.matmul(features, t, transpose_b=True)  # [g, B, M]
-    else:
-        # One [N, D] x [D, M] product rather than a batched one: a batched matmul would
-        # broadcast t over the leading dimensions, and its gradient w.r.t. t would be
-        # [..., M, D].
+    else:  # one [N, D] x [D, M] product: a batched one would make t's gradient [..., M, D]
         flat = tf.reshape(features, [-1, features.shape[-1]])
         projection = tf.reshape(tf.matmul(flat, t, transpose_b=True),
                                 tf.concat([tf.shape(features)[:-1], tf.shape(t)[:1]], 0))
@@ -1280,18 +1274,20 @@ def empirical_cf(features, t):
 
 
 def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
-    """The CF discrepancy of spec section 3 (paper Eq. 6-8), in float32 whatever the policy.
+    """NCFM's CF discrepancy (Eq. 7-8), in float32 whatever the dtype policy:
 
-    amplitude_m = (|Phi_a| - |Phi_b|)^2, phase_m = 2 (|Phi_a||Phi_b| - re_a re_b - im_a im_b)
-    (clamped below at 1e-12), loss = mean_m sqrt(alpha amplitude_m + beta phase_m).
-    Linear in the batch sizes and the number of frequencies: no B1 x B2 kernel.
+        amplitude_m = (|Phi_a| - |Phi_b|)^2                         # Eq. 7, amplitude
+        phase_m = 2 (|Phi_a||Phi_b| - re_a re_b - im_a im_b)        # Eq. 7, phase (>= 1e-12)
+        loss = mean_m sqrt(alpha amplitude_m + beta phase_m)        # Eq. 8
+
+    Linear in the batch sizes and the number of frequencies (no B1 x B2 kernel).
 
     Args:
-      feat_real: `[..., B1, D]`; feat_syn: `[..., B2, D]` (leading dimensions, e.g. classes,
-        are kept); t: `[M, D]` frequencies, or `[g, M, D]` per class for `[g, B, D]` features.
+      feat_real: `[..., B1, D]`; feat_syn: `[..., B2, D]`; t: `[M, D]`, or `[g, M, D]` per
+        class for `[g, B, D]` features. alpha, beta: amplitude and phase weights.
 
     Returns:
-      The discrepancy, shape `[...]`.
+      The discrepancy, shape `[...]` (leading dimensions, e.g. classes, are kept).
     """
     a, b, t = (tf.cast(v, tf.float32) for v in (feat_real, feat_syn, t))
     re_a, im_a = empirical_cf(a, t)
@@ -1304,25 +1300,23 @@ def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
 
 
 def mmd_loss(feat_real, feat_syn):
-    """DM's discrepancy (Zhao & Bilen 2023): the squared distance of the mean features, i.e.
-    MMD with a linear kernel; the baseline NCFM is compared with. Shape `[...]`."""
+    """DM's discrepancy (Zhao & Bilen 2023), the baseline: the squared distance of the mean
+    features, i.e. MMD with a linear kernel. Shape `[...]`."""
     a, b = tf.cast(feat_real, tf.float32), tf.cast(feat_syn, tf.float32)
     return tf.reduce_sum(tf.square(tf.reduce_mean(a, -2) - tf.reduce_mean(b, -2)), -1)
 
 
 class SamplingNet(keras.Model):
-    """psi: the frequency law as a scale mixture of normals, p(t) = int N(t|0, S) p_psi(S) dS.
+    """psi (Sec. 4.2.2): the frequency law as a scale mixture of normals,
+    p(t) = int N(t | 0, S) p_psi(S) dS.
 
-    An MLP (3 x Dense(D), BatchNorm + LeakyReLU(0.2) between) maps `num_freqs /
-    per_component` Gaussian noise vectors to positive scale vectors `s_k` `[D]`; each mixture
-    component emits `per_component` frequencies `t = s_k * eps`, eps ~ N(0, I),
-    reparameterised so that gradients reach psi.
-
-    The scales are `max_scale * sigmoid(.)`, starting at 1 (t ~ N(0, I)). The bound is ours:
-    the spec's unbounded softplus scales let the ascent widen the frequencies until the
-    empirical CF of a few synthetic images is sampling noise (Fashion-MNIST IPC 1: mean |t|
-    52 -> 351, accuracy 75.1 vs 78.3 without psi). On a validation split, bounds 2 and 4 both
-    recover it (79.1 / 79.2 vs 79.1 without psi). The official code bounds t with a tanh.
+    An MLP (3 x Dense(D), BatchNorm + LeakyReLU(0.2) between) maps `num_freqs / per_component`
+    Gaussian noise vectors to scale vectors `s_k` `[D]`; each component emits `per_component`
+    frequencies `t = s_k * eps`, eps ~ N(0, I), reparameterised so that gradients reach psi.
+    The scales are `max_scale * sigmoid(.)`, starting at 1 (t ~ N(0, I)). The bound is ours
+    (the official code bounds t with a tanh): unbounded scales let the ascent widen t until
+    the CF of a few synthetic images is noise (RESULTS.md has the measurement).
+    Raises NCFMError unless `per_component` divides `num_freqs` and `max_scale` > 1.
     """
 
     def __init__(self, feature_dim, num_freqs, per_component=16, max_scale=2.0, **kwargs):
@@ -1331,8 +1325,7 @@ class SamplingNet(keras.Model):
             raise NCFMError(f"num_freqs={num_freqs} must be a multiple of {per_component}")
         if max_scale <= 1:
             raise NCFMError(f"max_scale={max_scale} must be > 1 (psi starts at scale 1)")
-        self.max_scale = max_scale
-        self.feature_dim, self.num_freqs = feature_dim, num_freqs
+        self.max_scale, self.feature_dim, self.num_freqs = max_scale, feature_dim, num_freqs
         self.components, self.per_component = num_freqs // per_component, per_component
         self.mlp = keras.Sequential(
             [layers.Dense(feature_dim, use_bias=False),  # BatchNorm supplies the shift
@@ -1346,7 +1339,7 @@ class SamplingNet(keras.Model):
 
     def call(self, seed, training=False):
         """Draws `[num_freqs, D]` frequencies from the int seed `[2]`."""
-        noise_seed, eps_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
+        noise_seed, eps_seed = split_seed(seed, 2)
         noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed,
                                            alg=RNG)
         scales = self.max_scale * tf.cast(self.mlp(noise, training=training), tf.float32)
@@ -1356,12 +1349,18 @@ class SamplingNet(keras.Model):
 
 
 # ------------------------------------------------------------------------------------------
-# NCFM: the min-max model (spec section 6)
+# NCFM: the min-max model
 # ------------------------------------------------------------------------------------------
+
+CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
+               frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
+               dsa_space=("normalized", "pixel"))  # DistillConfig's enumerated settings
+
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Every setting of a distillation. Defaults follow the spec / official CIFAR-10 config."""
+    """Every setting of a distillation; defaults are the official CIFAR-10 config's unless a
+    comment says "ours"."""
 
     ipc: int = 10                 # stored images per class
     factor: int = 2               # multi-formation: each stored image holds factor^2 images
@@ -1369,8 +1368,8 @@ class DistillConfig:
     iterations: int = 20000       # official
     batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
     num_freqs: int = 4096         # M, frequencies per iteration (official)
-    sampling_net: bool = True     # psi, the min-max (paper; ours trains, see README); False:
-                                  # plain CF matching, t ~ N(0, I), as every official config
+    sampling_net: bool = True     # psi, the min-max (paper; ours trains it); False: plain CF
+                                  # matching, t ~ N(0, I), as the official main configs
     sampler_steps: int = 1        # psi ascent steps per iteration
     frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
                                        # per_iteration (one draw shared by all classes)
@@ -1394,28 +1393,19 @@ class DistillConfig:
     seed: int = 0
 
     def validate(self):
-        checks = [
-            (self.ipc >= 1, "ipc must be >= 1"), (self.factor >= 1, "factor must be >= 1"),
-            (self.init in ("real", "mix", "noise"), "init must be real, mix or noise"),
-            (self.iterations >= 1, "iterations must be >= 1"),
-            (self.batch_real >= 1, "batch_real must be >= 1"),
+        """Returns the config; NCFMError naming the first invalid setting."""
+        at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
+                        lr_patience=1, num_pretrained=1, pretrain_epochs=0, class_group=1)
+        checks = [(getattr(self, k) >= v, f"{k} must be >= {v}") for k, v in at_least.items()]
+        for name, values in CHOICES.items():
+            checks.append((getattr(self, name) in values,
+                           f"{name} must be {', '.join(values[:-1])} or {values[-1]}"))
+        checks += [
             (self.num_freqs >= 16 and self.num_freqs % 16 == 0,
              "num_freqs must be a positive multiple of 16"),
-            (self.sampler_steps >= 1, "sampler_steps must be >= 1"),
             (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
-            (self.loss in ("cf", "mmd"), "loss must be cf or mmd"),
-            (self.frequency_draw in ("per_class", "per_iteration"),
-             "frequency_draw must be per_class or per_iteration"),
-            (self.image_steps in ("per_class", "summed"), "image_steps must be per_class or "
-             "summed"),
-            (self.dsa_space in ("normalized", "pixel"), "dsa_space must be normalized or pixel"),
-            (self.lr_patience >= 1, "lr_patience must be >= 1"),
             (self.calibration >= 0, "calibration must be >= 0"),
-            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0"),
-            (self.num_pretrained >= 1, "num_pretrained must be >= 1"),
-            (self.pretrain_epochs >= 0, "pretrain_epochs must be >= 0"),
-            (self.class_group >= 1, "class_group must be >= 1"),
-        ]
+            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise NCFMError(f"invalid setting: {message}")
@@ -1424,31 +1414,25 @@ class DistillConfig:
 
 
 class NCFM(keras.Model):
-    """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced real batches
-    `[K, batch_real, H, W, C]` (uint8) runs one iteration of spec section 6 per step.
+    """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced uint8 real
+    batches `[K, batch_real, H, W, C]` (`class_balanced_batches`) runs one iteration per step.
 
-    Owns the synthetic images (the only image variable), psi, and the pool of feature
-    extractors stacked as `[P, ...]` constants, blended inside the compiled step.
-
-    Built under a `tf.distribute` strategy's scope (e.g. `MirroredStrategy`), `fit()` hands
-    each of the R replicas K/R classes of the real batch; each replica matches its own
-    classes and the optimizers sum the replicas' gradients, which is exactly the gradient of
-    the loss summed over all classes (a class's loss depends only on its own images).
+    Owns the synthetic images (the only image variable), psi and the pool of feature
+    extractors, stacked as `[P, ...]` constants and blended inside the compiled step. Under a
+    `tf.distribute` strategy each of the R replicas matches its own K/R classes.
     """
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
         self.config = config.validate()
         self.num_classes, self.image_shape = data.num_classes, data.image_shape
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        check_devices(self.num_classes, replicas)
-        self.local_classes = self.num_classes // replicas  # classes per replica
-        self.distributed = tf.distribute.has_strategy()
+        self.local_classes = classes_per_replica(self.num_classes)
         # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
         self.dsa_statistics = ((np.asarray(data.mean, np.float32),
                                 np.asarray(data.std, np.float32))
                                if config.dsa_space == "normalized" else ())
-        # The largest divisor of the local classes not above config.class_group (_map_groups).
+        # Classes sent through the network at once: the largest divisor of the local classes
+        # not above config.class_group (peak memory is one group's activations).
         self.class_group = max(g for g in range(1, min(config.class_group,
                                                          self.local_classes) + 1)
                                if self.local_classes % g == 0)
@@ -1459,34 +1443,30 @@ class NCFM(keras.Model):
         position = {id(w): i for i, w in enumerate(network.weights)}
         order = [position[id(w)] for w in self.extractor.non_trainable_variables]
         initial, trained = pool
-        # [P, ...] per weight of the extractor: member i, blended inside the step.
         self.pool_initial = [tf.constant(np.stack([m[j] for m in initial])) for j in order]
         self.pool_trained = [tf.constant(np.stack([m[j] for m in trained])) for j in order]
         self.pool_size = len(initial)
         if init_images is None:
             init_images = initial_images(data, config.ipc, config.factor, config.init,
                                          config.seed)
-        # Replicas update it identically (summed gradients); the clamp keeps the first's.
-        self.synthetic = self.add_weight(
-            shape=init_images.shape, initializer="zeros", dtype="float32",
-            aggregation="only_first_replica", name="synthetic_images")
+        # Replicas update these identically; `only_first_replica` keeps one copy.
+        state = functools.partial(self.add_weight, aggregation="only_first_replica")
+        self.synthetic = state(shape=init_images.shape, initializer="zeros", dtype="float32",
+                               name="synthetic_images")
         self.synthetic.assign(init_images)
         self.labels = np.repeat(np.arange(data.num_classes), config.ipc).astype(np.int32)
         feature_dim = self.extractor.outputs[0].shape[-1]
         self.sampler = (SamplingNet(feature_dim, config.num_freqs,
-                                       max_scale=config.sampler_max_scale, name="sampler")
+                                    max_scale=config.sampler_max_scale, name="sampler")
                         if config.sampling_net and config.loss == "cf" else None)
-        # Completed iterations: iteration i's randomness is a pure function of (seed, i), the
-        # same on every replica and after a resume.
-        self.iteration = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                         trainable=False, aggregation="only_first_replica",
-                                         name="iteration")
-        # The learning-rate plateau (see _plateau): the best loss and the iterations since.
-        self.plateau_best = self.add_weight(shape=(), initializer=keras.initializers.Constant(
-            math.inf), trainable=False, aggregation="only_first_replica", name="plateau_best")
-        self.plateau_wait = self.add_weight(shape=(), initializer="zeros", dtype="int32",
-                                            trainable=False, aggregation="only_first_replica",
-                                            name="plateau_wait")
+        # Completed iterations: iteration i's randomness is a function of (seed, i) only.
+        self.iteration = state(shape=(), initializer="zeros", dtype="int64", trainable=False,
+                               name="iteration")
+        # The learning-rate plateau (`_plateau`): the best loss and the iterations since.
+        self.plateau_best = state(shape=(), initializer=keras.initializers.Constant(math.inf),
+                                  trainable=False, name="plateau_best")
+        self.plateau_wait = state(shape=(), initializer="zeros", dtype="int32", trainable=False,
+                                  name="plateau_wait")
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
             ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
@@ -1494,8 +1474,8 @@ class NCFM(keras.Model):
         self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
-        """`image_optimizer` updates the pixels (it becomes `self.optimizer`, so schedules and
-        callbacks see its learning rate); `sampler_optimizer` updates psi."""
+        """`image_optimizer` updates the pixels (it is `self.optimizer`, so callbacks see its
+        learning rate); `sampler_optimizer` updates psi."""
         super().compile(optimizer=image_optimizer, **kwargs)
         if self.sampler is not None:
             if sampler_optimizer is None:
@@ -1522,35 +1502,118 @@ class NCFM(keras.Model):
         """The stored synthetic images `[K * ipc, H, W, C]` (the model's only output)."""
         return tf.convert_to_tensor(self.synthetic)
 
-    def _seed(self):
-        """Iteration i's seed: the draw `keras.random.SeedGenerator(seed)` gives at its i-th
-        use, from a counter that every replica shares."""
-        seed = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
-        return tf.random.stateless_uniform([2], seed, minval=0, maxval=2 ** 30, dtype=tf.int32)
+    def train_step(self, real, seed=None):
+        """One NCFM iteration: psi ascends the CF discrepancy, then the images descend it one
+        class at a time, then calibration and the clamp to [0, 1].
 
-    def blend(self, member, lam):
-        """Extractor weights `lam * init(member) + (1 - lam) * trained(member)` (spec section 2)
-        and the trained weights of that member (for calibration)."""
-        trained = [tf.gather(w, member) for w in self.pool_trained]
-        blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
-                   for w0, w1 in zip(self.pool_initial, trained)]
-        return blended, trained
+        Args:
+          real: uint8 `[k, batch_real, H, W, C]`, a class-balanced real batch (all K classes,
+            or this replica's K/R).
+          seed: int `[2]`; by default a function of the config's seed and the iteration.
 
-    def _random_blend(self, seed):
-        """A random pool member and lam ~ U(0, 1), fresh every iteration."""
-        member_seed, lam_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2, RNG))
-        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
-                                             alg=RNG)
-        return self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
+        Returns:
+          The metrics; losses are of all K classes (summed over replicas).
+        """
+        seed = self._seed() if seed is None else seed
+        classes = replica_classes(self.local_classes)
+        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
+        real_features = self._real_features(real, blended, params)  # [k, B, D]
+        done, t, logs = tf.constant(True), None, {}
 
-    def _extract(self, weights, images):
-        """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
-        (features, logits), _ = self.extractor.stateless_call([], weights, images)
-        return features, logits
+        # psi: maximise the discrepancy (ascent, written as minimising its negative), like a
+        # GAN's critic. The features do not depend on psi: computed once.
+        if self.sampler is not None:
+            syn_features = self._synthetic_features(blended, params, classes)  # [k, S, D]
+            variables = self.sampler.trainable_variables
+            for _ in range(self.config.sampler_steps):
+                with tf.GradientTape() as tape:
+                    t = self.sampler(frequency_seed, training=True)  # [M, D]
+                    ascent = -self._discrepancy(real_features, syn_features, t)
+                    scaled = self.sampler_optimizer.scale_loss(ascent)  # unless loss-scaled: =
+                done = apply_if_finite(self.sampler_optimizer, ascent,
+                                       tape.gradient(scaled, variables), variables,
+                                       self.trackers["nonfinite_steps"])
+            logs["sampler_loss"] = sum_over_replicas(-ascent)  # what psi saw before its step
+            with tf.control_dependencies([done]):
+                t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
+            logs["frequency_norm"] = tf.reduce_mean(tf.norm(t, axis=-1))  # N(0, I): ~sqrt(D)
+
+        # images: minimise the discrepancy under the updated psi, one AdamW step per class.
+        matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
+                                              (real_features, params, classes), classes, done)
+        logs["matching_loss"] = total = sum_over_replicas(matching)
+        norm = tf.sqrt(sum_over_replicas(square))
+        finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
+
+        # calibration: the trained pool member must classify the synthetic images correctly.
+        if self.config.calibration > 0:
+            calibration, _, done = self.descend(self._calibration(trained, calibration_seed),
+                                                (classes,), classes, done)
+            logs["calibration_loss"] = sum_over_replicas(calibration)
+            total += logs["calibration_loss"]
+
+        # clamp: the pixels stay valid; the learning-rate plateau sees this iteration's loss.
+        with tf.control_dependencies([done]):
+            self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
+            self.iteration.assign_add(1)
+            self._plateau(total)
+        for name, value in logs.items():
+            self.trackers[name].update_state(value)
+        self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
+                                                      sample_weight=tf.cast(finite, tf.float32))
+        return {name: m.result() for name, m in self.trackers.items()}
+
+    def descend(self, loss_fn, inputs, classes, after):
+        """Image descent on `loss_fn(stored [g, ipc, H, W, C], inputs)`, a class group's loss,
+        for `classes` (whose `inputs` are `[k, ...]`), once the update `after` is done.
+
+        `image_steps="per_class"` (as the official code does): one optimizer step per class,
+        in class order, each on the pixels the previous step left; a step's gradient is zero
+        outside its class, but Adam's momentum and the weight decay move every pixel.
+        `"summed"`: one step on the loss summed over the classes, one class group at a time.
+
+        Returns:
+          The loss summed over `classes`, the squared norm of its gradient, and a tensor
+          ready once the last update is done.
+        """
+        def gradient(stored, inputs):  # the images' tape
+            with tf.GradientTape() as tape:
+                tape.watch(stored)
+                loss = loss_fn(stored, inputs)
+                scaled = self.optimizer.scale_loss(loss)
+            return loss, tape.gradient(scaled, stored)
+
+        def update(loss, grad):
+            return apply_if_finite(self.optimizer, loss, [grad], [self.synthetic],
+                                   self.trackers["nonfinite_steps"])
+
+        if self.config.image_steps == "summed":
+            with tf.control_dependencies([after]):
+                losses, grads = self._map_groups(lambda x: gradient(x[0], x[1:]),
+                                                 (self._stored_synthetic(classes), *inputs),
+                                                 (tf.float32, tf.float32))
+            loss = tf.reduce_sum(losses)
+            grad = self._full_gradient(grads, classes)
+            done = update(loss, grad)
+            return loss, tf.reduce_sum(tf.square(unscaled(self.optimizer, grad))), done
+
+        def step(j, loss, square, done):
+            with tf.control_dependencies([done]):  # read the pixels the last step left
+                one = classes[j][None]
+                step_loss, grad = gradient(self._stored_synthetic(one),
+                                           tf.nest.map_structure(lambda v: v[j][None], inputs))
+            done = update(step_loss, self._full_gradient(grad, one))
+            return (j + 1, loss + step_loss,
+                    square + tf.reduce_sum(tf.square(unscaled(self.optimizer, grad))), done)
+
+        state = (0, tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
+        return repeat(self.local_classes, step, state)[1:]
+
+    # The losses the tapes differentiate.
 
     def _discrepancy(self, real_features, syn_features, t):
-        """Summed over classes: `match_scale * loss_c`, from features `[g, B, D]` and
-        frequencies `[M, D]` (shared) or `[g, M, D]` (one draw per class)."""
+        """`match_scale * loss_c` summed over the classes of features `[g, B, D]`, with
+        frequencies `t` `[M, D]` (shared) or `[g, M, D]` (one draw per class)."""
         if self.config.loss == "mmd":
             per_class = mmd_loss(real_features, syn_features)
         else:
@@ -1558,109 +1621,23 @@ class NCFM(keras.Model):
                                 self.config.beta)
         return self.config.match_scale * tf.reduce_sum(per_class)
 
-    # The network sees one group of `class_group` classes at a time (a sequential map), so
-    # peak memory is one group's activations, whatever the number of classes. Under a
-    # distribution strategy each replica does this for its own K/R classes.
-
-    def _local_classes(self):
-        """The classes this replica matches: all K without a distribution strategy."""
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-        return tf.cast(replica, tf.int32) * self.local_classes + tf.range(self.local_classes)
-
-    @staticmethod
-    def _sum_over_replicas(value):
-        """`value` summed over the replicas (`value` itself without a strategy)."""
-        return tf.distribute.get_replica_context().all_reduce("sum", value)
-
-    def _map_groups(self, fn, elems, output_signature):
-        """`fn` on each class group of `elems` (each `[k, ...]`, seen as `[g, ...]`) in turn;
-        outputs are `[k, ...]` again, or one value per group for scalar outputs."""
-        k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
-        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
-                                        elems)
-        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
-                            parallel_iterations=1)
-        return tf.nest.map_structure(
-            lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
-
-    def _stored_synthetic(self, classes):
-        """The stored images of `classes` as `[k, ipc, H, W, C]`."""
-        stored = tf.reshape(self.synthetic, [self.num_classes, -1, *self.image_shape])
-        return tf.gather(stored, classes)
-
-    def _full_gradient(self, grads, classes):
-        """Per-class gradients `[k, ipc, H, W, C]` placed in a zero gradient of the whole
-        synthetic variable (summed over replicas, that is the full gradient)."""
-        full = tf.scatter_nd(classes[:, None], grads, [self.num_classes, *grads.shape[1:]])
-        return tf.reshape(full, self.synthetic.shape)
-
-    def _decoded(self, stored):
-        """`[g, ipc, H, W, C]` stored -> `[g, ipc*factor^2, H, W, C]` decoded images."""
-        decoded = decode(tf.reshape(stored, [-1, *self.image_shape]), self.config.factor)
-        return tf.reshape(decoded, [stored.shape[0], -1, *self.image_shape])
-
-    def _dsa(self, images, params):
-        """Siamese DSA of `[g, N, H, W, C]` with one parameter set per class, in the space
-        `config.dsa_space` names."""
-        return dsa_apply(images, params, *self.dsa_statistics)
-
-    def _features(self, weights, images):
-        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]`."""
-        features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
-        features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
-        return tf.math.l2_normalize(features, -1)
-
-    def _draw(self, seed, classes):
-        """The randomness of one iteration: the blended extractor (and its trained weights),
-        one siamese augmentation per class (those of `classes`), the frequency seed and the
-        calibration seed. Every replica draws the same."""
-        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 4, RNG))
-        blended, trained = self._random_blend(seeds[0])
-        params = dsa_parameters(seeds[1], self.num_classes, self.image_shape[:2],
-                                self.config.augment)
-        params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
-        return blended, trained, params, seeds[2], seeds[3]
-
-    def _class_frequencies(self, seed, classes):
-        """Frequencies of plain CF matching (no psi), `t ~ N(0, I)`: `[g, M, D]`, a fresh
-        draw for each of `classes` (as the official code draws them), or `[M, D]` shared by
-        all classes of the iteration with `frequency_draw="per_iteration"`."""
-        shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
-        if self.config.frequency_draw == "per_iteration":
-            return tf.random.stateless_normal(shape, seed, alg=RNG)
-        return tf.stack([tf.random.stateless_normal(
-            shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
-            for c in tf.unstack(classes, num=classes.shape[0])])
-
-    def _real_features(self, real, weights, params):
-        """Features `[K, B, D]` of the augmented real batch (no gradients needed)."""
-        features = self._map_groups(
-            lambda x: self._features(weights, self._dsa(to_float(x[0]), x[1])),
-            (real, params), tf.float32)
-        return tf.stop_gradient(features)
-
-    def _synthetic_features(self, weights, params, classes):
-        """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
-        return self._map_groups(
-            lambda x: self._features(weights, self._dsa(self._decoded(x[0]), x[1])),
-            (self._stored_synthetic(classes), params), tf.float32)
-
     def _matching(self, weights, seed, t):
-        """The matching loss of a class group (paper Eq. 8, x `match_scale`) as a function
-        `loss(stored [g, ipc, H, W, C], (real features, DSA parameters, classes))`. The
-        frequencies are psi's `t` when given, else drawn per class from `seed`."""
+        """The matching loss of a class group (Eq. 8 x `match_scale`) as `loss(stored,
+        (real features, DSA parameters, classes))`, with psi's `t`, or (`t` None) frequencies
+        drawn per class from `seed`."""
         def loss(stored, inputs):
             real_features, params, classes = inputs
             freqs = self._class_frequencies(seed, classes) if t is None else t
-            syn_features = self._features(weights, self._dsa(self._decoded(stored), params))
+            syn_features = self._features(weights, dsa_apply(self._decoded(stored), params,
+                                                              *self.dsa_statistics))
             return self._discrepancy(real_features, syn_features, freqs)
         return loss
 
     def _calibration(self, trained, seed):
-        """The calibration loss of a class group as `loss(stored, (classes,))`: for each class,
-        `calibration` x the cross-entropy of the trained pool member on that class's
-        per-sample augmented decoded images, averaged over them (as the official code does),
-        summed over the group. Each class's augmentation is seeded by (seed, class)."""
+        """The calibration loss of a class group as `loss(stored, (classes,))`: per class,
+        `calibration` x the mean cross-entropy of the trained pool member on the class's
+        per-sample augmented decoded images (augmentation seeded by (seed, class)), summed
+        over the group, as the official code does."""
         def loss(stored, inputs):
             (classes,) = inputs
             decoded = self._decoded(stored)
@@ -1676,167 +1653,119 @@ class NCFM(keras.Model):
         return loss
 
     def matching_loss(self, real, seed):
-        """The summed matching loss for a given step seed, without any update (for tests and
-        monitoring; `train_step` with the same seed sees the same extractor, augmentation and
-        frequencies, before its first image step). Not distributed: `real` holds all K."""
+        """The summed matching loss for a step seed, without any update: what `train_step`
+        with that seed sees before its first image step (for tests). `real` holds all K."""
         classes = tf.range(self.num_classes)
         blended, _, params, frequency_seed, _ = self._draw(seed, classes)
-        t = (self.sampler(frequency_seed, training=True) if self.sampler is not None
-             else None)
+        t = self.sampler(frequency_seed, training=True) if self.sampler is not None else None
         loss = self._matching(blended, frequency_seed, t)
         inputs = (self._real_features(real, blended, params), params, classes)
         return tf.reduce_sum(self._map_groups(
             lambda x: loss(x[0], x[1:]), (self._stored_synthetic(classes), *inputs),
             tf.float32))
 
-    def _sampler_ascent(self, real_features, syn_features, seed):
-        """psi: maximise the discrepancy (gradient ascent, written as minimising its negative).
-        The features do not depend on psi, so they are computed once per iteration. Returns
-        this replica's part of the discrepancy psi saw before its last step."""
-        for _ in range(self.config.sampler_steps):
-            with tf.GradientTape() as tape:
-                t = self.sampler(seed, training=True)
-                ascent = -self._discrepancy(real_features, syn_features, t)
-                scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless loss-scaled
-            variables = self.sampler.trainable_variables
-            done = self._apply_if_finite(self.sampler_optimizer, ascent,
-                                         tape.gradient(scaled, variables), variables)
-        return -ascent, done
+    # The randomness of an iteration, and features.
 
-    def _apply_if_finite(self, optimizer, loss, grads, variables):
-        """Applies `grads` unless the loss or a gradient is not finite, so that nothing
-        non-finite reaches the images or psi: a LossScaleOptimizer skips such a step itself
-        (and lowers its scale), otherwise it is skipped here. Counted in `nonfinite_steps`.
+    def _seed(self):
+        """Iteration i's seed `[2]`: a function of the config's seed and i."""
+        seed = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
+        return tf.random.stateless_uniform([2], seed, minval=0, maxval=2 ** 30, dtype=tf.int32)
 
-        Replicas decide together: a step is skipped everywhere if any replica's part of it is
-        not finite. Returns a tensor that is ready once the update is done: what reads the
-        variables next runs under a control dependency on it (a skipped-or-not `tf.cond`
-        update is not otherwise ordered before later reads)."""
-        finite = tf.math.is_finite(loss)
-        for grad in grads:
-            finite = finite & tf.reduce_all(tf.math.is_finite(grad))
-        finite = self._sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # It skips the step itself (and lowers its scale) when it sees a non-finite
-            # gradient; make sure every replica's gradients show it.
-            optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
-            done = tf.identity(finite)
-        else:
-            # The condition is taken once, in cross-replica context: an optimizer update
-            # synchronises the replicas, which a per-replica `tf.cond` branch may not do.
-            def update(strategy, finite, grads):
-                def apply():
-                    strategy.extended.call_for_each_replica(optimizer.apply,
-                                                            args=(grads, variables))
-                    return tf.constant(True)
-                return tf.cond(strategy.experimental_local_results(finite)[0], apply,
-                               lambda: tf.constant(False))
-            done = tf.distribute.get_replica_context().merge_call(update, args=(finite, grads))
-        first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
-        self.trackers["nonfinite_steps"].update_state(  # counted once: metrics sum replicas
-            tf.cast(first & ~finite, tf.float32))
-        return done
+    def _draw(self, seed, classes):
+        """An iteration's randomness: the blended extractor (and its member's trained
+        weights), one siamese DSA draw per class of `classes`, the frequency seed and the
+        calibration seed. Every replica draws the same."""
+        blend_seed, dsa_seed, frequency_seed, calibration_seed = split_seed(seed, 4)
+        blended, trained = self._random_blend(blend_seed)
+        params = dsa_parameters(dsa_seed, self.num_classes, self.image_shape[:2],
+                                self.config.augment)
+        params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
+        return blended, trained, params, frequency_seed, calibration_seed
 
-    def _gradient(self, loss_fn, stored, inputs):
-        """`loss_fn(stored, inputs)` and its (loss-scaled) gradient w.r.t. `stored`."""
-        with tf.GradientTape() as tape:
-            tape.watch(stored)
-            loss = loss_fn(stored, inputs)
-            scaled = self.optimizer.scale_loss(loss)
-        return loss, tape.gradient(scaled, stored)
+    def blend(self, member, lam):
+        """Extractor weights `lam * init(member) + (1 - lam) * trained(member)`, and the
+        trained weights of that member (for calibration)."""
+        trained = [tf.gather(w, member) for w in self.pool_trained]
+        blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
+                   for w0, w1 in zip(self.pool_initial, trained)]
+        return blended, trained
 
-    def descend(self, loss_fn, inputs, classes, after):
-        """Image descent on `loss_fn` (a class-group loss, see `_matching`) of `classes`,
-        whose per-class `inputs` are `[k, ...]`, after the update `after` is done.
+    def _random_blend(self, seed):
+        """A random pool member and lam ~ U(0, 1), fresh every iteration."""
+        member_seed, lam_seed = split_seed(seed, 2)
+        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
+                                             alg=RNG)
+        return self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
 
-        `image_steps="per_class"` (default, as the official code): one optimizer step per
-        class, in class order, each on the pixels the previous steps left; each step's
-        gradient is zero outside its class, but Adam's momentum and the weight decay move
-        every pixel on every step. Under a distribution strategy each replica steps its own
-        classes at once (the official code's data parallelism: K/R steps). `"summed"`: one
-        step on the loss summed over the classes, computed one class group at a time.
+    def _class_frequencies(self, seed, classes):
+        """Plain CF matching's frequencies, t ~ N(0, I): `[g, M, D]`, a fresh draw per class of
+        `classes` (as the official code draws them), or `[M, D]` shared by all classes with
+        `frequency_draw="per_iteration"`."""
+        shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
+        if self.config.frequency_draw == "per_iteration":
+            return tf.random.stateless_normal(shape, seed, alg=RNG)
+        return tf.stack([tf.random.stateless_normal(
+            shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
+            for c in tf.unstack(classes, num=classes.shape[0])])
 
-        Returns the loss summed over `classes`, the squared norm of its gradient and a tensor
-        ready once the last update is done.
-        """
-        if self.config.image_steps == "summed":
-            with tf.control_dependencies([after]):
-                losses, grads = self._map_groups(
-                    lambda x: self._gradient(loss_fn, x[0], x[1:]),
-                    (self._stored_synthetic(classes), *inputs), (tf.float32, tf.float32))
-            loss, grad = tf.reduce_sum(losses), self._full_gradient(grads, classes)
-            done = self._apply_if_finite(self.optimizer, loss, [grad], [self.synthetic])
-            return loss, tf.reduce_sum(tf.square(self._unscale(grad))), done
-        def step(j, loss, square, done):
-            with tf.control_dependencies([done]):  # read the pixels the last step left
-                one = classes[j][None]
-                step_loss, grad = self._gradient(
-                    loss_fn, self._stored_synthetic(one),
-                    tf.nest.map_structure(lambda v: v[j][None], inputs))
-            done = self._apply_if_finite(self.optimizer, step_loss,
-                                         [self._full_gradient(grad, one)], [self.synthetic])
-            return (j + 1, loss + step_loss,
-                    square + tf.reduce_sum(tf.square(self._unscale(grad))), done)
+    def _extract(self, weights, images):
+        """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
+        (features, logits), _ = self.extractor.stateless_call([], weights, images)
+        return features, logits
 
-        state = (0, tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
-        if not self.distributed:
-            return tf.while_loop(lambda j, *_: j < self.local_classes, step, state)[1:]
-        # A replica cannot synchronise with the others inside a graph loop: unrolled.
-        for _ in range(self.local_classes):
-            state = step(*state)
-        return state[1:]
+    def _features(self, weights, images):
+        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]`."""
+        features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
+        features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
+        return tf.math.l2_normalize(features, -1)
 
-    def train_step(self, real, seed=None):
-        """One NCFM iteration: psi ascent, image descent, calibration, clamp.
+    def _real_features(self, real, weights, params):
+        """Features `[k, B, D]` of the augmented real batch (constants for the tapes)."""
+        return tf.stop_gradient(self._map_groups(
+            lambda x: self._features(weights, dsa_apply(to_float(x[0]), x[1],
+                                                        *self.dsa_statistics)),
+            (real, params), tf.float32))
 
-        Args:
-          real: uint8 `[k, batch_real, H, W, C]`, a class-balanced real batch: all K classes,
-            or this replica's K/R under a distribution strategy.
-          seed: int `[2]`; by default a function of the model's seed and iteration count.
+    def _synthetic_features(self, weights, params, classes):
+        """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
+        return self._map_groups(
+            lambda x: self._features(weights, dsa_apply(self._decoded(x[0]), x[1],
+                                                        *self.dsa_statistics)),
+            (self._stored_synthetic(classes), params), tf.float32)
 
-        Losses and metrics are of all K classes (summed over replicas).
-        """
-        seed = self._seed() if seed is None else seed
-        classes = self._local_classes()
-        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
-        real_features = self._real_features(real, blended, params)
-        done, t = tf.constant(True), None
-        if self.sampler is not None:  # psi first, like a GAN's critic ...
-            sampler_loss, done = self._sampler_ascent(
-                real_features, self._synthetic_features(blended, params, classes),
-                frequency_seed)
-            self.trackers["sampler_loss"].update_state(self._sum_over_replicas(sampler_loss))
-            with tf.control_dependencies([done]):
-                t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
-            # Where psi looks: N(0, I) frequencies have |t| ~ sqrt(D).
-            self.trackers["frequency_norm"].update_state(tf.reduce_mean(tf.norm(t, axis=-1)))
-        # ... then the images minimise the discrepancy under the updated psi.
-        matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
-                                              (real_features, params, classes), classes, done)
-        total = self._sum_over_replicas(matching)
-        self.trackers["matching_loss"].update_state(total)
-        norm = tf.sqrt(self._sum_over_replicas(square))
-        finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
-        self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
-                                                      sample_weight=tf.cast(finite, tf.float32))
-        # Calibration: the trained member must classify the synthetic images correctly.
-        if self.config.calibration > 0:
-            calibration, _, done = self.descend(self._calibration(trained, calibration_seed),
-                                                (classes,), classes, done)
-            calibration = self._sum_over_replicas(calibration)
-            self.trackers["calibration_loss"].update_state(calibration)
-            total += calibration
-        with tf.control_dependencies([done]):
-            self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
-            self.iteration.assign_add(1)
-            self._plateau(total)
-        return {name: m.result() for name, m in self.trackers.items()}
+    # The synthetic images by class.
+
+    def _stored_synthetic(self, classes):
+        """The stored images of `classes` as `[k, ipc, H, W, C]`."""
+        stored = tf.reshape(self.synthetic, [self.num_classes, -1, *self.image_shape])
+        return tf.gather(stored, classes)
+
+    def _decoded(self, stored):
+        """`[g, ipc, H, W, C]` stored -> `[g, ipc*factor^2, H, W, C]` decoded images."""
+        decoded = decode(tf.reshape(stored, [-1, *self.image_shape]), self.config.factor)
+        return tf.reshape(decoded, [stored.shape[0], -1, *self.image_shape])
+
+    def _full_gradient(self, grads, classes):
+        """Gradients `[k, ipc, H, W, C]` of `classes` placed in a zero gradient of the whole
+        synthetic variable."""
+        full = tf.scatter_nd(classes[:, None], grads, [self.num_classes, *grads.shape[1:]])
+        return tf.reshape(full, self.synthetic.shape)
+
+    def _map_groups(self, fn, elems, output_signature):
+        """`fn` on one class group of `elems` (each `[k, ...]`, seen as `[g, ...]`) at a time;
+        outputs are `[k, ...]` again, or one value per group for scalar outputs."""
+        k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
+        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
+                                        elems)
+        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
+                            parallel_iterations=1)
+        return tf.nest.map_structure(
+            lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
     def _plateau(self, loss):
-        """Halves the image learning rate when `loss` (matching + calibration of this
-        iteration) has not improved on its best by a relative 1e-4 for more than
-        `lr_patience` iterations, as torch's `ReduceLROnPlateau` in the official code does.
-        Its state is part of the resumable state."""
+        """Halves the image learning rate when `loss` (matching + calibration) has not
+        improved on its best by a relative 1e-4 for more than `lr_patience` iterations, as
+        torch's `ReduceLROnPlateau` in the official code does."""
         improved = loss < self.plateau_best * (1.0 - 1e-4)
         self.plateau_best.assign(tf.where(improved, loss, self.plateau_best))
         wait = tf.where(improved, 0, self.plateau_wait + 1)
@@ -1845,51 +1774,119 @@ class NCFM(keras.Model):
         learning_rate = self.optimizer.learning_rate
         learning_rate.assign(tf.where(reduce, 0.5 * learning_rate, learning_rate))
 
-    def _unscale(self, grad):
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            return grad / tf.cast(self.optimizer.dynamic_scale, grad.dtype)
-        return grad
 
-    def _resumable_variables(self):
-        """Named variables a resumed distillation needs: the images, psi (with its batch-norm
-        statistics), both optimizers (slots, step counts, learning rates, loss scale) and the
-        iteration count (which seeds every iteration's randomness)."""
-        self._build_optimizers()
-        named = {"synthetic": self.synthetic, "iteration": self.iteration,
-                 "plateau_best": self.plateau_best, "plateau_wait": self.plateau_wait}
-        groups = [("image_optimizer", self.optimizer.variables)]
-        if self.sampler is not None:
-            groups += [("sampler", self.sampler.weights),
-                       ("sampler_optimizer", self.sampler_optimizer.variables)]
-        for prefix, variables in groups:
-            named.update({f"{prefix}/{i:03d}": v for i, v in enumerate(variables)})
-        return named
+# ------------------------------------------------------------------------------------------
+# Devices, non-finite steps and the resumable state: the mechanics under NCFM
+# ------------------------------------------------------------------------------------------
 
-    def get_state(self):
-        """The resumable state as numpy arrays (see `set_state`)."""
-        return {name: np.array(v.numpy())
-                for name, v in self._resumable_variables().items()}
+def classes_per_replica(num_classes):
+    """K/R: the classes each of the current strategy's R replicas matches (`check_devices`)."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    check_devices(num_classes, replicas)
+    return num_classes // replicas
 
-    def set_state(self, arrays):
-        """Restores `get_state()` output; refuses state of a differently configured model."""
-        variables = self._resumable_variables()
-        mismatched = sorted(set(variables) ^ set(arrays)) + [
-            n for n in variables if n in arrays and tuple(arrays[n].shape) != tuple(
-                variables[n].shape)]
-        if mismatched:
-            raise NCFMError(f"the checkpoint does not fit this model ({', '.join(mismatched)})")
-        for name, variable in variables.items():
-            variable.assign(arrays[name])
 
-    def distilled_set(self, data):
-        """The current synthetic images as a `DistilledSet`."""
-        pool = {} if self.pool_dir is None else dict(
-            dir=self.pool_dir, arch="convnet",
-            key=pool_key(data, "convnet", self.config.pretrain_epochs, self.config.seed))
-        return DistilledSet(self.synthetic.numpy(), self.labels, self.config.ipc,
-                            self.config.factor, data.name, data.class_names, data.mean,
-                            data.std, dataclasses.asdict(self.config),
-                            data_dir=data.data_dir, data_digest=data.digest, pool=pool)
+def replica_classes(count):
+    """The `count` classes (int32 `[count]`) this replica matches: all K without a strategy."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.cast(replica, tf.int32) * count + tf.range(count)
+
+
+def sum_over_replicas(value):
+    """`value` summed over the replicas (`value` itself without a strategy). The optimizers sum
+    the replicas' gradients too, which is the gradient of the loss of all classes."""
+    return tf.distribute.get_replica_context().all_reduce("sum", value)
+
+
+def repeat(count, body, state):
+    """`state = body(*state)`, `count` times (`state[0]` counts from 0): a `tf.while_loop`,
+    so that the graph does not grow with `count`; unrolled under a `tf.distribute` strategy,
+    since a replica cannot synchronise with the others inside a graph loop."""
+    if not tf.distribute.has_strategy():
+        return tf.while_loop(lambda j, *_: j < count, body, state)
+    for _ in range(count):
+        state = body(*state)
+    return state
+
+
+def apply_if_finite(optimizer, loss, grads, variables, counter):
+    """Applies `grads` unless the loss or a gradient is not finite on any replica, so that
+    nothing non-finite reaches the images or psi (a LossScaleOptimizer skips such a step
+    itself and lowers its scale); each skip adds 1 to the metric `counter`.
+
+    Returns a tensor ready once the update is done: later reads of the variables run under
+    a control dependency on it (a `tf.cond` update is not otherwise ordered before them)."""
+    finite = tf.math.is_finite(loss)
+    for grad in grads:
+        finite = finite & tf.reduce_all(tf.math.is_finite(grad))
+    finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
+        done = tf.identity(finite)
+    else:
+        # Decided once, in cross-replica context: an update synchronises the replicas, which
+        # a per-replica `tf.cond` branch may not do.
+        def update(strategy, finite, grads):
+            def apply():
+                strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+                return tf.constant(True)
+            return tf.cond(strategy.experimental_local_results(finite)[0], apply,
+                           lambda: tf.constant(False))
+        done = tf.distribute.get_replica_context().merge_call(update, args=(finite, grads))
+    first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+    counter.update_state(tf.cast(first & ~finite, tf.float32))  # once: metrics sum replicas
+    return done
+
+
+def unscaled(optimizer, grad):
+    """`grad` without the loss scale of a `LossScaleOptimizer`."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return grad / tf.cast(optimizer.dynamic_scale, grad.dtype)
+    return grad
+
+
+def resumable_variables(model):
+    """The named variables a resumed `NCFM` run needs: the images, psi (with its batch-norm
+    statistics), both optimizers (slots, step counts, learning rates, loss scale), the
+    plateau and the iteration count (which seeds every iteration's randomness)."""
+    model._build_optimizers()
+    named = {"synthetic": model.synthetic, "iteration": model.iteration,
+             "plateau_best": model.plateau_best, "plateau_wait": model.plateau_wait}
+    groups = [("image_optimizer", model.optimizer.variables)]
+    if model.sampler is not None:
+        groups += [("sampler", model.sampler.weights),
+                   ("sampler_optimizer", model.sampler_optimizer.variables)]
+    for prefix, variables in groups:
+        named.update({f"{prefix}/{i:03d}": v for i, v in enumerate(variables)})
+    return named
+
+
+def get_state(model):
+    """The resumable state of an `NCFM` as numpy arrays, by name."""
+    return {name: np.array(v.numpy()) for name, v in resumable_variables(model).items()}
+
+
+def set_state(model, arrays):
+    """Restores `get_state` output; NCFMError for the state of a differently configured model."""
+    variables = resumable_variables(model)
+    mismatched = sorted(set(variables) ^ set(arrays)) + [
+        n for n in variables if n in arrays and tuple(arrays[n].shape) != tuple(
+            variables[n].shape)]
+    if mismatched:
+        raise NCFMError(f"the checkpoint does not fit this model ({', '.join(mismatched)})")
+    for name, variable in variables.items():
+        variable.assign(arrays[name])
+
+
+def distilled_set(model, data):
+    """An `NCFM`'s current synthetic images as a `DistilledSet` of `data`."""
+    pool = {} if model.pool_dir is None else dict(
+        dir=model.pool_dir, arch="convnet",
+        key=pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed))
+    return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
+                        model.config.factor, data.name, data.class_names, data.mean, data.std,
+                        dataclasses.asdict(model.config), data_dir=data.data_dir,
+                        data_digest=data.digest, pool=pool)
 
 
 PRESETS = {

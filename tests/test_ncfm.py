@@ -352,7 +352,7 @@ def test_plateau_halves_the_learning_rate_and_resumes(small_fashion_mnist):
     # 9.9995 is not 1e-4 below 10: no improvement; the third such iteration halves.
     np.testing.assert_allclose(rates, [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025])
     resumed = _model(small_fashion_mnist, lr_patience=2)
-    resumed.set_state(model.get_state())
+    nk.set_state(resumed, nk.get_state(model))
     np.testing.assert_allclose(float(resumed.optimizer.learning_rate.numpy()), 0.0025)
     assert int(resumed.plateau_wait.numpy()) == 0 and float(resumed.plateau_best.numpy()) == 9.0
 
@@ -361,18 +361,18 @@ def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch)
     model = _model(small_fashion_mnist)
     for _ in range(2):
         model.train_step(real_batch)
-    state = model.get_state()
+    state = nk.get_state(model)
     assert {"synthetic", "iteration", "sampler/000", "sampler_optimizer/000",
             "image_optimizer/000"} <= set(state)
     resumed = _model(small_fashion_mnist)
-    resumed.set_state(state)
+    nk.set_state(resumed, state)
     for m in (model, resumed):
         m.train_step(real_batch)
     np.testing.assert_array_equal(model.synthetic.numpy(), resumed.synthetic.numpy())
     for a, b in zip(model.sampler.weights, resumed.sampler.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(nk.NCFMError, match="does not fit"):
-        _model(small_fashion_mnist, sampling_net=False).set_state(state)
+        nk.set_state(_model(small_fashion_mnist, sampling_net=False), state)
 
 
 def test_nonfinite_updates_never_reach_the_images(small_fashion_mnist, real_batch):
