@@ -1416,11 +1416,8 @@ class DistillConfig:
 class NCFM(keras.Model):
     """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced uint8 real
     batches `[K, batch_real, H, W, C]` (`class_balanced_batches`) runs one iteration per step.
-
-    Owns the synthetic images (the only image variable), psi and the pool of feature
-    extractors, stacked as `[P, ...]` constants and blended inside the compiled step. Under a
-    `tf.distribute` strategy each of the R replicas matches its own K/R classes.
-    """
+    Owns the synthetic images, psi and the pool (`[P, ...]` constants, blended in the step).
+    Under a `tf.distribute` strategy each of the R replicas matches its own K/R classes."""
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
@@ -1428,16 +1425,14 @@ class NCFM(keras.Model):
         self.num_classes, self.image_shape = data.num_classes, data.image_shape
         self.local_classes = classes_per_replica(self.num_classes)
         # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
-        self.dsa_statistics = ((np.asarray(data.mean, np.float32),
-                                np.asarray(data.std, np.float32))
+        self.dsa_statistics = ((np.float32(data.mean), np.float32(data.std))
                                if config.dsa_space == "normalized" else ())
         # Classes sent through the network at once: the largest divisor of the local classes
         # not above config.class_group (peak memory is one group's activations).
         self.class_group = max(g for g in range(1, min(config.class_group,
                                                          self.local_classes) + 1)
                                if self.local_classes % g == 0)
-        network = build_network("convnet", data.image_shape, data.num_classes, data.mean,
-                                data.std)
+        network = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
         network.trainable = False  # its variables are placeholders: weights are fed per step
         self.extractor = with_features(network)  # (features, logits)
         position = {id(w): i for i, w in enumerate(network.weights)}
@@ -1447,8 +1442,7 @@ class NCFM(keras.Model):
         self.pool_trained = [tf.constant(np.stack([m[j] for m in trained])) for j in order]
         self.pool_size = len(initial)
         if init_images is None:
-            init_images = initial_images(data, config.ipc, config.factor, config.init,
-                                         config.seed)
+            init_images = initial_images(data, config.ipc, config.factor, config.init, config.seed)
         # Replicas update these identically; `only_first_replica` keeps one copy.
         state = functools.partial(self.add_weight, aggregation="only_first_replica")
         self.synthetic = state(shape=init_images.shape, initializer="zeros", dtype="float32",
@@ -1503,17 +1497,9 @@ class NCFM(keras.Model):
         return tf.convert_to_tensor(self.synthetic)
 
     def train_step(self, real, seed=None):
-        """One NCFM iteration: psi ascends the CF discrepancy, then the images descend it one
-        class at a time, then calibration and the clamp to [0, 1].
-
-        Args:
-          real: uint8 `[k, batch_real, H, W, C]`, a class-balanced real batch (all K classes,
-            or this replica's K/R).
-          seed: int `[2]`; by default a function of the config's seed and the iteration.
-
-        Returns:
-          The metrics; losses are of all K classes (summed over replicas).
-        """
+        """One NCFM iteration on `real`, uint8 `[k, batch_real, H, W, C]` (all K classes, or
+        this replica's K/R), with `seed` int `[2]` (default: from the config's seed and the
+        iteration). Returns the metrics; losses are of all K classes."""
         seed = self._seed() if seed is None else seed
         classes = replica_classes(self.local_classes)
         blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
@@ -1793,8 +1779,7 @@ def replica_classes(count):
 
 
 def sum_over_replicas(value):
-    """`value` summed over the replicas (`value` itself without a strategy). The optimizers sum
-    the replicas' gradients too, which is the gradient of the loss of all classes."""
+    """`value` summed over the replicas (`value` itself without a strategy)."""
     return tf.distribute.get_replica_context().all_reduce("sum", value)
 
 
@@ -1810,12 +1795,10 @@ def repeat(count, body, state):
 
 
 def apply_if_finite(optimizer, loss, grads, variables, counter):
-    """Applies `grads` unless the loss or a gradient is not finite on any replica, so that
-    nothing non-finite reaches the images or psi (a LossScaleOptimizer skips such a step
-    itself and lowers its scale); each skip adds 1 to the metric `counter`.
-
-    Returns a tensor ready once the update is done: later reads of the variables run under
-    a control dependency on it (a `tf.cond` update is not otherwise ordered before them)."""
+    """Applies `grads` unless the loss or a gradient is not finite on any replica (a
+    LossScaleOptimizer skips such a step itself, lowering its scale); a skip adds 1 to the
+    metric `counter`. Returns a tensor ready once the update is done: later reads of the
+    variables depend on it (a `tf.cond` update is not otherwise ordered before them)."""
     finite = tf.math.is_finite(loss)
     for grad in grads:
         finite = finite & tf.reduce_all(tf.math.is_finite(grad))
@@ -1846,9 +1829,8 @@ def unscaled(optimizer, grad):
 
 
 def resumable_variables(model):
-    """The named variables a resumed `NCFM` run needs: the images, psi (with its batch-norm
-    statistics), both optimizers (slots, step counts, learning rates, loss scale), the
-    plateau and the iteration count (which seeds every iteration's randomness)."""
+    """The named variables a resumed `NCFM` needs: the images, psi (with its batch-norm
+    statistics), both optimizers, the plateau and the iteration (it seeds the randomness)."""
     model._build_optimizers()
     named = {"synthetic": model.synthetic, "iteration": model.iteration,
              "plateau_best": model.plateau_best, "plateau_wait": model.plateau_wait}
@@ -1870,8 +1852,7 @@ def set_state(model, arrays):
     """Restores `get_state` output; NCFMError for the state of a differently configured model."""
     variables = resumable_variables(model)
     mismatched = sorted(set(variables) ^ set(arrays)) + [
-        n for n in variables if n in arrays and tuple(arrays[n].shape) != tuple(
-            variables[n].shape)]
+        n for n in variables if n in arrays and arrays[n].shape != tuple(variables[n].shape)]
     if mismatched:
         raise NCFMError(f"the checkpoint does not fit this model ({', '.join(mismatched)})")
     for name, variable in variables.items():
