@@ -125,8 +125,7 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     mean, std = pixels.mean(axis=0), pixels.std(axis=0)
     std = np.where(std > 0, std, 1.0)
     if x_train.shape[1:3] == (28, 28):
-        pad = ((0, 0), (2, 2), (2, 2), (0, 0))
-        x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
+        x_train, x_test = (np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) for x in (x_train, x_test))
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
                    list(class_names), mean.astype(np.float32), std.astype(np.float32),
                    os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
@@ -297,8 +296,8 @@ def _folder_splits(root, test_fraction):
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
-                        f"expected either {root}/<class>/ or {root}/{train}/<class>/ with "
-                        f"{root}/test/<class>/ (or val/) beside it")
+                        f"expected {root}/<class>/ or {train}/<class>/ beside test/<class>/ "
+                        "(or val/)")
     classes = set(_folder_classes(os.path.join(root, train)))
     tests = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
     test = next((t for t in tests if set(_folder_classes(os.path.join(root, t))) == classes),
@@ -331,11 +330,11 @@ def _load_folder(root, image_size, test_fraction):
     train_dir, test_dir = _folder_splits(root, test_fraction)
     class_names = _folder_classes(train_dir)
     if len(class_names) < 2:
-        inside = (f"; if the classes are inside {class_names[0]}/, pass folder:"
-                  f"{os.path.join(train_dir, class_names[0])}" if class_names else "")
+        inside = class_names and (f"; if the classes are inside {class_names[0]}/, pass folder:"
+                                  f"{os.path.join(train_dir, class_names[0])}")
         raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories "
                         f"(it holds {_found(train_dir)}); classification needs at least two "
-                        f"(one sub-directory per class){inside}")
+                        f"(one sub-directory per class){inside or ''}")
     x_train, y_train = _read_folder(train_dir, class_names, image_size)
     if test_dir:
         x_test, y_test = _read_folder(test_dir, class_names, image_size)
@@ -420,8 +419,7 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
     redrawn on every pass over it; batch `i` is a pure function of `(seed, i)` (a stateless
     index shuffle), so a resumed run restarts the stream at its batch `start`."""
     k, b = data.num_classes, batch_per_class
-    order = np.argsort(data.y_train, kind="stable")
-    images = tf.constant(data.x_train[order])  # class-sorted
+    images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
     first = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))  # [K]
     counts = tf.constant(counts)
