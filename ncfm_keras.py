@@ -51,27 +51,26 @@ class NCFMError(ValueError):
 
 MNIST_FAMILY = {
     "mnist": [str(d) for d in range(10)],
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"],
     "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
 }
-IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Never data, at any depth of a folder: hidden entries (.ipynb_checkpoints, .DS_Store, ._*) and:
+OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
+               "system volume information", "lost+found"}
+TRAIN_SPLITS = ("train", "training")  # split folders, in any case, in order of preference
+TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 
 @dataclasses.dataclass
 class Dataset:
-    """An image-classification dataset held in memory.
-
-    Images are uint8 `[N, H, W, C]` (28x28 inputs already zero-padded to 32x32); `mean` and
-    `std` are per-channel statistics of the training images in [0, 1], used inside the
-    networks' input path so that synthetic images can stay in [0, 1]. `name` is as given to
-    `load_dataset` (folders as `folder:ABSOLUTE_PATH`), `data_dir` the absolute directory it
-    was read from (None: TFDS's default).
-    """
+    """An image-classification dataset in memory: uint8 images `[N, H, W, C]`, int32 labels;
+    `mean`, `std` `[C]` of the training pixels in [0, 1] (the networks normalise inside, so
+    synthetic images stay in [0, 1]); `name` as given to `load_dataset` (folders as
+    `folder:ABSOLUTE_PATH`); `data_dir` the absolute directory read (None: TFDS's default)."""
 
     name: str
     x_train: np.ndarray
@@ -82,13 +81,17 @@ class Dataset:
     mean: np.ndarray
     std: np.ndarray
     data_dir: str = None
+    num_classes = property(lambda self: len(self.class_names))
+    image_shape = property(lambda self: tuple(self.x_train.shape[1:]))
+
+    def class_counts(self):
+        return np.bincount(self.y_train, minlength=self.num_classes)
 
     @functools.cached_property
     def digest(self):
-        """16 hex digits of a SHA-256 over the class names, the image shape and, per split,
-        the sorted digests of its (image, label) pairs: the data's identity in pool-cache keys,
-        distilled-set files and checkpoints, whatever path, name or file order loaded it.
-        Computed on first use (about 0.3 s for CIFAR-10); the arrays are read-only from then."""
+        """16 hex digits of a SHA-256 over the class names, the image shape and each split's
+        sorted (image, label) digests: the data's identity in pool keys, distilled sets and
+        checkpoints, whatever path, name or file order loaded it. The arrays must not change."""
         h = hashlib.sha256(json.dumps([self.class_names, self.image_shape]).encode())
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
             x, y = np.ascontiguousarray(x, np.uint8), np.asarray(y, np.int32)
@@ -96,132 +99,104 @@ class Dataset:
                                      for image, label in zip(x, y))) + b"|")
         return h.hexdigest()[:16]
 
-    @property
-    def num_classes(self):
-        return len(self.class_names)
-
-    @property
-    def image_shape(self):
-        return tuple(self.x_train.shape[1:])
-
-    def class_counts(self):
-        return np.bincount(self.y_train, minlength=self.num_classes)
-
 
 def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
-    """Loads a dataset by name.
-
-    Args:
-      name: a TFDS image-classification dataset (`cifar10`, `cifar100`, `fashion_mnist`, ...),
-        or `folder:PATH` for a directory with one sub-directory of images per class.
-      data_dir: for TFDS names, the TFDS data directory; for `mnist`, `fashion_mnist` and
-        `kmnist` it may instead hold the original IDX files (`train-images-idx3-ubyte.gz`, ...),
-        which are then read directly (this works offline).
-      image_size: side length folder images are resized to.
-      test_fraction: for folders without a test split of their own (`test/`, `val/`, ...), the
-        fraction of each class (at least one image) held out as the test split.
-
-    Returns:
-      A `Dataset`.
-
-    Raises:
-      NCFMError: the dataset cannot be found or read; the message says what to do.
-    """
+    """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
+    `mnist`, `fashion_mnist`, `kmnist` read offline from the IDX files in `data_dir` if it holds
+    them; or `folder:PATH`, a sub-directory of images per class, resized to `image_size`, with
+    `test_fraction` of each class held out unless a test split is given (see `_folder_splits`).
+    28x28 images are zero-padded to 32x32 so the ConvNet features are CIFAR's (the classic
+    DC/DSA/NCFM treatment). Raises NCFMError when the data cannot be found or read."""
     if name.startswith("folder:"):
-        name = "folder:" + os.path.abspath(os.path.expanduser(name[len("folder:"):]))
+        root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
+        name, data_dir = "folder:" + root, None
         try:
-            x_train, y_train, x_test, y_test, class_names = _load_folder(
-                name[len("folder:"):], image_size, test_fraction)
+            loaded = _load_folder(root, image_size, test_fraction)
         except OSError as e:  # a folder we may not list
-            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check its "
-                            "permissions") from None
-        data_dir = None
-    elif name in MNIST_FAMILY and data_dir and _has_idx_files(data_dir):
-        x_train, y_train = _load_idx(data_dir, "train")
-        x_test, y_test = _load_idx(data_dir, "test")
-        class_names = MNIST_FAMILY[name]
+            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check its permissions"
+                            ) from None
     else:
-        x_train, y_train, x_test, y_test, class_names = _load_tfds(name, data_dir)
+        loaded = ((name in MNIST_FAMILY and data_dir and _load_idx(data_dir, name))
+                  or _load_tfds(name, data_dir))
+    x_train, y_train, x_test, y_test, class_names = loaded
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
     pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255.0
     mean, std = pixels.mean(axis=0), pixels.std(axis=0)
     std = np.where(std > 0, std, 1.0)
-    if x_train.shape[1:3] == (28, 28):  # spec section 1: the classic 28 -> 32 zero padding
-        pad = ((0, 0), (2, 2), (2, 2), (0, 0))
-        x_train, x_test = np.pad(x_train, pad), np.pad(x_test, pad)
+    if x_train.shape[1:3] == (28, 28):
+        x_train, x_test = (np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) for x in (x_train, x_test))
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
                    list(class_names), mean.astype(np.float32), std.astype(np.float32),
                    os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
 
 
-def _has_idx_files(data_dir):
-    """True if `data_dir` holds any MNIST-format IDX file (then all four are required)."""
-    names = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else set()
-    return any(stem + ext in names for pair in IDX_FILES.values() for stem in pair
-               for ext in (".gz", ""))
+def _load_idx(data_dir, name):
+    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`; None if it holds none."""
+    candidates = {stem: [os.path.join(data_dir, stem + ext) for ext in (".gz", "")]
+                  for stems in IDX_FILES.values() for stem in stems}
+    if not any(os.path.lexists(p) for paths in candidates.values() for p in paths):
+        return None
+    arrays = []
+    for split, stems in IDX_FILES.items():
+        for stem in stems:
+            path = next((p for p in candidates[stem] if os.path.exists(p)), None)
+            if path is None:
+                raise NCFMError(f"{data_dir} has no {stem}[.gz]; point --data_dir at the folder "
+                                "holding the four MNIST-format IDX files")
+            arrays.append(_read_idx(path))
+        if len(arrays[-2]) != len(arrays[-1]):
+            raise NCFMError(f"{data_dir}: {split} images and labels differ in count")
+    return (*arrays, MNIST_FAMILY[name])
 
 
 def _read_idx(path):
-    """Reads one IDX file (the MNIST format: magic, dimensions, then raw uint8 data)."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """One IDX file: `00 00 08 ndim`, big-endian uint32 dimensions, then the uint8 values."""
+    fix = "re-install the dataset files"
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
-        raise NCFMError(f"{path} cannot be read ({e}); re-install the dataset files") from None
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08 or \
-            len(data) < 4 + 4 * data[3]:
-        raise NCFMError(f"{path} is not an uint8 IDX file; re-install the dataset files")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+        raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
+    dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
+    array = np.frombuffer(data, np.uint8, offset=4 + 4 * data[3])
     if array.size != math.prod(dims):
-        raise NCFMError(f"{path} is truncated ({array.size} of {math.prod(dims)} values); "
-                        "re-install the dataset files")
+        raise NCFMError(f"{path} is truncated ({array.size} of {math.prod(dims)} values); {fix}")
     return array.reshape(dims)
 
 
-def _load_idx(data_dir, split):
-    arrays = []
-    for stem in IDX_FILES[split]:
-        candidates = [os.path.join(data_dir, stem + ext) for ext in (".gz", "")]
-        path = next((p for p in candidates if os.path.exists(p)), None)
-        if path is None:
-            raise NCFMError(f"{data_dir} has no {stem}[.gz]; point --data_dir at the folder "
-                            "holding the four MNIST-format IDX files")
-        arrays.append(_read_idx(path))
-    images, labels = arrays
-    if len(images) != len(labels):
-        raise NCFMError(f"{data_dir}: {split} images and labels differ in count")
-    return images, labels
-
-
 def _load_tfds(name, data_dir):
+    import requests
     import tensorflow_datasets as tfds
 
     if data_dir and not os.path.isdir(data_dir):
         raise NCFMError(f"data_dir {data_dir} does not exist; create it or pass the folder "
                         "that holds the dataset")
+    ways = "an MNIST-family name with its IDX files in --data_dir, folder:PATH"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends; keep only the first line
         raise NCFMError(f"unknown dataset '{name}': {str(e).splitlines()[0]}; use a TFDS name "
-                        "such as cifar10, an MNIST-family name with IDX files in --data_dir, "
-                        "or folder:PATH") from None
-    offline = (f"offline, use an MNIST-family name with its IDX files in --data_dir, "
-               f"folder:PATH, or a --data_dir where `tfds build {name}` ran")
+                        f"such as cifar10, {ways}") from None
+    offline = f"offline, use {ways} or a --data_dir where `tfds build {name}` ran"
     # is_prepared() logs a warning for a folder without dataset_info.json: ask only after it.
     prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
                 and builder.is_prepared())
     if data_dir and not prepared:
-        hint = (" nor the MNIST-format IDX files (train-images-idx3-ubyte.gz, ...)"
-                if name in MNIST_FAMILY else "")
-        raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'{hint}; "
-                        f"run `tfds build {name} --data_dir={data_dir}` where there is network, "
-                        f"or leave --data_dir out to download to ~/tensorflow_datasets; {offline}")
-    if not prepared:
-        _check_reachable(name, builder, offline)
+        raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'"
+                        f"{' nor its IDX files' * (name in MNIST_FAMILY)}; run `tfds build "
+                        f"{name} --data_dir={data_dir}` where there is network; {offline}")
+    if not prepared:  # TFDS would retry an unreachable source for minutes: ask it once, 5 s
+        urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
+        url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
+        try:
+            requests.head(url, timeout=5, allow_redirects=False)
+        except requests.RequestException as e:
+            raise NCFMError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir} and "
+                            f"its source {url.split('/')[2]} cannot be reached "
+                            f"({type(e).__name__}); {offline}") from None
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if len(getattr(features[image_key], "shape", ())) != 3 or None in features[image_key].shape:
@@ -229,44 +204,20 @@ def _load_tfds(name, data_dir):
                         "and load it with folder:PATH")
     try:
         builder.download_and_prepare()
-        splits = {s: [np.concatenate(parts) for parts in zip(*tfds.as_numpy(
-                      builder.as_dataset(split=s, as_supervised=True).batch(10000)))]
-                  for s in ("train", "test")}
+        (x_train, y_train), (x_test, y_test) = (
+            [np.concatenate(parts) for parts in zip(*tfds.as_numpy(
+                builder.as_dataset(split=s, as_supervised=True).batch(10000)))]
+            for s in ("train", "test"))
     except Exception as e:
-        raise NCFMError(f"could not download or read TFDS dataset '{name}' "
-                        f"(data_dir={data_dir}): {type(e).__name__}: {str(e).splitlines()[0]}; "
-                        "prepare it with `tfds build` on a machine with network access and "
-                        "pass its --data_dir") from None
-    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
+        raise NCFMError(f"could not download or read TFDS dataset '{name}' (data_dir="
+                        f"{data_dir}): {type(e).__name__}: {str(e).splitlines()[0]}; prepare it "
+                        "with `tfds build` where there is network and pass its --data_dir"
+                        ) from None
     return x_train, y_train, x_test, y_test, features[label_key].names
-
-
-# Entries that are never data, at any level of a folder: hidden (dot) files and folders
-# (.ipynb_checkpoints, .DS_Store, macOS's ._* resource forks) and operating-system metadata.
-OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
-               "system volume information", "lost+found"}
-TRAIN_SPLITS = ("train", "training")  # split folders, in any case, in order of preference
-TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 
 def _visible(name):
     return not name.startswith(".") and name.lower() not in OS_METADATA
-
-
-def _check_reachable(name, builder, offline, timeout=5):
-    """Fails within `timeout` seconds when `builder` would download and its source (the first
-    URL TFDS records for it, else TFDS's own bucket) does not answer: TFDS itself retries
-    with growing pauses for minutes before giving up."""
-    import requests
-
-    urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
-    url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
-    try:
-        requests.head(url, timeout=timeout, allow_redirects=False)
-    except requests.RequestException as e:
-        raise NCFMError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir} and its "
-                        f"source {url.split('/')[2]} cannot be reached ({type(e).__name__}); "
-                        f"{offline}") from None
 
 
 def _folder_classes(root):
@@ -283,11 +234,11 @@ def _found(directory):
 
 
 def _image_files(directory):
-    """The image files under `directory` at any depth (Tiny ImageNet keeps a class's images in
-    `<class>/images/`), hidden entries skipped, symbolic links followed, sorted by path."""
+    """Image paths under `directory` at any depth (Tiny ImageNet: `<class>/images/`), sorted;
+    hidden entries skipped, links followed (a link back up the tree is read once)."""
     found, seen = [], set()
     for here, dirs, files in os.walk(directory, followlinks=True):
-        if os.path.realpath(here) in seen:  # a link back up the tree
+        if os.path.realpath(here) in seen:
             dirs[:] = []
             continue
         seen.add(os.path.realpath(here))
@@ -297,24 +248,11 @@ def _image_files(directory):
     return sorted(found)
 
 
-def _read_image(path, image_size):
-    """One image file as uint8 `[size, size, 3]`: decoded with Pillow, converted to RGB (alpha
-    dropped, first frame of a GIF), resized with Pillow's bilinear filter."""
+def _read_folder(root, class_names, size):
+    """`root/<class>/**/<image>` as uint8 `[N, size, size, 3]` (Pillow's RGB, resized bilinearly)
+    and labels, in class then path order; undecodable files are skipped with one warning."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        if image.mode.startswith("I"):  # 16-bit grayscale: keep the high byte (convert clips)
-            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-        elif image.mode in ("P", "PA"):  # palette transparency goes through RGBA
-            image = image.convert("RGBA")
-        image = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
-        return np.asarray(image)
-
-
-def _read_folder(root, class_names, image_size):
-    """Reads `root/<class>/**/<image>` as uint8 `[N, size, size, 3]` images and int labels, in
-    class then path order. Files that cannot be decoded (empty, truncated, not images) are
-    skipped, and one warning line on stderr counts them and names the first three."""
     files = [(path, c) for c, name in enumerate(class_names)
              for path in _image_files(os.path.join(root, name))]
     if not files:
@@ -324,7 +262,13 @@ def _read_folder(root, class_names, image_size):
     images, labels, unreadable = [], [], []
     for path, label in files:
         try:
-            images.append(_read_image(path, image_size))
+            with Image.open(path) as image:
+                if image.mode.startswith("I"):  # 16-bit grayscale: the high byte (convert clips)
+                    image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+                elif image.mode in ("P", "PA"):  # palette transparency goes through RGBA
+                    image = image.convert("RGBA")
+                image = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+            images.append(image)
             labels.append(label)
         except Exception:  # whatever Pillow raises, the file is not a readable image
             unreadable.append(os.path.relpath(path, root))
@@ -340,11 +284,9 @@ def _read_folder(root, class_names, image_size):
 
 
 def _folder_splits(root, test_fraction):
-    """The layout of a folder dataset: `(train_dir, test_dir)`, `test_dir` None when the test
-    split is to be held out of `train_dir`. `root/<class>/...` is read as one pool of images;
-    `root/train/<class>/...` (or `training/`, in any case) with `test/`, `testing/`, `val/`,
-    `validation/` or `valid/` holding the same classes beside it (as ImageNet, Imagenette and
-    CINIC-10 ship) as given splits."""
+    """`(train_dir, test_dir)`, `test_dir` None to hold the test split out: `root/<class>/...`,
+    or `root/train/<class>/...` (or `training/`) beside `test/`, `testing/`, `val/`,
+    `validation/` or `valid/` with the same classes (as ImageNet, Imagenette, CINIC-10 ship)."""
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
     if train is None or not _folder_classes(os.path.join(root, train)) or any(
@@ -354,69 +296,58 @@ def _folder_splits(root, test_fraction):
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
-                        f"expected either {root}/<class>/ or {root}/{train}/<class>/ with "
-                        f"{root}/test/<class>/ (or val/) beside it")
-    classes = _folder_classes(os.path.join(root, train))
-    candidates = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
-    for split in candidates:
-        if _folder_classes(os.path.join(root, split)) == classes:
-            return os.path.join(root, train), os.path.join(root, split)
-    if not candidates:
-        return os.path.join(root, train), None
+                        f"expected {root}/<class>/ or {train}/<class>/ beside test/<class>/ "
+                        "(or val/)")
+    classes = set(_folder_classes(os.path.join(root, train)))
+    tests = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
+    test = next((t for t in tests if set(_folder_classes(os.path.join(root, t))) == classes),
+                None)
+    if test or not tests:
+        return os.path.join(root, train), test and os.path.join(root, test)
     found = []
-    for split in candidates:
-        theirs = _folder_classes(os.path.join(root, split))
-        missing, extra = sorted(set(classes) - set(theirs)), sorted(set(theirs) - set(classes))
+    for split in tests:
+        theirs = set(_folder_classes(os.path.join(root, split)))
+        missing = sorted(classes - theirs)
         found.append(f"{split}/ lacks {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
-                     if set(theirs) & set(classes) and not extra else
+                     if theirs & classes and theirs <= classes else
                      f"{split}/ holds {_found(os.path.join(root, split))}")
-    raise NCFMError(f"folder {root}: expected {'/ or '.join(candidates)}/ to hold the "
-                    f"{len(classes)} class folders of {train}/, but {'; '.join(found)}; give it "
-                    f"one folder per class like {train}/, or use folder:"
-                    f"{os.path.join(root, train)} to hold out {test_fraction:.0%} of each class "
-                    "as the test split")
+    raise NCFMError(f"folder {root}: expected {'/ or '.join(tests)}/ to hold the {len(classes)} "
+                    f"class folders of {train}/, but {'; '.join(found)}; give it one folder per "
+                    f"class like {train}/, or use folder:{os.path.join(root, train)} to hold out "
+                    f"{test_fraction:.0%} of each class as the test split")
 
 
 def _load_folder(root, image_size, test_fraction):
-    """A folder dataset: `root/<class>/**/<image>`, or `root/train/<class>/...` beside
-    `root/test/` (or `val/`, see `_folder_splits`).
-
-    Without a given test split, the split is deterministic: the images of each class are
-    sorted by path and every class gives its last `test_fraction` (at least one image) to the
-    test split. Grayscale folders stay single-channel.
-    """
-    if os.path.isfile(root):
-        raise NCFMError(f"folder:{root} is a file, not a folder; extract it if it is an "
-                        "archive (unzip, tar xf) and pass the folder it holds")
+    """A folder dataset (see `_folder_splits`). A held-out test split is each class's last
+    `test_fraction` of images in path order (at least one). Grayscale stays one channel."""
     if not os.path.isdir(root):
-        raise NCFMError(f"folder {root} does not exist; pass folder:PATH with one "
+        raise NCFMError(f"folder:{root} is a file, not a folder; extract it if it is an archive "
+                        "(unzip, tar xf) and pass the folder it holds" if os.path.isfile(root)
+                        else f"folder {root} does not exist; pass folder:PATH with one "
                         "sub-directory of images per class")
     if image_size < 1:
         raise NCFMError(f"image size {image_size} is out of range: use 1 or more")
     train_dir, test_dir = _folder_splits(root, test_fraction)
     class_names = _folder_classes(train_dir)
     if len(class_names) < 2:
-        inside = (f"; if the classes are inside {class_names[0]}/, pass folder:"
-                  f"{os.path.join(train_dir, class_names[0])}" if class_names else "")
+        inside = class_names and (f"; if the classes are inside {class_names[0]}/, pass folder:"
+                                  f"{os.path.join(train_dir, class_names[0])}")
         raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories "
                         f"(it holds {_found(train_dir)}); classification needs at least two "
-                        f"(one sub-directory per class){inside}")
+                        f"(one sub-directory per class){inside or ''}")
+    x_train, y_train = _read_folder(train_dir, class_names, image_size)
     if test_dir:
-        x_train, y_train = _read_folder(train_dir, class_names, image_size)
         x_test, y_test = _read_folder(test_dir, class_names, image_size)
     else:
-        images, labels = _read_folder(train_dir, class_names, image_size)
-        is_test = np.zeros(len(labels), bool)
-        for c in range(len(class_names)):
-            idx = np.flatnonzero(labels == c)  # path order
+        is_test = np.zeros(len(y_train), bool)
+        for c, name in enumerate(class_names):
+            idx = np.flatnonzero(y_train == c)  # path order
             if len(idx) < 2:
-                raise NCFMError(f"class '{class_names[c]}' in {train_dir} has {len(idx)} "
-                                "readable image(s); each class needs at least two (one for "
-                                "training, one to test)")
-            n_test = max(1, int(round(len(idx) * test_fraction)))
-            is_test[idx[-n_test:]] = True
-        x_train, y_train = images[~is_test], labels[~is_test]
-        x_test, y_test = images[is_test], labels[is_test]
+                raise NCFMError(f"class '{name}' in {train_dir} has {len(idx)} readable image(s); "
+                                "each class needs at least two (one for training, one to test)")
+            is_test[idx[-max(1, int(round(len(idx) * test_fraction))):]] = True
+        x_train, y_train, x_test, y_test = (x_train[~is_test], y_train[~is_test],
+                                            x_train[is_test], y_train[is_test])
     for split_labels, split in ((y_train, "train"), (y_test, "test")):
         missing = sorted(set(range(len(class_names))) - set(split_labels.tolist()))
         if missing:
@@ -428,12 +359,8 @@ def _load_folder(root, image_size, test_fraction):
 
 
 def validation_split(data, size, seed=123):
-    """`data` with its test split replaced by `size` training images drawn at random.
-
-    For choosing settings (e.g. psi's bound) without looking at the test set. The images stay
-    in the training split, where the distillation has seen them, so validation accuracy runs
-    a little above test accuracy; it ranks settings, it does not replace the test.
-    """
+    """`data` with its test split replaced by `size` random training images, to choose settings
+    without the test set (they were distilled from: it ranks settings, it reads a bit high)."""
     if not 0 < size <= len(data.x_train):
         raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train)}")
     idx = np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)
@@ -456,11 +383,8 @@ def check_ipc(data, ipc):
 
 
 def random_subset(data, ipc, seed=0):
-    """The random-real baseline: `ipc` training images per class, drawn without replacement.
-
-    Returns:
-      float32 images `[K*ipc, H, W, C]` in [0, 1] and int32 labels `[K*ipc]`, class-sorted.
-    """
+    """The random-real baseline: `ipc` training images per class, drawn without replacement,
+    as float32 `[K*ipc, H, W, C]` in [0, 1] and int32 labels `[K*ipc]`, class-sorted."""
     check_ipc(data, ipc)
     rng = np.random.default_rng(seed)
     idx = np.concatenate([rng.choice(np.flatnonzero(data.y_train == c), ipc, replace=False)
@@ -469,41 +393,33 @@ def random_subset(data, ipc, seed=0):
 
 
 def herding_subset(data, ipc, feature_fn, batch_size=500):
-    """The herding baseline (Welling 2009): per class, greedily pick the images whose running
-    feature mean stays closest to the class mean. `feature_fn` maps float images to features.
-    """
+    """The herding baseline (Welling 2009), shaped as `random_subset`: per class, greedily the
+    images keeping the running feature mean closest to the class mean (`feature_fn`: float
+    images -> features)."""
     check_ipc(data, ipc)
     chosen = []
     for c in range(data.num_classes):
         idx = np.flatnonzero(data.y_train == c)
-        feats = np.concatenate([np.asarray(feature_fn(to_float(data.x_train[idx[i:i + batch_size]])))
-                                for i in range(0, len(idx), batch_size)])
+        batches = (data.x_train[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size))
+        feats = np.concatenate([np.asarray(feature_fn(to_float(x))) for x in batches])
         target, running, picked = feats.mean(0), np.zeros_like(feats[0]), []
-        available = np.ones(len(idx), bool)
         for k in range(ipc):
             gaps = np.linalg.norm(target - (running * k + feats) / (k + 1), axis=1)
-            gaps[~available] = np.inf
-            best = int(np.argmin(gaps))
-            picked.append(idx[best])
-            available[best] = False
-            running = (running * k + feats[best]) / (k + 1)
-        chosen.extend(picked)
+            gaps[picked] = np.inf
+            picked.append(int(np.argmin(gaps)))
+            running = (running * k + feats[picked[-1]]) / (k + 1)
+        chosen.extend(idx[picked])
     chosen = np.asarray(chosen)
     return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
 
 
 def class_balanced_batches(data, batch_per_class, seed=0, start=0):
-    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`.
-
-    Every batch holds `batch_per_class` images of every class, as NCFM's per-class matching
-    needs. Each class is read in a random order that is redrawn on every pass over it, so a
-    batch never repeats an image while the class is large enough. Batch `i` is a pure
-    function of `(seed, i)` (a stateless `index_shuffle`), so the stream can begin at any
-    batch `start`: a resumed distillation sees exactly the batches it would have seen.
-    """
+    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every class
+    in every batch, as NCFM's per-class matching needs. Each class is read in a random order
+    redrawn on every pass over it; batch `i` is a pure function of `(seed, i)` (a stateless
+    index shuffle), so a resumed run restarts the stream at its batch `start`."""
     k, b = data.num_classes, batch_per_class
-    order = np.argsort(data.y_train, kind="stable")
-    images = tf.constant(data.x_train[order])  # class-sorted
+    images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
     first = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))  # [K]
     counts = tf.constant(counts)
@@ -516,8 +432,7 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
         shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per class and pass
             index=tf.reshape(index, [-1]), seed=tf.reshape(seeds, [-1, 3]),
             max_index=tf.reshape(tf.broadcast_to(counts[:, None] - 1, [k, b]), [-1]))
-        picks = tf.reshape(shuffled, [k, b]) + first[:, None]
-        return tf.gather(images, picks)
+        return tf.gather(images, tf.reshape(shuffled, [k, b]) + first[:, None])
 
     return tf.data.Dataset.counter(start).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True).prefetch(2)
