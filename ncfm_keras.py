@@ -1430,7 +1430,7 @@ class NCFM(keras.Model):
                 with tf.GradientTape() as tape:
                     t = self.sampler(frequency_seed, training=True)  # [M, D]
                     ascent = -self._discrepancy(real_features, syn_features, t)
-                    scaled = self.sampler_optimizer.scale_loss(ascent)  # unless loss-scaled: =
+                    scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless fp16
                 done = apply_if_finite(self.sampler_optimizer, ascent,
                                        tape.gradient(scaled, variables), variables,
                                        self.trackers["nonfinite_steps"])
