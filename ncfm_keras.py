@@ -558,8 +558,7 @@ def dsa_parameters(seed, count, image_size, ops):
     leading dimension `count`. `seed`: int `[2]`, fresh per step; `ops`: e.g.
     `"color_crop_cutout"`. As the official code does, flip, colour and cutout apply whenever
     enabled, and every draw picks *one* of the enabled crop / scale / rotate."""
-    ops, s = parse_augment(ops), DSA_SETTINGS
-    height, width = image_size
+    ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
     def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
@@ -603,8 +602,7 @@ def _bilinear_warp(images, theta):
     `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
     r, b, h, w, c = (tf.shape(images)[i] for i in range(5))
     height, width = images.shape[2], images.shape[3]
-    ys = (2.0 * tf.range(height, dtype=tf.float32) + 1.0) / height - 1.0
-    xs = (2.0 * tf.range(width, dtype=tf.float32) + 1.0) / width - 1.0
+    ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
     grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
     grid = tf.stack([tf.reshape(grid_x, [-1]), tf.reshape(grid_y, [-1]),
                      tf.ones([height * width])], 0)  # [3, HW]
@@ -616,9 +614,8 @@ def _bilinear_warp(images, theta):
     out = 0.0
     for dy, dx in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)):  # the 4 neighbours
         px, py = x0 + dx, y0 + dy
-        weight = (1.0 - tf.abs(src_x - px)) * (1.0 - tf.abs(src_y - py))
         inside = (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
-        weight = tf.where(inside, weight, 0.0)
+        weight = tf.where(inside, (1.0 - tf.abs(src_x - px)) * (1.0 - tf.abs(src_y - py)), 0.0)
         index = tf.cast(tf.clip_by_value(py, 0, height - 1) * width
                         + tf.clip_by_value(px, 0, width - 1), tf.int32)  # [R, HW]
         out += tf.gather(flat, index, batch_dims=1) * weight[:, :, None, None]
@@ -638,8 +635,7 @@ def dsa_apply(images, params, mean=None, std=None):
     rows = images.shape.rank == 5
     x = images if rows else images[:, None]
     if mean is not None:
-        mean = tf.cast(tf.reshape(mean, [-1]), x.dtype)
-        std = tf.cast(tf.reshape(std, [-1]), x.dtype)
+        mean, std = (tf.cast(tf.reshape(v, [-1]), x.dtype) for v in (mean, std))
         x = (x - mean) / std
     per_row = lambda v: tf.reshape(v, [-1, 1, 1, 1, 1])  # noqa: E731
     if "flip" in params:
@@ -676,8 +672,7 @@ def cutmix(images, labels, seed):
     `[N, H, W, C]` and mixes the labels `[N, K]` (probabilities) by the pasted area."""
     n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
     s = split_seed(seed, 5)
-    gamma_a = tf.random.stateless_gamma([], s[0], 1.0)
-    gamma_b = tf.random.stateless_gamma([], s[1], 1.0)
+    gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
     cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
     cy = tf.random.stateless_uniform([], s[2], 0, height, tf.int32, alg=RNG)
     cx = tf.random.stateless_uniform([], s[3], 0, width, tf.int32, alg=RNG)
@@ -724,15 +719,11 @@ def _conv(x, filters, kernel, strides=1, use_bias=True, activation=None):
 
 
 def build_network(arch, image_shape, num_classes, mean, std):
-    """A classifier of the dataset-distillation literature, initialised as PyTorch's defaults.
-
-    `arch`: `convnet` (ConvNet-D: D x [conv3x3(128) -> instance norm -> ReLU -> avg-pool 2],
-    D from `convnet_depth`), or `alexnet`, `vgg11`, `resnet18` (the CIFAR-style variants of
-    Zhao et al.'s DC code, with instance norm); `image_shape`: `(H, W, C)`; `mean`, `std`:
-    per-channel statistics. Returns a `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to
-    logits, whose layer "features" is the flattened penultimate activation (2048-d for
-    ConvNet-3 on 32x32). `NCFMError` for an unknown `arch`.
-    """
+    """A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits, initialised as
+    PyTorch's defaults; its layer "features" is the flattened penultimate activation (2048-d
+    for ConvNet-3 on 32x32). `arch`: `convnet` (ConvNet-D: D x [conv3x3(128) -> instance norm
+    -> ReLU -> avg-pool 2]), `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of
+    Zhao et al.'s DC code, with instance norm), else `NCFMError`; `mean`, `std`: `[C]`."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
@@ -753,12 +744,11 @@ def build_network(arch, image_shape, num_classes, mean, std):
         x = layers.ReLU()(_instance_norm()(_conv(x, 64, 3, use_bias=False)))
         for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
                                 (512, 2), (512, 1)):
-            shortcut = x
             y = layers.ReLU()(_instance_norm()(_conv(x, filters, 3, stride, use_bias=False)))
             y = _instance_norm()(_conv(y, filters, 3, use_bias=False))
-            if stride != 1 or shortcut.shape[-1] != filters:
-                shortcut = _instance_norm()(_conv(shortcut, filters, 1, stride, use_bias=False))
-            x = layers.ReLU()(layers.Add()([y, shortcut]))
+            if stride != 1 or x.shape[-1] != filters:  # project the shortcut
+                x = _instance_norm()(_conv(x, filters, 1, stride, use_bias=False))
+            x = layers.ReLU()(layers.Add()([y, x]))
         x = layers.GlobalAveragePooling2D()(x)
     features = layers.Flatten(name="features")(x)
     logits = layers.Dense(num_classes, name="logits", dtype="float32",
@@ -830,8 +820,7 @@ class EvalProtocol:
 
     def __post_init__(self):
         if self.dsa_space not in ("normalized", "pixel"):
-            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use one of normalized, "
-                            "pixel")
+            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
 
 
 PROTOCOLS = {
@@ -1891,9 +1880,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     if epochs is not None:
         protocol = dataclasses.replace(protocol, epochs=int(epochs))
-    soft = None
-    if labels in ("teacher", "teacher_onehot"):
-        soft = teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
+    soft = (teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
+            if labels in ("teacher", "teacher_onehot") else None)
     keras.utils.set_random_seed(seed)
     model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
     test = (tf.data.Dataset.from_tensor_slices(
