@@ -439,202 +439,159 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 
 
 # ------------------------------------------------------------------------------------------
-# Differentiable siamese augmentation (DSA, Zhao & Bilen 2021; spec section 5)
+# Differentiable siamese augmentation (DSA, Zhao & Bilen 2021)
 # ------------------------------------------------------------------------------------------
-# An augmentation is split in two: `dsa_parameters` draws one parameter set per *group*, and
-# `dsa_apply` applies a group's parameters identically to every image of that group in every
-# tensor it is given. For matching, a group is a class (real and synthetic images of a class
-# see the same transformation); for evaluation, every image is its own group. All ops are
-# plain TF ops with gradients and XLA kernels: geometric warps use a gather-based bilinear
-# sampler, because ImageProjectiveTransformV3 has no XLA kernel.
+# `dsa_parameters` makes `count` independent draws; `dsa_apply` applies draw i to every image
+# of row i of every tensor given: in matching, row i is class i (its real and synthetic images
+# see one transformation); in evaluation, each image is its own row. All ops have gradients
+# and XLA kernels (ImageProjectiveTransformV3 has none, hence the gather-based warp).
 
-RNG = "philox"  # stateless random algorithm, fixed. XLA draws other numbers from a seed than
-#                  TF's own kernels (measured on CPU), so a run is reproducible within one mode.
+RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
 GEOMETRIC = ("crop", "scale", "rotate")
 DSA_OPS = ("color", "flip", "cutout") + GEOMETRIC
 
 
-def parse_strategy(strategy):
-    """`"color_crop_cutout"` -> `("color", "crop", "cutout")`, validated."""
-    ops = tuple(op for op in strategy.split("_") if op)
-    unknown = [op for op in ops if op not in DSA_OPS]
+def split_seed(seed, n):
+    """`n` independent int `[2]` seeds (a list) from the int `[2]` `seed`."""
+    return tf.unstack(tf.random.experimental.stateless_split(seed, n, alg=RNG))
+
+
+def parse_augment(ops):
+    """`"color_crop_cutout"` -> `("color", "crop", "cutout")`; `NCFMError` for an unknown op."""
+    parsed = tuple(op for op in ops.split("_") if op)
+    unknown = [op for op in parsed if op not in DSA_OPS]
     if unknown:
-        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{strategy}'; use '_'-joined "
+        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{ops}'; use '_'-joined "
                         f"names from {', '.join(DSA_OPS)}")
-    return ops
+    return parsed
 
 
-def dsa_parameters(seed, groups, image_size, strategy):
-    """Draws DSA parameters for `groups` groups.
+def dsa_parameters(seed, count, image_size, ops):
+    """`count` independent draws of DSA parameters for `(H, W)` images: a dict of tensors with
+    leading dimension `count`. `seed`: int `[2]`, fresh per step; `ops`: e.g.
+    `"color_crop_cutout"`. As the official code does, flip, colour and cutout apply whenever
+    enabled, and every draw picks *one* of the enabled crop / scale / rotate."""
+    ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
+    seeds = iter(split_seed(seed, 12))
 
-    NCFM's variant always applies flip, colour and cutout when enabled and picks *one* of the
-    enabled crop / scale / rotate per group.
-
-    Args:
-      seed: int tensor `[2]` for the stateless random ops (fresh per step).
-      groups: number of independent parameter sets.
-      image_size: `(H, W)`.
-      strategy: e.g. `"color_crop_cutout"`.
-
-    Returns:
-      A dict of tensors with leading dimension `groups`.
-    """
-    ops = parse_strategy(strategy)
-    height, width = image_size
-    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, 12, alg=RNG)))
-
-    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [groups] draw; int high exclusive
-        return tf.random.stateless_uniform([groups], next(seeds), low, high, dtype, alg=RNG)
+    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
+        return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
 
     params = {}
     if "flip" in ops:
         params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
     if "color" in ops:
-        s = DSA_SETTINGS
         params["brightness"] = (uniform() - 0.5) * s["brightness"]
         params["saturation"] = uniform() * s["saturation"]
         params["contrast"] = uniform() + s["contrast"]
     geometric = [op for op in GEOMETRIC if op in ops]
     if geometric:
-        pad_y = int(height * DSA_SETTINGS["crop_ratio"] + 0.5)
-        pad_x = int(width * DSA_SETTINGS["crop_ratio"] + 0.5)
+        pad_y, pad_x = (int(n * s["crop_ratio"] + 0.5) for n in (height, width))
         # Integer pixel shifts in normalised [-1, 1] coordinates, so the warp is exact.
-        shift_y = uniform(-pad_y, pad_y + 1, tf.int32)
-        shift_x = uniform(-pad_x, pad_x + 1, tf.int32)
-        lo, hi = 1.0 / DSA_SETTINGS["scale"], DSA_SETTINGS["scale"]
+        shift_y = tf.cast(uniform(-pad_y, pad_y + 1, tf.int32), tf.float32)
+        shift_x = tf.cast(uniform(-pad_x, pad_x + 1, tf.int32), tf.float32)
+        lo, hi = 1.0 / s["scale"], s["scale"]
         scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
-        angle = (uniform() - 0.5) * 2.0 * DSA_SETTINGS["rotate_degrees"] * math.pi / 180.0
-        zero, one = tf.zeros([groups]), tf.ones([groups])
-        candidates = {  # rows of the 2x3 matrix mapping output coordinates to input coordinates
-            "crop": [one, zero, 2.0 * tf.cast(shift_x, tf.float32) / width,
-                     zero, one, 2.0 * tf.cast(shift_y, tf.float32) / height],
+        angle = (uniform() - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
+        zero, one = tf.zeros([count]), tf.ones([count])
+        candidates = {  # the 2x3 matrices (row-major) mapping output to input coordinates
+            "crop": [one, zero, 2.0 * shift_x / width, zero, one, 2.0 * shift_y / height],
             "scale": [scale_x, zero, zero, zero, scale_y, zero],
             "rotate": [tf.cos(angle), tf.sin(angle), zero, -tf.sin(angle), tf.cos(angle), zero],
         }
         choice = uniform(0, len(geometric), tf.int32)
-        theta = tf.stack([tf.stack(candidates[op], -1) for op in geometric], 1)  # [G, n, 6]
-        params["theta"] = tf.gather(theta, choice, batch_dims=1)  # [G, 6]
+        theta = tf.stack([tf.stack(candidates[op], -1) for op in geometric], 1)  # [count, n, 6]
+        params["theta"] = tf.gather(theta, choice, batch_dims=1)  # [count, 6]
     if "cutout" in ops:
-        size_y = int(height * DSA_SETTINGS["cutout_ratio"] + 0.5)
-        size_x = int(width * DSA_SETTINGS["cutout_ratio"] + 0.5)
+        size_y, size_x = (int(n * s["cutout_ratio"] + 0.5) for n in (height, width))
         params["cutout_y"] = uniform(0, height + (1 - size_y % 2), tf.int32) - size_y // 2
         params["cutout_x"] = uniform(0, width + (1 - size_x % 2), tf.int32) - size_x // 2
     return params
 
 
 def _bilinear_warp(images, theta):
-    """Affine warp with bilinear sampling and zero padding (torch `affine_grid` +
-    `grid_sample`, align_corners=False), built from gathers so that it compiles under XLA.
-
-    Args:
-      images: `[G, B, H, W, C]`; group g is warped by `theta[g]`.
-      theta: `[G, 6]`, output -> input map in normalised coordinates.
-    """
-    g, b, h, w, c = (tf.shape(images)[i] for i in range(5))
+    """Warps row i of `images` `[R, B, H, W, C]` by the affine map `theta[i]` (`[R, 6]`, output
+    -> input in normalised coordinates), bilinear with zero padding: torch's `affine_grid` +
+    `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
+    r, b, h, w, c = (tf.shape(images)[i] for i in range(5))
     height, width = images.shape[2], images.shape[3]
-    ys = (2.0 * tf.range(height, dtype=tf.float32) + 1.0) / height - 1.0
-    xs = (2.0 * tf.range(width, dtype=tf.float32) + 1.0) / width - 1.0
+    ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
     grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
     grid = tf.stack([tf.reshape(grid_x, [-1]), tf.reshape(grid_y, [-1]),
                      tf.ones([height * width])], 0)  # [3, HW]
-    source = tf.matmul(tf.reshape(theta, [-1, 2, 3]), grid)  # [G, 2, HW]
+    source = tf.matmul(tf.reshape(theta, [-1, 2, 3]), grid)  # [R, 2, HW]
     src_x = ((source[:, 0] + 1.0) * width - 1.0) / 2.0  # pixel coordinates
     src_y = ((source[:, 1] + 1.0) * height - 1.0) / 2.0
     x0, y0 = tf.floor(src_x), tf.floor(src_y)
-    flat = tf.transpose(tf.reshape(images, [g, b, h * w, c]), [0, 2, 1, 3])  # [G, HW, B, C]
+    flat = tf.transpose(tf.reshape(images, [r, b, h * w, c]), [0, 2, 1, 3])  # [R, HW, B, C]
     out = 0.0
-    for dy in (0.0, 1.0):
-        for dx in (0.0, 1.0):
-            px, py = x0 + dx, y0 + dy
-            weight = (1.0 - tf.abs(src_x - px)) * (1.0 - tf.abs(src_y - py))
-            inside = (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
-            weight = tf.where(inside, weight, 0.0)
-            index = tf.cast(tf.clip_by_value(py, 0, height - 1) * width
-                            + tf.clip_by_value(px, 0, width - 1), tf.int32)  # [G, HW]
-            out += tf.gather(flat, index, batch_dims=1) * weight[:, :, None, None]
-    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [g, b, h, w, c])
+    for dy, dx in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)):  # the 4 neighbours
+        px, py = x0 + dx, y0 + dy
+        inside = (px >= 0) & (px <= width - 1) & (py >= 0) & (py <= height - 1)
+        weight = tf.where(inside, (1.0 - tf.abs(src_x - px)) * (1.0 - tf.abs(src_y - py)), 0.0)
+        index = tf.cast(tf.clip_by_value(py, 0, height - 1) * width
+                        + tf.clip_by_value(px, 0, width - 1), tf.int32)  # [R, HW]
+        out += tf.gather(flat, index, batch_dims=1) * weight[:, :, None, None]
+    return tf.reshape(tf.transpose(out, [0, 2, 1, 3]), [r, b, h, w, c])
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Applies per-group DSA parameters.
-
-    With the dataset's per-channel `mean` and `std`, the augmentation acts on normalised
-    images, as DC/DSA/DM and the official NCFM code do (normalise, then augment): colour jitter
-    is in units of the dataset's std, the saturation and contrast means are taken over
-    normalised values, and every fill (crop and warp padding, cutout) is 0 in normalised space,
-    i.e. the dataset's mean colour. The result is mapped back to pixel units, so it feeds the
-    networks (which normalise in their first layer) unchanged. Without them, the same
-    operations act on the [0, 1] pixels (jitter in pixel units, black fill).
-
-    Args:
-      images: float `[G, B, H, W, C]` (each group's B images share its parameters) or
-        `[G, H, W, C]` (one image per group), in [0, 1].
-      params: from `dsa_parameters(..., groups=G, ...)`.
-      mean, std: per-channel statistics `[C]` (e.g. `data.mean`, `data.std`), both or neither.
-
-    Returns:
-      The augmented images in pixel units, same shape; differentiable with respect to
-      `images`. Raises `NCFMError` if only one of `mean` and `std` is given.
-    """
+    """Applies draw i of `params` (`dsa_parameters`) to every image of row i of `images`, float
+    `[R, B, H, W, C]` or `[R, H, W, C]` (one image per row) in [0, 1]. With the dataset's `mean`
+    and `std` (`[C]`) it augments normalised images, as DC/DSA/DM and the official code do:
+    colour jitter is in std units and every fill (warp padding, cutout) is the mean colour;
+    without them it acts on the pixels (black fill). Returns pixels, same shape, differentiable
+    in `images`. `NCFMError` if only one of `mean` and `std` is given."""
     if (mean is None) != (std is None):
         raise NCFMError("dsa_apply got only one of mean and std; pass both (augment in "
                         "normalised space) or neither (augment the pixels)")
-    grouped = images.shape.rank == 5
-    x = images if grouped else images[:, None]
+    rows = images.shape.rank == 5
+    x = images if rows else images[:, None]
     if mean is not None:
-        mean = tf.cast(tf.reshape(mean, [-1]), x.dtype)
-        std = tf.cast(tf.reshape(std, [-1]), x.dtype)
+        mean, std = (tf.cast(tf.reshape(v, [-1]), x.dtype) for v in (mean, std))
         x = (x - mean) / std
-    per_group = lambda v: tf.reshape(v, [-1, 1, 1, 1, 1])  # noqa: E731
+    per_row = lambda v: tf.reshape(v, [-1, 1, 1, 1, 1])  # noqa: E731
     if "flip" in params:
-        x = tf.where(per_group(params["flip"]) > 0.5, tf.reverse(x, [3]), x)
+        x = tf.where(per_row(params["flip"]) > 0.5, tf.reverse(x, [3]), x)
     if "brightness" in params:
-        x = x + per_group(params["brightness"])
+        x = x + per_row(params["brightness"])
         gray = tf.reduce_mean(x, axis=4, keepdims=True)
-        x = (x - gray) * per_group(params["saturation"]) + gray
+        x = (x - gray) * per_row(params["saturation"]) + gray
         average = tf.reduce_mean(x, axis=[2, 3, 4], keepdims=True)
-        x = (x - average) * per_group(params["contrast"]) + average
+        x = (x - average) * per_row(params["contrast"]) + average
     if "theta" in params:
         x = _bilinear_warp(x, params["theta"])
     if "cutout_x" in params:
         height, width = x.shape[2], x.shape[3]
-        size_y = int(height * DSA_SETTINGS["cutout_ratio"] + 0.5)
-        size_x = int(width * DSA_SETTINGS["cutout_ratio"] + 0.5)
-        rows = tf.range(height)[None, :, None]
-        cols = tf.range(width)[None, None, :]
+        size_y, size_x = (int(n * DSA_SETTINGS["cutout_ratio"] + 0.5) for n in (height, width))
+        ys, xs = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
         top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
-        hole = ((rows >= top) & (rows < top + size_y) & (cols >= left) & (cols < left + size_x))
+        hole = (ys >= top) & (ys < top + size_y) & (xs >= left) & (xs < left + size_x)
         x = x * tf.cast(~hole, x.dtype)[:, None, :, :, None]
     if mean is not None:
         x = x * std + mean
-    return x if grouped else x[:, 0]
+    return x if rows else x[:, 0]
 
 
-def augment(images, seed, strategy, mean=None, std=None):
-    """Per-sample DSA (every image its own parameters), as used when training evaluators.
-    `images` `[N, H, W, C]` in [0, 1]; `mean`, `std` as for `dsa_apply`."""
-    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], strategy)
+def augment(images, seed, ops, mean=None, std=None):
+    """Per-sample DSA (a draw per image) of `[N, H, W, C]` images, as evaluation trains with;
+    `mean`, `std` as for `dsa_apply`."""
+    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops)
     return dsa_apply(images, params, mean, std)
 
 
-def cutmix(images, labels, seed, beta=1.0):
-    """CutMix (Yun et al. 2019) on a batch: pastes a random box from a shuffled copy of the
-    batch and mixes the (one-hot or soft) labels by the pasted area.
-
-    Args:
-      images: `[N, H, W, C]`; labels: `[N, K]` probabilities; seed: int `[2]`.
-    """
+def cutmix(images, labels, seed):
+    """CutMix (Yun et al. 2019, beta 1): pastes a random box from a shuffled copy of the batch
+    `[N, H, W, C]` and mixes the labels `[N, K]` (probabilities) by the pasted area."""
     n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    s = tf.unstack(tf.random.experimental.stateless_split(seed, 5, alg=RNG))
-    gamma_a = tf.random.stateless_gamma([], s[0], beta)
-    gamma_b = tf.random.stateless_gamma([], s[1], beta)
-    cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(b, b)
+    s = split_seed(seed, 5)
+    gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
+    cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
     cy = tf.random.stateless_uniform([], s[2], 0, height, tf.int32, alg=RNG)
     cx = tf.random.stateless_uniform([], s[3], 0, width, tf.int32, alg=RNG)
-    half_h = tf.cast(cut * height / 2, tf.int32)
-    half_w = tf.cast(cut * width / 2, tf.int32)
+    half_h, half_w = tf.cast(cut * height / 2, tf.int32), tf.cast(cut * width / 2, tf.int32)
     y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
     x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
@@ -646,14 +603,16 @@ def cutmix(images, labels, seed, beta=1.0):
 
 
 # ------------------------------------------------------------------------------------------
-# Networks (spec section 2)
+# Networks
 # ------------------------------------------------------------------------------------------
-# Every network takes float images in [0, 1], normalises them with the dataset statistics as
-# its first layer, and names its penultimate (flattened) activation "features". Weights start
-# as PyTorch's defaults do (the official code is PyTorch), which also sets the scale of
+# Every network takes float images in [0, 1], normalises them with the dataset statistics in
+# its first layer, and names its flattened penultimate activation "features". Weights start
+# as PyTorch's defaults (the official code is PyTorch), which also sets the scale of
 # theta_init in NCFM's blended extractor.
 
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
+# Instance norm, gamma 1 and beta 0 as torch's GroupNorm:
+_instance_norm = functools.partial(layers.GroupNormalization, groups=-1, epsilon=1e-5)
 
 
 def convnet_depth(image_size):
@@ -661,14 +620,9 @@ def convnet_depth(image_size):
     return max(1, int(round(math.log2(image_size / 4))))
 
 
-def _instance_norm():  # gamma 1, beta 0, as torch's GroupNorm
-    return layers.GroupNormalization(groups=-1, epsilon=1e-5)  # groups = channels
-
-
 def _torch_init(fan_in):
-    """Initialisers of torch's default Conv2d / Linear reset: kernel `kaiming_uniform_(a=√5)`,
-    i.e. U(±1/√fan_in), and bias U(±1/√fan_in). Fresh instances per layer, so every layer
-    draws its own numbers."""
+    """torch's default Conv2d / Linear initialisation: kernel and bias U(±1/√fan_in) (kernel
+    `kaiming_uniform_(a=√5)`). Fresh initialisers, so every layer draws its own numbers."""
     bound = 1.0 / math.sqrt(fan_in)
     return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
                 bias_initializer=keras.initializers.RandomUniform(-bound, bound))
@@ -679,40 +633,19 @@ def _conv(x, filters, kernel, strides=1, use_bias=True, activation=None):
                          use_bias=use_bias, **_torch_init(kernel * kernel * x.shape[-1]))(x)
 
 
-def _input_path(image_shape, mean, std):
-    inputs = keras.Input(image_shape)
-    return inputs, layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
-
-
-def _head(x, num_classes, name):
-    features = layers.Flatten(name="features")(x)
-    return layers.Dense(num_classes, name="logits", dtype="float32",
-                        **_torch_init(features.shape[-1]))(features)
-
-
-def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=None):
-    """Builds a classifier from the dataset-distillation literature.
-
-    Conv and dense kernels and biases start uniform in ±1/√fan_in, norm layers at gamma 1,
-    beta 0: PyTorch's default initialisation, as the official code's networks have.
-
-    Args:
-      arch: `convnet` (ConvNet-D: D x [conv3x3(width) -> instance norm -> ReLU -> avg-pool 2]),
-        `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of Zhao et al.'s DC code,
-        with instance norm).
-      image_shape: `(H, W, C)`; mean, std: per-channel normalisation statistics.
-
-    Returns:
-      A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits; its layer named
-      "features" is the flattened penultimate activation (2048-d for ConvNet-3 on 32x32).
-    """
+def build_network(arch, image_shape, num_classes, mean, std):
+    """A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits, initialised as
+    PyTorch's defaults; its layer "features" is the flattened penultimate activation (2048-d
+    for ConvNet-3 on 32x32). `arch`: `convnet` (ConvNet-D: D x [conv3x3(128) -> instance norm
+    -> ReLU -> avg-pool 2]), `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of
+    Zhao et al.'s DC code, with instance norm), else `NCFMError`; `mean`, `std`: `[C]`."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
-    inputs, x = _input_path(image_shape, mean, std)
+    inputs = keras.Input(image_shape)
+    x = layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
     if arch == "convnet":
-        for _ in range(depth or convnet_depth(image_shape[0])):
-            x = layers.ReLU()(_instance_norm()(_conv(x, width, 3)))
-            x = layers.AveragePooling2D(2)(x)
+        for _ in range(convnet_depth(image_shape[0])):
+            x = layers.AveragePooling2D(2)(layers.ReLU()(_instance_norm()(_conv(x, 128, 3))))
     elif arch == "alexnet":
         for filters, kernel, pool in ((128, 5, True), (192, 5, True), (256, 3, False),
                                       (192, 3, False), (192, 3, True)):
@@ -720,29 +653,28 @@ def build_network(arch, image_shape, num_classes, mean, std, width=128, depth=No
             x = layers.MaxPooling2D(2)(x) if pool else x
     elif arch == "vgg11":
         for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
-            if filters == "M":
-                x = layers.MaxPooling2D(2)(x)
-            else:
-                x = layers.ReLU()(_instance_norm()(_conv(x, filters, 3)))
+            x = (layers.MaxPooling2D(2)(x) if filters == "M"
+                 else layers.ReLU()(_instance_norm()(_conv(x, filters, 3))))
     else:
         x = layers.ReLU()(_instance_norm()(_conv(x, 64, 3, use_bias=False)))
         for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
                                 (512, 2), (512, 1)):
-            shortcut = x
             y = layers.ReLU()(_instance_norm()(_conv(x, filters, 3, stride, use_bias=False)))
             y = _instance_norm()(_conv(y, filters, 3, use_bias=False))
-            if stride != 1 or shortcut.shape[-1] != filters:
-                shortcut = _instance_norm()(_conv(shortcut, filters, 1, stride, use_bias=False))
-            x = layers.ReLU()(layers.Add()([y, shortcut]))
+            if stride != 1 or x.shape[-1] != filters:  # project the shortcut
+                x = _instance_norm()(_conv(x, filters, 1, stride, use_bias=False))
+            x = layers.ReLU()(layers.Add()([y, x]))
         x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, _head(x, num_classes, arch), name=arch)
+    features = layers.Flatten(name="features")(x)
+    logits = layers.Dense(num_classes, name="logits", dtype="float32",
+                          **_torch_init(features.shape[-1]))(features)
+    return keras.Model(inputs, logits, name=arch)
 
 
 def _fits(arch, image_shape):
     """Whether `arch` can be built for `image_shape` (its pooling leaves at least one pixel)."""
-    channels = image_shape[-1]
     try:
-        build_network(arch, image_shape, 2, [0.0] * channels, [1.0] * channels)
+        build_network(arch, image_shape, 2, [0.0] * image_shape[-1], [1.0] * image_shape[-1])
     except NCFMError:  # an unknown architecture
         raise
     except ValueError:  # Keras: "Computed output size would be zero or negative"
@@ -751,10 +683,9 @@ def _fits(arch, image_shape):
 
 
 def smallest_image_size(arch, channels=3):
-    """The smallest side S such that `arch` can be built for `[S, S, channels]` images: 32
-    for VGG-11 (five 2x2 poolings), 8 for AlexNet, 2 for the ConvNet (its depth follows the
-    size), 1 for ResNet-18 (strided convolutions and a global pooling). Found by building the
-    network symbolically (no weights are trained): doubling, then bisection."""
+    """The smallest side S with which `arch` takes `[S, S, channels]` images (32 for VGG-11,
+    8 for AlexNet, 2 for the ConvNet, 1 for ResNet-18), by building it symbolically: doubling,
+    then bisection."""
     size = 1
     while not _fits(arch, (size, size, channels)):
         size *= 2
@@ -766,8 +697,8 @@ def smallest_image_size(arch, channels=3):
 
 
 def check_architectures(archs, image_shape):
-    """Raises NCFMError, before any training, naming every architecture of `archs` that
-    cannot take `image_shape` `(H, W, C)` images and the smallest square size it needs."""
+    """Raises `NCFMError`, before any training, naming every arch of `archs` that cannot take
+    `(H, W, C)` images and the smallest square size it needs."""
     too_small = [(arch, smallest_image_size(arch, image_shape[-1])) for arch in archs
                  if not _fits(arch, tuple(image_shape))]
     if too_small:
@@ -785,17 +716,10 @@ def with_features(model):
 # Training a network: the protocols of evaluation and of the pool's pretraining
 # ------------------------------------------------------------------------------------------
 
-DSA_SPACES = ("normalized", "pixel")
-
-
 @dataclasses.dataclass(frozen=True)
 class EvalProtocol:
-    """How a fresh network is trained on a small labelled set before it is tested.
-
-    `dsa_space` is where the DSA augmentation acts: "normalized" (after the dataset's
-    per-channel normalisation, as the official code does; see `dsa_apply`) or "pixel" (on the
-    [0, 1] pixels). Raises `NCFMError` for another value.
-    """
+    """How a fresh network is trained on a labelled set. `dsa_space`: where DSA acts,
+    "normalized" (as the official code does; see `dsa_apply`) or "pixel"; `NCFMError` else."""
 
     name: str
     epochs: int
@@ -805,14 +729,13 @@ class EvalProtocol:
     weight_decay: float
     lr_milestones: tuple  # fractions of training after which the learning rate is multiplied
     lr_factor: float      # ... by this factor
-    strategy: str         # per-sample DSA strategy
+    augment: str          # per-sample DSA ops
     cutmix_prob: float    # probability of CutMix per batch (beta = 1)
-    dsa_space: str = "normalized"  # or "pixel"
+    dsa_space: str = "normalized"
 
     def __post_init__(self):
-        if self.dsa_space not in DSA_SPACES:
-            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use one of "
-                            f"{', '.join(DSA_SPACES)}")
+        if self.dsa_space not in ("normalized", "pixel"):
+            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
 
 
 PROTOCOLS = {
@@ -822,27 +745,18 @@ PROTOCOLS = {
     # DM's (Zhao & Bilen 2023) evaluation, used for the baselines in the literature.
     "dm": EvalProtocol("dm", 1000, 256, "sgd", 0.01, 5e-4, (0.5,), 0.1,
                        "color_crop_cutout_flip_scale_rotate", 0.0),
-    # NCFM's pretraining of the feature-extractor pool on the real training set (spec section 2).
+    # The official pretraining of the feature-extractor pool on the real training set.
     "pretrain": EvalProtocol("pretrain", 60, 128, "sgd", 0.01, 5e-4, (40 / 60, 50 / 60), 0.2,
                              "color_crop", 0.5),
 }
 
 
 class CoupledSGD(keras.optimizers.SGD):
-    """SGD with weight decay coupled as `torch.optim.SGD` has it (the official code's
-    optimizer): `wd·w` is added to the gradient before momentum,
-
-        v <- momentum·v + g + wd·w;   w <- w - lr·v
-
-    on every variable (biases and norm parameters too). Keras' own `weight_decay` instead
-    shrinks the weights outside the momentum (`w <- w - lr·wd·w`), about 1/(1 - momentum)
-    times weaker: 10x at momentum 0.9. (Keras stores the velocity already multiplied by the
-    learning rate, so after a learning-rate drop the carried momentum fades at the old rate
-    instead of being rescaled at once; equal to torch's steps otherwise.)
-
-    Args:
-      learning_rate: float or schedule; momentum: float; coupled_weight_decay: `wd` above.
-    """
+    """SGD with weight decay coupled as in `torch.optim.SGD` (the official code's optimizer):
+    `v <- momentum·v + g + wd·w;  w <- w - lr·v` on every variable, `wd` being
+    `coupled_weight_decay`. Keras' `weight_decay` shrinks the weights outside the momentum,
+    about 1/(1 - momentum) times weaker. (Keras' velocity holds the learning rate, so after a
+    learning-rate drop the momentum fades at the old rate; equal to torch's steps otherwise.)"""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -859,8 +773,7 @@ class CoupledSGD(keras.optimizers.SGD):
 
 
 def _evaluation_optimizer(protocol, steps):
-    """The protocol's optimizer with its step schedule: AdamW (decoupled weight decay, as
-    `torch.optim.AdamW`) or `CoupledSGD` (momentum 0.9, weight decay as `torch.optim.SGD`)."""
+    """AdamW (decoupled weight decay, as torch's) or `CoupledSGD` (momentum 0.9), stepped."""
     boundaries = [max(1, int(f * steps)) for f in protocol.lr_milestones]
     boundaries = sorted(set(min(b, max(steps - 1, 1)) for b in boundaries))
     values = [protocol.learning_rate * protocol.lr_factor ** i for i in range(len(boundaries) + 1)]
@@ -871,42 +784,33 @@ def _evaluation_optimizer(protocol, steps):
 
 
 def _training_stream(x, y, protocol, seed, mean, std):
-    """Shuffled batches with per-sample DSA (in the protocol's `dsa_space`, with the
-    statistics `mean`, `std`) and, with probability `cutmix_prob`, CutMix."""
-    n = len(x)
-    strategy, cutmix_prob = protocol.strategy, protocol.cutmix_prob
+    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`, with the
+    statistics `mean`, `std`) and, with probability `protocol.cutmix_prob`, CutMix."""
     if protocol.dsa_space == "pixel":
         mean = std = None
 
-    def transform(images, labels, batch_seed):
-        seeds = tf.unstack(tf.random.experimental.stateless_split(batch_seed, 3, alg=RNG))
-        images = augment(to_float(images), seeds[0], strategy, mean, std)
-        if cutmix_prob > 0:
+    def transform(batch, batch_seed):
+        (images, labels), seeds = batch, split_seed(batch_seed, 3)
+        images = augment(to_float(images), seeds[0], protocol.augment, mean, std)
+        if protocol.cutmix_prob > 0:
             mixed, mixed_labels = cutmix(images, labels, seeds[1])
-            use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < cutmix_prob
-            images = tf.where(use, mixed, images)
-            labels = tf.where(use, mixed_labels, labels)
+            use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < protocol.cutmix_prob
+            images, labels = tf.where(use, mixed, images), tf.where(use, mixed_labels, labels)
         return images, labels
 
     data = (tf.data.Dataset.from_tensor_slices((x, y))
-            .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+            .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    return (tf.data.Dataset.zip((data, seeds))
-            .map(lambda batch, s: transform(*batch, s), num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    return (tf.data.Dataset.zip((data, tf.data.Dataset.random(seed=seed).batch(2)))
+            .map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
 
 
 class SoftLabelStudent(keras.Model):
-    """Trains `student` on soft targets until `use_soft` is switched off (to 0), then on the
-    hard labels; `call` is the student's, so testing is unchanged.
-
-    Training batches carry `[N, 2K]` targets: the one-hot label, then the soft target (CutMix
-    mixes both by the pasted area, as the official code mixes its two losses). With a
-    `teacher`, the soft target is instead the teacher's softmax (T = 1) on the augmented,
-    CutMix-ed batch itself, computed inside the step ("per-batch" labels, as SRe2L and RDED
-    use); the frozen teacher runs in the compiled step, no host round-trip.
-    """
+    """Trains `student` on soft targets while `use_soft` is 1, then on the hard labels; `call`
+    is the student's. Batches carry `[N, 2K]` targets: the one-hot label, then the soft target
+    (CutMix mixes both, as the official code mixes its two losses). With a frozen `teacher`,
+    the soft target is instead its softmax (T = 1) on the augmented, mixed batch itself
+    ("per-batch" labels, as SRe2L and RDED use), computed inside the compiled step."""
 
     def __init__(self, student, teacher=None, **kwargs):
         super().__init__(**kwargs)
@@ -922,43 +826,21 @@ class SoftLabelStudent(keras.Model):
     def train_step(self, data):
         images, targets = data
         k = targets.shape[-1] // 2
-        if self.teacher is not None:
-            soft = lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False),  # noqa: E731
-                                                 tf.float32))
-        else:
-            soft = lambda: targets[:, k:]  # noqa: E731
-        labels = tf.cond(tf.convert_to_tensor(self.use_soft) > 0.5, soft,
-                         lambda: targets[:, :k])
+        soft = ((lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32)))
+                if self.teacher is not None else lambda: targets[:, k:])
+        labels = tf.cond(tf.convert_to_tensor(self.use_soft) > 0.5, soft, lambda: targets[:, :k])
         return super().train_step((images, labels))
-
-
-class HardLabelsFrom(keras.callbacks.Callback):
-    """Switches a `SoftLabelStudent` to hard labels from (0-based) epoch `epoch` on."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.model.use_soft.assign(1.0 if epoch < self.epoch else 0.0)
 
 
 def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
                   mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0):
-    """Trains `model` on images `x` (uint8, or float in [0, 1]) following `protocol`
-    (optimizer, schedule, DSA, CutMix).
+    """Trains `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int `[N]`, or
+    soft `[N, K]`) following `protocol`; returns `model`.
 
-    Args:
-      y: int labels `[N]`, or soft labels `[N, K]` used throughout.
-      mean, std: the dataset's per-channel statistics (those the model normalises with),
-        needed when `protocol.dsa_space` is "normalized"; `NCFMError` if they are missing then.
-      soft: optional soft targets `[N, K]` (e.g. `teacher_targets`), used instead of `y`
-        except in the last `hard_label_epochs` epochs, which train on `y`.
-      teacher: optional frozen network; its softmax on every augmented batch is the target,
-        except in the last `hard_label_epochs` epochs (see `SoftLabelStudent`).
-
-    Returns:
-      `model`, trained.
+    `mean`, `std`: the dataset's per-channel statistics, needed (else `NCFMError`) when
+    `protocol.dsa_space` is "normalized". `soft` (`[N, K]`, e.g. `teacher_targets`) or a
+    frozen `teacher` (its softmax on every augmented batch, see `SoftLabelStudent`) give the
+    targets, except in the last `hard_label_epochs` epochs, which train on `y`.
     """
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
@@ -973,7 +855,9 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     if soft is not None or teacher is not None:
         trainer = SoftLabelStudent(model, teacher)
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
-        callbacks = [*callbacks, HardLabelsFrom(protocol.epochs - hard_label_epochs)]
+        hard_from = protocol.epochs - hard_label_epochs  # 0-based
+        callbacks = [*callbacks, keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _:
+                     trainer.use_soft.assign(1.0 if epoch < hard_from else 0.0))]
     trainer.compile(optimizer=_evaluation_optimizer(protocol, steps),
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
@@ -984,54 +868,35 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 
 
 # ------------------------------------------------------------------------------------------
-# The pretrained pool (spec section 2)
+# The pretrained pool
 # ------------------------------------------------------------------------------------------
 # NCFM extracts features with ConvNets blended between their initial and trained weights,
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
-
 
 POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old caches then
 # go unused. 2: torch-style initialisation and coupled weight decay, DSA in normalised space.
 
 
 def pool_key(data, arch, epochs, seed):
-    """A cache key: the dataset's name (for people) and content digest (so that other images
-    under the same name or class counts get their own pool), the architecture and settings,
-    and the pretraining recipe (`POOL_RECIPE` and the "pretrain" protocol's fields)."""
-    recipe = hashlib.sha1(json.dumps([POOL_RECIPE, dataclasses.asdict(PROTOCOLS["pretrain"])])
-                          .encode()).hexdigest()[:6]
+    """A cache key: the dataset's name (for people) and content digest, the architecture and
+    settings, and the recipe (`POOL_RECIPE` and the "pretrain" protocol's fields)."""
+    fields = {"strategy" if k == "augment" else k: v  # the old name keeps the cached keys
+              for k, v in dataclasses.asdict(PROTOCOLS["pretrain"]).items()}
+    recipe = hashlib.sha1(json.dumps([POOL_RECIPE, fields]).encode()).hexdigest()[:6]
     name = "".join(c if c.isalnum() else "_" for c in data.name.split("/")[-1])[:40]
     return f"{name}-{data.digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
 
 
 def pool_member_path(cache_dir, key, member):
-    """The file `pretrain_pool` caches member `member` of pool `key` in."""
     return os.path.join(cache_dir, key, f"member-{member:03d}.npz")
 
 
-class PoolProgress(keras.callbacks.Callback):
-    """Advances a pool-wide progress bar once per pretraining epoch."""
-
-    def __init__(self, bar, done):
-        super().__init__()
-        self.bar, self.done = bar, done
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.bar.update(self.done + epoch + 1, [("accuracy", logs.get("accuracy", 0.0))])
-
-
 def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
-    """Trains (or loads from `cache_dir`) a pool of `num_models` networks on the real data.
-
-    Each member starts from its own random initialisation and follows the "pretrain" protocol
-    for `epochs` epochs; members already on disk are reused, so an interrupted pool resumes
-    where it stopped.
-
-    Returns:
-      `(initial, trained)`: lists over members of weight lists (numpy arrays, in the order of
-      `with_features(build_network(...)).weights`).
-    """
+    """Trains (or loads from `cache_dir`) `num_models` networks on the real data, each from its
+    own initialisation with the "pretrain" protocol for `epochs` epochs. Members are cached as
+    they finish, so an interrupted pool resumes. Returns `(initial, trained)`: per member, the
+    weights (numpy, in the order of `with_features(build_network(...)).weights`)."""
     if num_models < 1 or epochs < 0:
         raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0 "
                         f"(got {num_models} and {epochs})")
@@ -1046,9 +911,10 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
             start = [w.numpy() for w in model.weights]
             if epochs:
+                progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: bar.update(
+                    member * epochs + e + 1, [("accuracy", logs.get("accuracy", 0.0))]))
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
-                              seed * 1000 + member, [PoolProgress(bar, member * epochs)],
-                              mean=data.mean, std=data.std)
+                              seed * 1000 + member, [progress], mean=data.mean, std=data.std)
             arrays = {f"init_{i}": w for i, w in enumerate(start)}
             arrays.update({f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
 
@@ -1070,12 +936,9 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
 
 
 def load_teacher(data, cache_dir, key, arch="convnet"):
-    """The soft-label teacher: pool member 0 with its trained weights, as the official code
-    loads `premodel0_trained` from its pretraining folder. Frozen.
-
-    Raises:
-      NCFMError: the member is not cached in `cache_dir/key/`, or does not fit `data`.
-    """
+    """The frozen soft-label teacher: pool member 0 with its trained weights, as the official
+    code loads `premodel0_trained`. `NCFMError` if it is not cached in `cache_dir/key/` or does
+    not fit `data`."""
     path = pool_member_path(cache_dir, key, 0)
     if not os.path.isfile(path):
         raise NCFMError(f"the teacher's weights {path} do not exist; re-run train.py with the "
@@ -1093,19 +956,11 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
 
 
 def teacher_targets(teacher, x, y, misclassified="official"):
-    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x`.
-
-    As the official code does (`get_softlabel`, then its `SoftCrossEntropy` at T = 1): an image
-    the teacher classifies correctly gets softmax(logits); for an image it misclassifies, the
-    *logits* are overwritten with the one-hot label before the softmax, so its target is
-    softmax(onehot): e / (e + K - 1) on the true class and 1 / (e + K - 1) on every other (0.232
-    and 0.085 for K = 10), a flatter target than the teacher's own. `misclassified="onehot"`
-    is the evident intent instead: the one-hot label itself as the target.
-
-    Args:
-      teacher: a network mapping images to logits; x: float `[N, H, W, C]` in [0, 1];
-      y: int labels `[N]`; misclassified: "official" or "onehot".
-    """
+    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x` (float
+    `[N, H, W, C]` in [0, 1]; int labels `y` `[N]`). As the official code does
+    (`get_softlabel`, then `SoftCrossEntropy` at T = 1), a correctly classified image gets
+    softmax(logits), a misclassified one softmax(onehot): e / (e + K - 1) on its class, 1 / (e +
+    K - 1) elsewhere. `misclassified="onehot"` gives the one-hot label itself instead."""
     if misclassified not in ("official", "onehot"):
         raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
     logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
@@ -1324,7 +1179,7 @@ class DistillConfig:
         for ok, message in checks:
             if not ok:
                 raise NCFMError(f"invalid setting: {message}")
-        parse_strategy(self.augment)
+        parse_augment(self.augment)
         return self
 
 
@@ -1870,7 +1725,7 @@ def split_cpu(count):
 
 
 # ------------------------------------------------------------------------------------------
-# Evaluation (spec section 7)
+# Evaluation
 # ------------------------------------------------------------------------------------------
 
 class TestAccuracy(keras.callbacks.Callback):
@@ -1878,8 +1733,7 @@ class TestAccuracy(keras.callbacks.Callback):
 
     def __init__(self, test_data, every, epochs):
         super().__init__()
-        self.test_data, self.every, self.epochs = test_data, every, epochs
-        self.history = []
+        self.test_data, self.every, self.epochs, self.history = test_data, every, epochs, []
 
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
@@ -1895,36 +1749,22 @@ LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
                          "last epochs",
 }
-OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last
-# The official code trains on soft labels while (1-based) epoch < epochs - 100, i.e. on hard
-# labels for the last 101 epochs.
-OFFICIAL_HARD_LABEL_EPOCHS = 101
+OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last,
+OFFICIAL_HARD_LABEL_EPOCHS = 101  # and trains on soft labels while epoch < epochs - 100 (1-based)
 
 
 def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
                     test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
                     hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
-    """Trains a fresh network on `(x, y)` and tests it on `data`'s test split.
+    """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1] with int
+    labels `y` `[N]` (or soft ones `[N, K]`), and tests it on `data`'s test split every
+    `test_every` epochs and after the last.
 
-    Args:
-      x: float images `[N, H, W, C]` in [0, 1] (e.g. decoded synthetic images).
-      y: int labels `[N]` or soft labels `[N, K]` (probabilities).
-      data: the `Dataset` (test split, normalisation statistics, class count).
-      arch: an entry of ARCHITECTURES; protocol: a key of PROTOCOLS or an `EvalProtocol`.
-      epochs: overrides the protocol's epoch count (the milestones scale with it).
-      test_every: test every this many epochs and after the last. The best of these tests,
-        `best_seen`, is the official statistic (tested every 100 epochs); it selects on the
-        test set, so `final` is the headline.
-      labels: a key of LABEL_MODES. "teacher" is the official recipe (`teacher_targets` on
-        the un-augmented `x`, CutMix mixing them); "teacher_onehot" the same with one-hot
-        targets for misclassified images; "teacher_per_batch" the teacher's softmax on every
-        augmented batch. All three train on the hard labels `y` (int) in the last
-        `hard_label_epochs` epochs (the official code: 101).
-      teacher: the frozen teacher network (`load_teacher`), needed by the soft modes.
-
-    Returns:
-      dict with `final` and `best_seen` test accuracy (%), the `history` of tests and the
-      settings.
+    `protocol`: a key of PROTOCOLS or an `EvalProtocol`, `epochs` overriding its epoch count.
+    `labels`: a key of LABEL_MODES; the soft modes need the frozen `teacher` (`load_teacher`)
+    and train on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings,
+    the `history` of tests, `final` (the last test's accuracy in %, the headline) and
+    `best_seen` (the best, selected on the test set: the official statistic).
     """
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
@@ -1933,9 +1773,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
     if epochs is not None:
         protocol = dataclasses.replace(protocol, epochs=int(epochs))
-    soft = None
-    if labels in ("teacher", "teacher_onehot"):
-        soft = teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
+    soft = (teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
+            if labels in ("teacher", "teacher_onehot") else None)
     keras.utils.set_random_seed(seed)
     model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
     test = (tf.data.Dataset.from_tensor_slices(
@@ -1943,9 +1782,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
         .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
     tracker = TestAccuracy(test, test_every, protocol.epochs)
     train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose, data.mean,
-                  data.std, soft=soft,
-                  teacher=teacher if labels == "teacher_per_batch" else None,
-                  hard_label_epochs=hard_label_epochs)
+                  data.std, soft, teacher if labels == "teacher_per_batch" else None,
+                  hard_label_epochs)
     accuracies = [a for _, a in tracker.history]
     result = {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
               "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed,
@@ -1956,8 +1794,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
 
 
 def pretrained_feature_fn(data, seed=0, epochs=2):
-    """Features of a ConvNet briefly trained on the real data (the pretraining protocol for
-    `epochs` epochs), as the herding baseline needs."""
+    """Features of a ConvNet trained on the real data for `epochs` epochs of the "pretrain"
+    protocol, as the herding baseline needs."""
     keras.utils.set_random_seed(seed)
     model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)

@@ -77,16 +77,16 @@ def test_gradients_reach_the_inputs():
     assert np.all(np.isfinite(grad)) and np.abs(grad).sum() > 0
 
 
-@pytest.mark.parametrize("strategy", ["color_crop_cutout", "color_crop_flip_scale_rotate"])
-def test_works_under_xla(strategy):
+@pytest.mark.parametrize("ops", ["color_crop_cutout", "color_crop_flip_scale_rotate"])
+def test_works_under_xla(ops):
     x = tf.constant(_images(4 * 3).numpy().reshape(4, 3, 16, 16, 3))
-    params = nk.dsa_parameters(SEED, 4, (16, 16), strategy)
+    params = nk.dsa_parameters(SEED, 4, (16, 16), ops)
     compiled_apply = tf.function(nk.dsa_apply, jit_compile=True)
     np.testing.assert_allclose(compiled_apply(x, params), nk.dsa_apply(x, params), atol=1e-5)
 
     # The whole augmentation, parameters included, compiles too (XLA may draw other numbers).
     run = tf.function(lambda images, seed: nk.dsa_apply(
-        images, nk.dsa_parameters(seed, 4, (16, 16), strategy)), jit_compile=True)
+        images, nk.dsa_parameters(seed, 4, (16, 16), ops)), jit_compile=True)
     first, again = run(x, SEED), run(x, SEED)
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, run(x, SEED + 1))
@@ -104,7 +104,7 @@ def test_cutmix_mixes_labels_by_area():
 
 def test_unknown_augmentation_is_rejected():
     with pytest.raises(nk.NCFMError, match="unknown augmentation 'zoom'"):
-        nk.parse_strategy("color_zoom")
+        nk.parse_augment("color_zoom")
 
 
 MEAN, STD = np.array([0.2, 0.5, 0.7], np.float32), np.array([0.3, 0.1, 0.25], np.float32)

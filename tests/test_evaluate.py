@@ -38,7 +38,7 @@ def test_training_augments_in_normalised_space_by_default():
     assert {p.dsa_space for p in nk.PROTOCOLS.values()} == {"normalized"}
     x = np.full((8, 16, 16, 1), 255, np.uint8)
     y = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
-    protocol = dataclasses.replace(nk.PROTOCOLS["dm"], strategy="cutout", batch_size=8)
+    protocol = dataclasses.replace(nk.PROTOCOLS["dm"], augment="cutout", batch_size=8)
     for space, fill in (("normalized", 0.3), ("pixel", 0.0)):
         stream = nk._training_stream(x, y, dataclasses.replace(protocol, dsa_space=space), 0,
                                      np.array([0.3]), np.array([0.2]))
@@ -206,8 +206,8 @@ def test_per_batch_labels_follow_the_augmentation():
     x = np.random.default_rng(0).random((8, 2, 2, 1), np.float32)
     on_x = tf.nn.softmax(teacher(x)).numpy()  # the teacher's targets on the plain images
 
-    def losses(strategy, **kwargs):
-        protocol = dataclasses.replace(FROZEN, strategy=strategy, epochs=2)
+    def losses(ops, **kwargs):
+        protocol = dataclasses.replace(FROZEN, augment=ops, epochs=2)
         return _epoch_losses(protocol, hard_label_epochs=0, **kwargs)
 
     # Without augmentation, per-batch labels are the teacher's targets on the plain images;
