@@ -1384,8 +1384,7 @@ class NCFM(keras.Model):
         def loss(stored, inputs):
             real_features, params, classes = inputs
             freqs = self._class_frequencies(seed, classes) if t is None else t
-            syn_features = self._features(weights, dsa_apply(self._decoded(stored), params,
-                                                              *self.dsa_statistics))
+            syn_features = self._features(weights, self._decoded(stored), params)
             return self._discrepancy(real_features, syn_features, freqs)
         return loss
 
@@ -1469,8 +1468,10 @@ class NCFM(keras.Model):
         (features, logits), _ = self.extractor.stateless_call([], weights, images)
         return features, logits
 
-    def _features(self, weights, images):
-        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]`."""
+    def _features(self, weights, images, params):
+        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]` after the
+        siamese DSA `params` (one draw per class)."""
+        images = dsa_apply(images, params, *self.dsa_statistics)
         features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
         features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
         return tf.math.l2_normalize(features, -1)
@@ -1478,16 +1479,12 @@ class NCFM(keras.Model):
     def _real_features(self, real, weights, params):
         """Features `[k, B, D]` of the augmented real batch (constants for the tapes)."""
         return tf.stop_gradient(self._map_groups(
-            lambda x: self._features(weights, dsa_apply(to_float(x[0]), x[1],
-                                                        *self.dsa_statistics)),
-            (real, params), tf.float32))
+            lambda x: self._features(weights, to_float(x[0]), x[1]), (real, params), tf.float32))
 
     def _synthetic_features(self, weights, params, classes):
         """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
-        return self._map_groups(
-            lambda x: self._features(weights, dsa_apply(self._decoded(x[0]), x[1],
-                                                        *self.dsa_statistics)),
-            (self._stored_synthetic(classes), params), tf.float32)
+        return self._map_groups(lambda x: self._features(weights, self._decoded(x[0]), x[1]),
+                                (self._stored_synthetic(classes), params), tf.float32)
 
     # The synthetic images by class.
 
@@ -1502,8 +1499,7 @@ class NCFM(keras.Model):
         return tf.reshape(decoded, [stored.shape[0], -1, *self.image_shape])
 
     def _full_gradient(self, grads, classes):
-        """Gradients `[k, ipc, H, W, C]` of `classes` placed in a zero gradient of the whole
-        synthetic variable."""
+        """Gradients `[k, ipc, H, W, C]` of `classes` in a zero gradient of all the images."""
         full = tf.scatter_nd(classes[:, None], grads, [self.num_classes, *grads.shape[1:]])
         return tf.reshape(full, self.synthetic.shape)
 
@@ -1513,8 +1509,7 @@ class NCFM(keras.Model):
         k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
         grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
                                         elems)
-        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
-                            parallel_iterations=1)
+        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature, parallel_iterations=1)
         return tf.nest.map_structure(
             lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
