@@ -1509,7 +1509,8 @@ class NCFM(keras.Model):
         k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
         grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
                                         elems)
-        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature, parallel_iterations=1)
+        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
+                            parallel_iterations=1)
         return tf.nest.map_structure(
             lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
