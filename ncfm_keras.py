@@ -2093,7 +2093,7 @@ def save_image_folder(directory, images, labels, class_names):
     for i, (image, label) in enumerate(zip(images, labels)):
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_names[label])
         save_png(os.path.join(directory, f"{label:03d}_{name}", f"{i:05d}.png"),
-                 np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+                 image_grid(image[None], 1))
 
 
 CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
@@ -2102,25 +2102,23 @@ CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
 
 class RunWriter(keras.callbacks.Callback):
     """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a
-    killed run resumable. Per iteration: a row for `metrics.csv` (Keras logs running means
-    m_k over the epoch: the k-th value is k*m_k - (k-1)*m_{k-1}); after a skipped non-finite
-    update (unless `skipped_ok`, as under loss scaling), a stop. Per epoch, in this order:
-    (1) the state, copied once (`NCFM.get_state()`), must be finite, so that nothing
+    killed run resumable. Per iteration: a `metrics.csv` row (Keras logs running means m_k:
+    the k-th value is k*m_k - (k-1)*m_{k-1}); a stop after a skipped non-finite update, unless
+    `skipped_ok` (loss scaling skips routinely). Per epoch: (1) the state, copied once
+    (`NCFM.get_state()`), must be finite (after a stop mid-epoch, the images), so nothing
     non-finite is written; (2) every `eval_every` iterations (at least an epoch) and after the
-    last epoch, if `eval_every` or `eval_epochs`, a fresh network trained on the decoded set
-    (`evaluations` gets `(epoch, final, best_seen)`; the logs and the CSV its `test_accuracy`);
-    (3) `distilled.npz` and `grid.png` (a row per class); (4) the CSV rows, appended, and
-    `loss_curves.png`; (5) `checkpoint.npz` (the state, the epochs done and `meta`, the run's
-    settings, to refuse a conflicting resume) last, so that every file is at least as new as
-    it, and not after a stop mid-epoch. At the end, `images/` (the decoded set as an image
-    folder) too. `restore` (a `load_checkpoint`) is applied when training begins and the CSV
-    rows past it dropped. A non-finite value ends the run in one `NCFMError` naming the
-    likely learning rate.
+    last epoch, if `eval_every` or `eval_epochs`, an evaluation (`evaluations` gets `(epoch,
+    final, best_seen)`; the logs and CSV its `test_accuracy`); (3) `distilled.npz`, `grid.png`;
+    (4) the CSV rows, appended, and `loss_curves.png`; (5) last, so every file is as new as it,
+    `checkpoint.npz` (state, epochs done and `meta`, the settings a resume must share), not
+    after a stop mid-epoch. At the end, also `images/`. `restore` (a `load_checkpoint`) is
+    applied at the start, the CSV rows past it dropped. Non-finite values end `fit` in an
+    `NCFMError` naming the likely learning rate.
 
     SIGINT / SIGTERM finish the epoch, save and stop `fit` (`interrupted` is then the signal
     number); a second one ends the process at once with status 128 + its number, after any
-    `atomic_write` in progress, so the last checkpoint stands. A watcher thread reads them
-    (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
+    `atomic_write` in progress. A watcher thread reads them (`signal.set_wakeup_fd`):
+    Python-level handlers run only between TensorFlow calls."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
@@ -2276,12 +2274,12 @@ def plot_metrics(csv_path, png_path):
     from matplotlib import pyplot
 
     table = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
-    panels = {"matching / psi": ("matching_loss", "sampler_loss"),
-              "calibration": ("calibration_loss",), "image gradient norm": ("image_grad_norm",),
-              "psi: mean |t|": ("frequency_norm",), "test accuracy (%)": ("test_accuracy",)}
-    panels = [(title, [c for c in columns if c in table.dtype.names and
-                       np.isfinite(table[c]).any()]) for title, columns in panels.items()]
-    panels = [(title, columns) for title, columns in panels if columns]
+    drawn = {c for c in table.dtype.names if np.isfinite(table[c]).any()}
+    panels = [(title, [c for c in columns if c in drawn]) for title, columns in (
+        ("matching / psi", ("matching_loss", "sampler_loss")), ("calibration", (
+            "calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
+        ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
+        if drawn & set(columns)]
     figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for axis, (title, columns) in zip(axes[0], panels):
         for column in columns:
@@ -2317,10 +2315,9 @@ FILE_FORMAT = "ncfm-keras distilled set v1"
 @dataclasses.dataclass
 class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
-    `[K*ipc]`. `dataset`, `data_dir` and `data_digest` identify the data it was distilled from
-    (see `Dataset`; None in older files). `pool` locates the cached pool it was distilled with,
-    whose member 0 is the soft-label teacher: `{"dir", "key", "arch"}`, member files
-    `dir/key/member-*.npz` (empty in older files)."""
+    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
+    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
+    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
 
     images: np.ndarray
     labels: np.ndarray
