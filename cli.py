@@ -1,4 +1,5 @@
-"""What train.py and evaluate.py share: input checks that end in one clear line."""
+"""What train.py and evaluate.py share: TensorFlow's environment, set up before it loads (so
+import this module before `ncfm_keras`), flag parsing and input errors that end in one line."""
 
 import os
 import re
@@ -9,8 +10,7 @@ from absl import flags, logging
 
 def asks_for_determinism(argv):
     """Whether the command line sets --deterministic, read as absl will read it (any of its
-    spellings, the last one winning) but before absl parses it: TensorFlow reads the oneDNN
-    switch only when it is imported, and that happens before the flags are parsed."""
+    spellings, the last one winning) but before absl parses it."""
     wanted = False
     for arg in argv:
         if arg == "--":
@@ -28,28 +28,29 @@ def asks_for_determinism(argv):
     return wanted
 
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if asks_for_determinism(sys.argv[1:]):
-    # oneDNN's CPU kernels are outside tf.config.experimental.enable_op_determinism (measured:
-    # two runs with psi on drift apart by 1e-4 within 8 iterations).
-    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
-
-
-def _import_quietly():
-    """Imports the library with TensorFlow's start-up chatter on stderr (CUDA probing,
-    oneDNN notices) hidden, so that what the user sees on stderr is ours."""
+def prepare_tensorflow(argv):
+    """Sets TensorFlow's log level and, for --deterministic, turns oneDNN off (its CPU kernels
+    are outside `tf.config.experimental.enable_op_determinism`: two runs with psi on drift apart
+    by 1e-4 within 8 iterations), then imports TensorFlow with its start-up chatter on stderr
+    (CUDA probing, oneDNN notices) hidden, so that what the user sees on stderr is ours."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if asks_for_determinism(argv):
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        import ncfm_keras
+        import tensorflow  # noqa: F401
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    return ncfm_keras
 
 
-nk = _import_quietly()
+# At import, not in main: TensorFlow reads these variables only when it is imported, which the
+# CLIs' `import ncfm_keras` does before absl parses the flags.
+prepare_tensorflow(sys.argv[1:])
+
+import ncfm_keras as nk  # noqa: E402  (after the set-up above)
 
 
 def require(condition, message):

@@ -29,7 +29,8 @@ import time
 
 from absl import app, flags
 
-import cli
+import cli  # first: it sets up TensorFlow's environment before TensorFlow loads
+import ncfm_keras as nk
 
 flags.DEFINE_string("dataset", None, "TFDS name, MNIST-family name with IDX files in "
                     "--data_dir, or folder:PATH (default: the distilled set's dataset).")
@@ -46,7 +47,7 @@ flags.DEFINE_integer("epochs", None, "Training epochs (default: the protocol's).
 flags.DEFINE_integer("repeats", 3, "Networks trained per architecture (mean ± std).")
 flags.DEFINE_integer("validation", 0, "Test on this many training images held out at random "
                      "instead of the test split (for choosing settings; 0: the test split).")
-flags.DEFINE_enum("labels", "hard", list(cli.nk.LABEL_MODES), "Training labels: hard (the "
+flags.DEFINE_enum("labels", "hard", list(nk.LABEL_MODES), "Training labels: hard (the "
                   "class labels), teacher (the official soft labels), teacher_onehot (the same, "
                   "misclassified images on their one-hot label) or teacher_per_batch (the "
                   "teacher's softmax on every augmented batch).")
@@ -54,9 +55,9 @@ flags.DEFINE_string("teacher_of", None, "With soft --labels: the distilled-set .
                     "provides the teacher (default: --distilled; needed for a --baseline).")
 flags.DEFINE_string("pool_dir", None, "With soft --labels: the folder of cached pools "
                     "(train.py's --pool_dir), instead of the one recorded in the set.")
-flags.DEFINE_integer("hard_label_epochs", cli.nk.OFFICIAL_HARD_LABEL_EPOCHS, "With soft "
+flags.DEFINE_integer("hard_label_epochs", nk.OFFICIAL_HARD_LABEL_EPOCHS, "With soft "
                      "--labels: train on the hard labels in this many last epochs (official: "
-                     f"{cli.nk.OFFICIAL_HARD_LABEL_EPOCHS}).")
+                     f"{nk.OFFICIAL_HARD_LABEL_EPOCHS}).")
 flags.DEFINE_integer("seed", 0, "Seed of the first repeat (repeat r uses seed + r).")
 flags.DEFINE_string("output_dir", "results", "Where evaluation.json is written.")
 FLAGS = flags.FLAGS
@@ -64,7 +65,6 @@ FLAGS = flags.FLAGS
 
 def find_teacher(data, distilled):
     """The soft-label teacher: from --teacher_of, else from the evaluated distilled set."""
-    nk = cli.nk
     path = FLAGS.teacher_of or FLAGS.distilled
     cli.require(path, f"--labels={FLAGS.labels} with a --baseline needs "
                 "--teacher_of=<a distilled.npz of this dataset>: member 0 of its pool teaches")
@@ -77,8 +77,6 @@ def find_teacher(data, distilled):
 
 def main(argv):
     del argv
-    nk = cli.nk
-
     archs = cli.parse_archs(FLAGS.arch)
     cli.require(FLAGS.repeats >= 1, f"--repeats={FLAGS.repeats}: use 1 or more")
     cli.require(FLAGS.epochs is None or FLAGS.epochs >= 1,

@@ -1636,28 +1636,19 @@ def distilled_set(model, data):
                         data_digest=data.digest, pool=pool)
 
 
-PRESETS = {
-    # Spec section 6 / official CIFAR-10 settings: 20000 iterations, 1024 real images per
-    # class, a pool of 20 ConvNets pretrained for 60 epochs.
-    "cifar10": dict(batch_real=1024),
-    # Ours: 100 classes x 1024 real images is 100k forward passes per iteration; 256 keeps an
-    # iteration within a single GPU's memory and time budget.
-    "cifar100": dict(batch_real=256),
-    # Ours: 200 classes of 64x64 images (ConvNet-4); same reasoning as CIFAR-100.
-    "tiny_imagenet": dict(batch_real=128),
-    "fashion_mnist": dict(batch_real=1024),
-    "mnist": dict(batch_real=1024),
-}
+# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset. Ours:
+# 100 (200) classes x 1024 real images is too many forward passes for one GPU per iteration.
+PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
 
 
 def preset(dataset, ipc):
-    """The `DistillConfig` defaults `train.py` uses for a dataset (unknown names: the spec's)."""
+    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the defaults)."""
     return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
 
 
 def set_precision(precision="auto"):
-    """Sets the Keras dtype policy: `auto` is mixed_float16 on a GPU and float32 elsewhere
-    (mixed_bfloat16 is available on CPUs with bf16 units). Returns the policy name."""
+    """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
+    float32 elsewhere (mixed_bfloat16 suits CPUs with bf16 units). Raises `NCFMError`."""
     if precision == "auto":
         precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
     if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
@@ -1668,22 +1659,20 @@ def set_precision(precision="auto"):
 
 
 def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
-    """The pool (trained or loaded), then a compiled `NCFM` with the spec's optimizers:
-    AdamW on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU (on a CPU,
-    TensorFlow's oneDNN kernels are faster than XLA's for these convolutions), off under a
-    `tf.distribute` `strategy` (as Keras does), whose scope the model is built in."""
+    """The pool (trained or loaded), then a compiled `NCFM` with the official optimizers: AdamW
+    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (on a CPU,
+    oneDNN's kernels are faster for these convolutions) and never under a `tf.distribute`
+    `strategy` (as Keras does), in whose scope the model is built."""
     config.validate()
     check_ipc(data, config.ipc)
-    needed = config.ipc * config.factor ** 2
-    if config.init == "mix" and needed > data.class_counts().min():
+    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
+    if config.init == "mix" and needed > smallest:
         raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
                         f"{needed} real images per class, the smallest class holds "
-                        f"{data.class_counts().min()}; lower ipc or use init=real")
+                        f"{smallest}; lower ipc or use init=real")
     pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
                          seed=config.seed, verbose=verbose)
-    # psi's initial weights then depend on the seed only, not on whether the pool was trained
-    # in this process or loaded from the cache.
-    keras.utils.set_random_seed(config.seed)
+    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
     if jit_compile == "auto":
         jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
     with (strategy or tf.distribute.get_strategy()).scope():
@@ -1699,10 +1688,9 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
 
 
 def mirrored_strategy():
-    """`tf.distribute.MirroredStrategy` over the visible GPUs; without GPUs, over the logical
-    CPU devices (see `split_cpu`), which is how the multi-device step is tested."""
-    devices = (tf.config.list_logical_devices("GPU") or
-               tf.config.list_logical_devices("CPU"))
+    """`tf.distribute.MirroredStrategy` over the visible GPUs, else over the logical CPU
+    devices (`split_cpu`: how the multi-device step is tested)."""
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
@@ -1715,9 +1703,8 @@ def check_devices(num_classes, replicas):
 
 def split_cpu(count):
     """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
+        tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
 
 # ------------------------------------------------------------------------------------------
@@ -1815,10 +1802,9 @@ def summarize(runs):
 def image_grid(images, rows):
     """Tiles `[rows*cols, H, W, C]` images in [0, 1] into one uint8 `[rows*H, cols*W, C]`."""
     n, height, width, channels = images.shape
-    cols = n // rows
-    grid = images.reshape(rows, cols, height, width, channels).transpose(0, 2, 1, 3, 4)
+    grid = images.reshape(rows, n // rows, height, width, channels).transpose(0, 2, 1, 3, 4)
     return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(
-        rows * height, cols * width, channels)
+        rows * height, n // rows * width, channels)
 
 
 def save_png(path, pixels):
@@ -1834,158 +1820,61 @@ def save_image_folder(directory, images, labels, class_names):
     for i, (image, label) in enumerate(zip(images, labels)):
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_names[label])
         save_png(os.path.join(directory, f"{label:03d}_{name}", f"{i:05d}.png"),
-                 np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+                 image_grid(image[None], 1))
 
 
-class DistilledSetWriter(keras.callbacks.Callback):
-    """After every epoch and at the end (also of a `fit` with no epochs left to run), writes
-    `distilled.npz` and `grid.png` (one row per class) to `output_dir`; at the end also the
-    decoded images as an image folder (`images/`)."""
-
-    def __init__(self, data, output_dir):
-        super().__init__()
-        self.data, self.output_dir = data, output_dir
-
-    def on_epoch_end(self, epoch, logs=None):
-        distilled = self.model.distilled_set(self.data)
-        save_distilled(os.path.join(self.output_dir, "distilled.npz"), distilled)
-        save_png(os.path.join(self.output_dir, "grid.png"),
-                 image_grid(distilled.images, self.data.num_classes))
-
-    def on_train_end(self, logs=None):
-        self.on_epoch_end(None)
-        x, y = self.model.distilled_set(self.data).decoded()
-        save_image_folder(os.path.join(self.output_dir, "images"), x, y, self.data.class_names)
-
-
-class IterationCSV(keras.callbacks.Callback):
-    """Adds one CSV row per iteration, once per epoch (rewriting the file atomically): the
-    iteration's own metric values (Keras reports running means over the epoch, m_k; the k-th
-    value is k*m_k - (k-1)*m_{k-1}), the image learning rate and, when an evaluation ran, its
-    test accuracy. With `start_iteration` (a resumed run), rows past it are dropped first."""
-
-    COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
+CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
                "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
-    METRICS = COLUMNS[1:-2]  # from the step's logs
 
-    def __init__(self, path, steps_per_epoch, start_iteration=0):
+
+class RunWriter(keras.callbacks.Callback):
+    """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a
+    killed run resumable. Per iteration: a `metrics.csv` row (Keras logs running means m_k:
+    the k-th value is k*m_k - (k-1)*m_{k-1}); a stop after a skipped non-finite update, unless
+    `skipped_ok` (loss scaling skips routinely). Per epoch: (1) the state, copied once
+    (`NCFM.get_state()`), must be finite (after a stop mid-epoch, the images), so nothing
+    non-finite is written; (2) every `eval_every` iterations (at least an epoch) and after the
+    last epoch, if `eval_every` or `eval_epochs`, an evaluation (`evaluations` gets `(epoch,
+    final, best_seen)`; the logs and CSV its `test_accuracy`); (3) `distilled.npz`, `grid.png`;
+    (4) the CSV rows, appended, and `loss_curves.png`; (5) last, so every file is as new as it,
+    `checkpoint.npz` (state, epochs done and `meta`, the settings a resume must share), not
+    after a stop mid-epoch. At the end, also `images/`. `restore` (a `load_checkpoint`) is
+    applied at the start, the CSV rows past it dropped. Non-finite values end `fit` in an
+    `NCFMError` naming the likely learning rate.
+
+    SIGINT / SIGTERM finish the epoch, save and stop `fit` (`interrupted` is then the signal
+    number); a second one ends the process at once with status 128 + its number, after any
+    `atomic_write` in progress. A watcher thread reads them (`signal.set_wakeup_fd`):
+    Python-level handlers run only between TensorFlow calls."""
+
+    def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
+                 eval_epochs=0, protocol="ncfm"):
         super().__init__()
-        self.path, self.steps, self.start = path, steps_per_epoch, start_iteration
-        self.rows, self.previous, self.epoch = [], {}, 0
+        self.data, self.output_dir, self.meta, self.restore = data, output_dir, meta, restore
+        self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
+        self.protocol, self.evaluations, self.nonfinite_at = protocol, [], None
+        self.saved = restore["epochs_done"] if restore else 0
+        self.interrupted, self._handlers, self._wakeup = None, {}, None
 
-    def on_train_begin(self, logs=None):
-        if self.start and os.path.exists(self.path):  # resuming: drop rows past the checkpoint
-            with open(self.path) as f:
-                lines = f.read().splitlines()
-            kept = lines[:1] + [line for line in lines[1:]
-                                if float(line.split(",")[0]) <= self.start]
-            write_text(self.path, "\n".join(kept) + "\n")
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch, self.previous = epoch, {}
-
-    def on_train_batch_end(self, batch, logs=None):
-        learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        row = {"iteration": self.epoch * self.steps + batch + 1,
-               "learning_rate": float(learning_rate)}
-        for key in self.METRICS:
-            if key in logs:
-                running = float(logs[key])
-                row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
-                self.previous[key] = running
-        self.rows.append(row)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs and "test_accuracy" in logs and self.rows:
-            self.rows[-1]["test_accuracy"] = logs["test_accuracy"]
-        lines = [",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in self.COLUMNS)
-                 for r in self.rows]
-        if epoch == 0 or not os.path.exists(self.path):
-            previous = ",".join(self.COLUMNS) + "\n"
-        else:
-            with open(self.path) as f:
-                previous = f.read()
-        write_text(self.path, previous + "\n".join(lines) + "\n")  # whole file, atomically
-        self.rows = []
-
-
-def plot_metrics(csv_path, png_path):
-    """Draws the curves of an `IterationCSV` file (matching loss with the loss psi saw before
-    its step, calibration loss, image-gradient norm, the mean norm of psi's frequencies, test
-    accuracy when evaluated) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    table = np.genfromtxt(csv_path, delimiter=",", names=True)
-    table = np.atleast_1d(table)
-    panels = [("matching / psi", ("matching_loss", "sampler_loss")),
-              ("calibration", ("calibration_loss",)), ("image gradient norm",
-                                                       ("image_grad_norm",)),
-              ("psi: mean |t|", ("frequency_norm",)),
-              ("test accuracy (%)", ("test_accuracy",))]
-    panels = [(title, [c for c in columns if c in table.dtype.names and
-                       np.isfinite(table[c]).any()])
-              for title, columns in panels]
-    panels = [(title, columns) for title, columns in panels if columns]
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for axis, (title, columns) in zip(axes[0], panels):
-        for column in columns:
-            valid = np.isfinite(table[column])
-            axis.plot(table["iteration"][valid], table[column][valid], label=column,
-                      marker="o" if valid.sum() < 20 else None)
-        axis.set_title(title)
-        axis.set_xlabel("iteration")
-        if len(columns) > 1:
-            axis.legend()
-    figure.tight_layout()
-    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-    pyplot.close(figure)
-
-
-class LossCurves(keras.callbacks.Callback):
-    """Redraws `plot_metrics(csv_path, png_path)` after every epoch (put it after the
-    `IterationCSV` that writes `csv_path`)."""
-
-    def __init__(self, csv_path, png_path):
-        super().__init__()
-        self.csv_path, self.png_path = csv_path, png_path
-
-    def on_epoch_end(self, epoch, logs=None):
-        plot_metrics(self.csv_path, self.png_path)
-
-
-class Checkpoint(keras.callbacks.Callback):
-    """`BackupAndRestore` for NCFM: after every epoch, atomically writes `path` with the
-    model's resumable state (`NCFM.get_state`, which holds the learning-rate plateau too),
-    the number of finished epochs and `meta` (the run's settings, to refuse a conflicting
-    resume). `restore` (from `load_checkpoint`) is applied when training begins.
-
-    SIGINT / SIGTERM finish the current epoch, save, and stop `fit` (`interrupted` is then
-    the signal number); a second signal ends the process at once with status 128 + its
-    number, after any file write in progress (`atomic_write`) has finished, so the last
-    checkpoint stands. Signals are read by a watcher thread (`signal.set_wakeup_fd`), not by
-    Python-level handlers, which run only between TensorFlow calls, i.e. after a step.
-    """
-
-    def __init__(self, path, meta, restore=None, print_fn=print):
-        super().__init__()
-        self.path, self.meta, self.restore = path, meta, restore
-        self.print_fn, self.interrupted, self._handlers = print_fn, None, {}
-        self.batches, self.saved = 0, restore["epochs_done"] if restore else 0
-        self._wakeup = None
+    def path(self, name):
+        return os.path.join(self.output_dir, name)
 
     def status(self):
         """One clause saying what the checkpoint file holds (for messages)."""
         if not self.saved:
             return "no checkpoint had been written yet"
-        return (f"the last checkpoint ({self.path}, iteration "
+        return (f"the last checkpoint ({self.path('checkpoint.npz')}, iteration "
                 f"{self.saved * self.params['steps']}) is intact")
 
     def on_train_begin(self, logs=None):
         if self.restore is not None:
             self.model.set_state(self.restore["state"])
+        start, lines = self.saved * self.params["steps"], [",".join(CSV_COLUMNS)]
+        if start and os.path.exists(self.path("metrics.csv")):  # keep rows <= start, whole
+            with open(self.path("metrics.csv")) as f:
+                lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
+                          len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
+        write_text(self.path("metrics.csv"), "\n".join(lines) + "\n")
         read, write = os.pipe()
         os.set_blocking(write, False)
         for signum in (signal.SIGINT, signal.SIGTERM):  # the watcher acts; these just return
@@ -1996,45 +1885,76 @@ class Checkpoint(keras.callbacks.Callback):
     def _watch(self, read):
         """Runs in its own thread until `on_train_end` closes the pipe's other end."""
         with os.fdopen(read, "rb", buffering=0) as pipe:
-            for signum in iter(lambda: pipe.read(1), b""):
-                signum = signum[0]
-                if signum not in self._handlers:
+            for byte in iter(lambda: pipe.read(1), b""):
+                if byte[0] not in self._handlers:
                     continue
-                name = signal.Signals(signum).name
+                name = signal.Signals(byte[0]).name
                 if self.interrupted is None:
-                    self.interrupted = signum
-                    self.print_fn(f"\n{name}: finishing this epoch to save a checkpoint "
-                                  "(send it again to stop at once)")
+                    self.interrupted = byte[0]
+                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
+                          "to stop at once)")
                     continue
                 with WRITING:  # held until the process ends: no file is left half-written
-                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr)
                     sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(128 + signum)
+                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr,
+                          flush=True)
+                    os._exit(128 + byte[0])
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.batches = 0
+        self.epoch, self.rows, self.previous = epoch, [], {}
 
     def on_train_batch_end(self, batch, logs=None):
-        self.batches += 1
+        learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        row = {"iteration": self.epoch * self.params["steps"] + batch + 1,
+               "learning_rate": float(learning_rate)}
+        for key in CSV_COLUMNS[1:-2]:  # the step's metrics
+            if key in logs:
+                running = float(logs[key])
+                row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
+                self.previous[key] = running
+        self.rows.append(row)
+        if (not self.skipped_ok and float(logs.get("nonfinite_steps", 0)) > 0
+                and self.nonfinite_at is None):
+            self.nonfinite_at = row["iteration"]
+            self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
+        steps, epochs = self.params["steps"], self.params["epochs"]
+        state, complete = self.model.get_state(), len(self.rows) == steps
+        self._check_finite(state if complete else {"synthetic": state["synthetic"]},
+                           self.nonfinite_at or (epoch + 1) * steps)
+        every = max(1, self.eval_every // steps) if self.eval_every else epochs
+        if (self.eval_every or self.eval_epochs) and ((epoch + 1) % every == 0
+                                                      or epoch + 1 == epochs):
+            x, y = self.model.distilled_set(self.data).decoded()
+            result = evaluate_images(x, y, self.data, "convnet", self.protocol,
+                                     self.eval_epochs or None)
+            self.evaluations.append((epoch + 1, result["final"], result["best_seen"]))
+            self.rows[-1]["test_accuracy"] = logs["test_accuracy"] = result["final"]
+            print(f"evaluation after epoch {epoch + 1}: final {result['final']:.2f}  "
+                  f"best-seen {result['best_seen']:.2f}")
+        self._write_set()
+        with WRITING, open(self.path("metrics.csv"), "a") as f:
+            f.writelines(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CSV_COLUMNS)
+                         + "\n" for r in self.rows)
+        plot_metrics(self.path("metrics.csv"), self.path("loss_curves.png"))
         if self.interrupted is not None:
             self.model.stop_training = True
-        if self.batches < self.params["steps"]:  # fit was stopped mid-epoch: keep the last
-            return
-        state = self.model.get_state()
-        check_finite_state(state, (epoch + 1) * self.params["steps"])
-        header = json.dumps(dict(meta=self.meta, epochs_done=epoch + 1))
-        arrays = {f"state/{name}": value for name, value in state.items()}
+        if complete:
+            save_npz(self.path("checkpoint.npz"), header=json.dumps(dict(
+                meta=self.meta, epochs_done=epoch + 1)), **{f"state/{k}": v
+                                                           for k, v in state.items()})
+            self.saved = epoch + 1
 
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, header=header, **arrays)
-        atomic_write(self.path, write)
-        self.saved = epoch + 1
+    def _write_set(self):
+        distilled = self.model.distilled_set(self.data)
+        save_distilled(self.path("distilled.npz"), distilled)
+        save_png(self.path("grid.png"), image_grid(distilled.images, self.data.num_classes))
+        return distilled
 
     def on_train_end(self, logs=None):
+        x, y = self._write_set().decoded()
+        save_image_folder(self.path("images"), x, y, self.data.class_names)
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         if self._wakeup is not None:
@@ -2042,10 +1962,67 @@ class Checkpoint(keras.callbacks.Callback):
             signal.set_wakeup_fd(previous)
             os.close(write)  # the watcher reads the end of the pipe and returns
             self._wakeup = None
+        if self.nonfinite_at is not None:
+            self._stop(f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; "
+                       "the update was skipped, so nothing non-finite reached the images",
+                       "a learning rate", " (--image_lr, --sampler_lr)")
+
+    def _check_finite(self, state, iteration):
+        """Stops on the parts of `state` (`NCFM.get_state()`) that are not finite. Skipped
+        updates do not catch every case: psi's batch-norm variance, updated outside the
+        optimizer, overflows once a too high --sampler_lr has blown up psi's weights while
+        every loss stays finite."""
+        bad = sorted({name.split("/")[0] for name, v in state.items()
+                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
+        if bad:
+            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
+            self._stop(f"after iteration {iteration}, {parts} are not finite, so the run cannot "
+                       "be saved", STATE_PARTS[bad[0]][1])
+
+    def _stop(self, problem, cause, flags=""):
+        again = " (with --noresume)" if self.saved else ""  # a checkpoint refuses another lr
+        raise NCFMError(f"{problem}; stopped, and {self.status()}. Likely cause: {cause} too "
+                        f"high for this data{flags}; lower it{again}")
+
+
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+
+
+def plot_metrics(csv_path, png_path):
+    """Draws the curves of a `metrics.csv` as a PNG: the matching loss with the loss psi saw
+    before its step, the calibration loss, the image-gradient norm, psi's mean |t| and, when
+    evaluated, the test accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    table = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
+    drawn = {c for c in table.dtype.names if np.isfinite(table[c]).any()}
+    panels = [(title, [c for c in columns if c in drawn]) for title, columns in (
+        ("matching / psi", ("matching_loss", "sampler_loss")), ("calibration", (
+            "calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
+        ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
+        if drawn & set(columns)]
+    figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for axis, (title, columns) in zip(axes[0], panels):
+        for column in columns:
+            valid = np.isfinite(table[column])
+            axis.plot(table["iteration"][valid], table[column][valid], label=column,
+                      marker="o" if valid.sum() < 20 else None)
+        axis.set(title=title, xlabel="iteration")
+        if len(columns) > 1:
+            axis.legend()
+    figure.tight_layout()
+    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+    pyplot.close(figure)
 
 
 def load_checkpoint(path):
-    """Reads a `Checkpoint` file: `{"meta", "epochs_done", "state"}`."""
+    """Reads a `RunWriter` checkpoint: `{"meta", "epochs_done", "state"}`."""
     try:
         with np.load(path, allow_pickle=False) as f:
             header = json.loads(str(f["header"]))
@@ -2053,86 +2030,6 @@ def load_checkpoint(path):
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise NCFMError(f"{path} is not a readable checkpoint ({e}); delete it to start over")
     return header
-
-
-class NonFiniteState(NCFMError):
-    """The model's resumable state holds a value that is not finite, so it cannot be saved;
-    `flag` names the learning rate that most likely caused it."""
-
-    def __init__(self, message, flag):
-        super().__init__(message)
-        self.flag = flag
-
-
-STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),
-               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
-               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
-               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
-
-
-def check_finite_state(state, iteration):
-    """Raises `NonFiniteState` naming the parts of `state` (`NCFM.get_state()`) that are not
-    finite after `iteration`. Skipping non-finite updates does not prevent every case: psi's
-    batch-norm running variance, updated outside the optimizer, overflows once a too high
-    --sampler_lr has blown up psi's weights while every loss stays finite."""
-    bad = sorted({name.split("/")[0] for name, v in state.items()
-                  if v.dtype.kind == "f" and not np.isfinite(v).all()})
-    if bad:
-        raise NonFiniteState(f"after iteration {iteration}, "
-                             f"{' and '.join(STATE_PARTS[b][0] for b in bad)} are not finite, "
-                             "so the run cannot be saved", STATE_PARTS[bad[0]][1])
-
-
-class StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `fit` at the first sign of non-finite values: after an iteration that skipped a
-    non-finite update (recorded in `iteration`; unless `skipped_ok`, as under loss scaling,
-    where skipped steps are routine), and with `check_finite_state`'s `NonFiniteState` after
-    an epoch that left non-finite values in what is saved next: the resumable state, or only
-    the images after a stop mid-epoch (a partial epoch is not checkpointed). List it first: it
-    raises before any other callback writes that epoch's state."""
-
-    def __init__(self, steps_per_epoch, skipped_ok=False):
-        super().__init__()
-        self.steps, self.skipped_ok = steps_per_epoch, skipped_ok
-        self.epoch, self.iteration = 0, None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if (not self.skipped_ok and logs and float(logs.get("nonfinite_steps", 0)) > 0
-                and self.iteration is None):
-            self.iteration = self.epoch * self.steps + batch + 1
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        state = self.model.get_state()
-        if self.iteration is not None:  # stopped mid-epoch: no checkpoint, only the images
-            state = {"synthetic": state["synthetic"]}
-        check_finite_state(state, self.iteration or (epoch + 1) * self.steps)
-
-
-class PeriodicEvaluation(keras.callbacks.Callback):
-    """Every `every` epochs (and at the end), trains a fresh network on the decoded synthetic
-    set and records its test accuracy (in `history` and in the epoch logs)."""
-
-    def __init__(self, data, every, epochs, arch="convnet", protocol="ncfm", eval_epochs=None,
-                 print_fn=print):
-        super().__init__()
-        self.data, self.every, self.epochs = data, every, epochs
-        self.arch, self.protocol, self.eval_epochs = arch, protocol, eval_epochs
-        self.print_fn, self.history = print_fn, []
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every and epoch + 1 != self.epochs:
-            return
-        x, y = self.model.distilled_set(self.data).decoded()
-        result = evaluate_images(x, y, self.data, self.arch, self.protocol, self.eval_epochs)
-        self.history.append((epoch + 1, result["final"], result["best_seen"]))
-        if logs is not None:
-            logs["test_accuracy"] = result["final"]
-        self.print_fn(f"evaluation after epoch {epoch + 1}: final {result['final']:.2f}  "
-                      f"best-seen {result['best_seen']:.2f}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -2144,14 +2041,10 @@ FILE_FORMAT = "ncfm-keras distilled set v1"
 
 @dataclasses.dataclass
 class DistilledSet:
-    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1].
-    `dataset`, `data_dir` and `data_digest` identify the data it was distilled from (see
-    `Dataset`; files from before digests were recorded load with None).
-
-    `pool` locates the cached pool it was distilled with (`{"dir", "key", "arch"}`: member
-    files `dir/key/member-*.npz`), whose member 0 is the soft-label teacher; empty for files
-    written before it was recorded.
-    """
+    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
+    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
+    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
+    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -2172,11 +2065,11 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
-WRITING = threading.Lock()  # held by `atomic_write`; `Checkpoint` exits only between writes
+WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
 
 
 def atomic_write(path, write):
-    """Calls `write(tmp_path)` and renames the result onto `path`: readers see the old
+    """Calls `write(tmp_path)`, syncs and renames the result onto `path`: readers see the old
     complete file or the new complete file, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -2186,11 +2079,8 @@ def atomic_write(path, write):
         os.close(fd)
         try:
             write(tmp)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the data is on disk before the rename makes it visible
-            finally:
-                os.close(fd)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -2198,9 +2088,8 @@ def atomic_write(path, write):
 
 
 def remove_temporaries(directory):
-    """Deletes what `atomic_write` leaves below `directory` when its process is killed
-    mid-write (`.NAME*.tmp`, possibly as large as a checkpoint). Only for a directory no other
-    process is writing to."""
+    """Deletes the `.NAME*.tmp` files `atomic_write` leaves below `directory` when its process
+    is killed mid-write. Only for a directory no other process is writing to."""
     for parent, _, names in os.walk(directory):
         for name in names:
             if name.startswith(".") and name.endswith(".tmp"):
@@ -2218,22 +2107,23 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2))
 
 
-def save_distilled(path, distilled):
-    """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
-    _validate_distilled(distilled, path)
-    arrays = dict(format=FILE_FORMAT, images=distilled.images.astype(np.float32),
-                  labels=distilled.labels.astype(np.int32), ipc=distilled.ipc,
-                  factor=distilled.factor, dataset=distilled.dataset,
-                  class_names=np.asarray(distilled.class_names, dtype=str),
-                  mean=distilled.mean.astype(np.float32), std=distilled.std.astype(np.float32),
-                  config=json.dumps(distilled.config), pool=json.dumps(distilled.pool))
-    arrays.update({k: getattr(distilled, k) for k in ("data_dir", "data_digest")
-                   if getattr(distilled, k) is not None})
-
+def save_npz(path, **arrays):
+    """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
     atomic_write(path, write)
+
+
+def save_distilled(path, distilled):
+    """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
+    _validate_distilled(distilled, path)
+    d = distilled
+    save_npz(path, format=FILE_FORMAT, images=d.images.astype(np.float32),
+             labels=d.labels.astype(np.int32), ipc=d.ipc, factor=d.factor, dataset=d.dataset,
+             class_names=np.asarray(d.class_names, dtype=str), mean=d.mean.astype(np.float32),
+             std=d.std.astype(np.float32), config=json.dumps(d.config), pool=json.dumps(d.pool),
+             **{k: getattr(d, k) for k in ("data_dir", "data_digest") if getattr(d, k) is not None})
 
 
 def load_distilled(path):
@@ -2265,9 +2155,8 @@ def load_distilled(path):
 
 def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
     """The soft-label teacher of a distilled set: member 0 of the pool it was distilled with
-    (`load_teacher`), found from its recorded `pool`, with `pool_dir` replacing the recorded
-    folder. Files without a record (older ones) name their pool by their settings, so they
-    need only `pool_dir`."""
+    (`load_teacher`), from its recorded `pool`, `pool_dir` replacing the recorded folder.
+    Older files without a record name their pool by their settings, with `pool_dir`."""
     key = distilled.pool.get("key")
     if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
         key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
@@ -2280,17 +2169,16 @@ def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
 
 
 def _validate_distilled(d, path):
-    k = len(d.class_names)
-    problems = []
+    k, problems = len(d.class_names), []
     if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
         problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
     elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
         problems.append(f"factor {d.factor} does not divide the image size")
-    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0
-                                                               or d.labels.max() >= k)):
+    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0 or
+                                                             d.labels.max() >= k)):
         problems.append("labels do not match the classes")
-    if not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or \
-            d.images.max(initial=0) > 1:
+    if (not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or
+            d.images.max(initial=0) > 1):
         problems.append("images are not finite values in [0, 1]")
     if problems:
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")

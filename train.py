@@ -4,8 +4,8 @@
     python train.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist \\
         --ipc=10 --iterations=1000 --num_pretrained=4 --pretrain_epochs=1 --batch_real=64
 
-Every setting defaults to the preset for the dataset (`ncfm_keras.PRESETS`, then the spec's
-values in `ncfm_keras.DistillConfig`); any flag given overrides it. Writes to --output_dir:
+Every setting defaults to the preset for the dataset (`ncfm_keras.PRESETS`, then
+`ncfm_keras.DistillConfig`'s defaults); any flag given overrides it. Writes to --output_dir:
 distilled.npz (the set, for evaluate.py), grid.png (one row per class), images/ (the decoded
 images as an image folder), metrics.csv, loss_curves.png (drawn from it), tensorboard/ and,
 with --eval_every or --eval_epochs, evaluation.json.
@@ -13,12 +13,16 @@ with --eval_every or --eval_epochs, evaluation.json.
 
 import dataclasses
 import os
+import signal
 import sys
 import time
 
 from absl import app, flags
 
-import cli
+import cli  # first: it sets up TensorFlow's environment before TensorFlow loads
+import keras
+import ncfm_keras as nk
+import tensorflow as tf
 
 flags.DEFINE_string("dataset", "cifar10", "TFDS name, MNIST-family name with IDX files in "
                     "--data_dir, or folder:PATH.")
@@ -28,7 +32,7 @@ flags.DEFINE_integer("ipc", 10, "Stored synthetic images per class.")
 flags.DEFINE_string("output_dir", None, "Where outputs go (default runs/<dataset>_ipc<ipc>).")
 flags.DEFINE_string("pool_dir", os.path.join(os.path.expanduser("~"), ".cache", "ncfm_keras",
                                              "pools"), "Cache of pretrained pools.")
-for field in dataclasses.fields(cli.nk.DistillConfig):
+for field in dataclasses.fields(nk.DistillConfig):
     if field.name == "ipc":
         continue
     define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -59,38 +63,8 @@ flags.DEFINE_bool("resume", True, "Continue from <output_dir>/checkpoint.npz whe
 FLAGS = flags.FLAGS
 
 
-def config_from_flags(nk):
-    config = nk.preset(FLAGS.dataset, FLAGS.ipc)
-    given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config)
-             if f.name != "ipc" and FLAGS[f.name].value is not None}
-    return dataclasses.replace(config, **given).validate()
-
-
-def resume_point(checkpoint_path, meta):
-    """The checkpoint to continue from (None: start afresh); refuses one from other settings."""
-    if not (FLAGS.resume and os.path.exists(checkpoint_path)):
-        return None
-    restore = cli.nk.load_checkpoint(checkpoint_path)
-    saved = restore["meta"]
-    conflicts = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in meta.items()
-                 if k != "config" and k in saved and saved[k] != v]  # older files lack some
-    conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"
-                  for k, v in meta["config"].items() if saved["config"].get(k) != v]
-    cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
-                f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to start "
-                "over, or choose another --output_dir")
-    return restore
-
-
-def start_over(checkpoint):
-    """How to re-run with another learning rate: a checkpoint of this run would refuse it."""
-    return " (with --noresume)" if checkpoint.saved else ""
-
-
-def main(argv):
-    del argv
-    nk = cli.nk
-    keras = nk.keras
+def check_flags():
+    """The flag checks that need no data; returns the `DistillConfig`."""
     cli.require(FLAGS.ipc >= 1, f"--ipc={FLAGS.ipc}: use 1 or more")
     cli.require(FLAGS.log_every >= 1, f"--log_every={FLAGS.log_every}: use 1 or more")
     cli.require(FLAGS.eval_every >= 0 and FLAGS.eval_epochs >= 0,
@@ -99,17 +73,48 @@ def main(argv):
     cli.require(not (FLAGS.strategy == "mirrored" and FLAGS.jit_compile == "true"),
                 "--jit_compile=true cannot be combined with --strategy=mirrored (Keras runs "
                 "tf.distribute steps without XLA); drop one of them")
-    config = config_from_flags(nk)
+    config = nk.preset(FLAGS.dataset, FLAGS.ipc)
+    given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config)
+             if f.name != "ipc" and FLAGS[f.name].value is not None}
+    config = dataclasses.replace(config, **given).validate()
     cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
                 f"--iterations={config.iterations} must be a multiple of --log_every="
                 f"{FLAGS.log_every}")
+    cli.require(not FLAGS.deterministic or os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
+                "--deterministic came from a flag file or from code, too late to turn oneDNN "
+                "off before TensorFlow loaded: put it on the command line or set "
+                "TF_ENABLE_ONEDNN_OPTS=0")
+    return config
+
+
+def resume_point(checkpoint_path, meta, iterations):
+    """The checkpoint to continue from (None: start afresh); refuses one from other settings
+    or with more than `iterations` done."""
+    if not (FLAGS.resume and os.path.exists(checkpoint_path)):
+        return None
+    restore = nk.load_checkpoint(checkpoint_path)
+    saved = restore["meta"]
+    conflicts = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in meta.items()
+                 if k != "config" and k in saved and saved[k] != v]  # older files lack some
+    conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"
+                  for k, v in meta["config"].items() if saved["config"].get(k) != v]
+    cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
+                f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to start "
+                "over, or choose another --output_dir")
+    done = restore["epochs_done"] * meta["log_every"]
+    cli.require(done <= iterations, f"{checkpoint_path} already holds {done} iterations, more "
+                f"than --iterations={iterations}; a run cannot be shortened: pass --iterations="
+                f"{done} (or more, to continue), --noresume to start over, or another "
+                "--output_dir")
+    return restore
+
+
+def main(argv):
+    del argv
+    config = check_flags()
     if FLAGS.deterministic:
-        cli.require(os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0",
-                    "--deterministic came from a flag file or from code, too late to turn "
-                    "oneDNN off before TensorFlow loaded: put it on the command line or set "
-                    "TF_ENABLE_ONEDNN_OPTS=0")
         keras.utils.set_random_seed(config.seed)
-        nk.tf.config.experimental.enable_op_determinism()
+        tf.config.experimental.enable_op_determinism()
     if FLAGS.cpu_devices > 1:
         nk.split_cpu(FLAGS.cpu_devices)
     policy = nk.set_precision(FLAGS.precision)
@@ -122,19 +127,14 @@ def main(argv):
         "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
     steps = min(FLAGS.log_every, config.iterations)
     epochs = config.iterations // steps
-    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
     # What a resumed run must share with its checkpoint (--iterations may grow). Checked
     # before the pool, which can take long to train.
     meta = dict(data_digest=data.digest, image_size=FLAGS.image_size, log_every=steps,
                 precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
                                           if k != "iterations"})
-    restore = resume_point(checkpoint_path, meta)
+    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
+    restore = resume_point(checkpoint_path, meta, config.iterations)
     initial_epoch = restore["epochs_done"] if restore else 0
-    cli.require(initial_epoch <= epochs,
-                f"{checkpoint_path} already holds {initial_epoch * steps} iterations, more "
-                f"than --iterations={config.iterations}; a run cannot be shortened: pass "
-                f"--iterations={initial_epoch * steps} (or more, to continue), --noresume to "
-                "start over, or another --output_dir")
     devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
           f"policy {policy}{devices}\n{config}", flush=True)
@@ -149,60 +149,38 @@ def main(argv):
               flush=True)
     os.makedirs(output_dir, exist_ok=True)
     nk.remove_temporaries(output_dir)  # of a killed run
-    checkpoint = nk.Checkpoint(checkpoint_path, meta, restore=restore)
-    callbacks = [
-        nk.DistilledSetWriter(data, output_dir),
-        nk.IterationCSV(os.path.join(output_dir, "metrics.csv"), steps, initial_epoch * steps),
-        nk.LossCurves(os.path.join(output_dir, "metrics.csv"),
-                      os.path.join(output_dir, "loss_curves.png")),
-        keras.callbacks.TensorBoard(os.path.join(output_dir, "tensorboard")),
-        checkpoint,  # last: it saves what the others updated
-    ]
-    # First, so that it raises before any other callback writes non-finite state. With loss
-    # scaling, skipped overflows are routine.
-    nonfinite = nk.StopOnNonFinite(steps, skipped_ok=policy == "mixed_float16")
-    callbacks.insert(0, nonfinite)
-    evaluation = None
-    if FLAGS.eval_every or FLAGS.eval_epochs:
-        every = FLAGS.eval_every // steps if FLAGS.eval_every else epochs
-        evaluation = nk.PeriodicEvaluation(data, max(1, every), epochs,
-                                           protocol=FLAGS.eval_protocol,
-                                           eval_epochs=FLAGS.eval_epochs or None)
-        callbacks.insert(1, evaluation)  # before the CSV, which records its accuracy
-    distill_start = time.time()
-    try:
-        model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                            start=initial_epoch * steps),
-                  steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch,
-                  callbacks=callbacks, verbose=progress, shuffle=False)
-    except nk.NonFiniteState as e:
-        raise nk.NCFMError(f"{e}; stopped, and {checkpoint.status()}. Likely cause: {e.flag} "
-                           f"too high for this data; lower it{start_over(checkpoint)}") from None
-    seconds = time.time() - distill_start
-    cli.require(nonfinite.iteration is None,
-                f"iteration {nonfinite.iteration}: the loss or a gradient is not finite; the "
-                "update was skipped, so nothing non-finite reached the images; stopped, and "
-                f"{checkpoint.status()}. Likely cause: a learning rate too high for this data "
-                f"(--image_lr, --sampler_lr); lower it{start_over(checkpoint)}")
-    if checkpoint.interrupted is not None:
+    writer = nk.RunWriter(data, output_dir, meta, restore, policy == "mixed_float16",
+                          FLAGS.eval_every, FLAGS.eval_epochs, FLAGS.eval_protocol)
+    start = time.time()
+    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                        start=initial_epoch * steps),
+              steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch, verbose=progress,
+              callbacks=[writer, keras.callbacks.TensorBoard(  # it logs the writer's test_accuracy
+                  os.path.join(output_dir, "tensorboard"))], shuffle=False)
+    report(writer, model, data, config, output_dir, initial_epoch, epochs, steps,
+           time.time() - start)
+
+
+def report(writer, model, data, config, output_dir, initial_epoch, epochs, steps, seconds):
+    """What the run did, on stdout; an interrupted run exits 128 + the signal number."""
+    if writer.interrupted is not None:
         done = (initial_epoch + len(model.history.epoch)) * steps
-        print(f"stopped by {nk.signal.Signals(checkpoint.interrupted).name} after iteration "
-              f"{done}; {checkpoint.status()}. Re-run the same command to continue.",
-              file=sys.stderr)
-        sys.exit(128 + checkpoint.interrupted)
+        print(f"stopped by {signal.Signals(writer.interrupted).name} after iteration {done}; "
+              f"{writer.status()}. Re-run the same command to continue.", file=sys.stderr)
+        sys.exit(128 + writer.interrupted)
     ran = (epochs - initial_epoch) * steps
     if not ran:
-        print(f"nothing to do: {checkpoint_path} already holds all {config.iterations} "
-              f"iterations; rewrote {output_dir}/distilled.npz and images/ from it (pass a "
-              "larger --iterations to continue)")
+        print(f"nothing to do: {writer.path('checkpoint.npz')} already holds all "
+              f"{config.iterations} iterations; rewrote {output_dir}/distilled.npz and images/ "
+              "from it (pass a larger --iterations to continue)")
         return
     print(f"distilled {config.iterations} iterations ({ran} in this run, {seconds:.0f} s, "
           f"{seconds / ran:.2f} s/iter); wrote {output_dir}/distilled.npz")
-    if evaluation is not None:
+    if writer.eval_every or writer.eval_epochs:
         nk.write_json(os.path.join(output_dir, "evaluation.json"), {
             "dataset": data.name, "protocol": FLAGS.eval_protocol,
             "history": [dict(iteration=e * steps, final=f, best_seen=b)
-                        for e, f, b in evaluation.history],
+                        for e, f, b in writer.evaluations],
             "distill_seconds": round(seconds, 1), "config": dataclasses.asdict(config)})
 
 
