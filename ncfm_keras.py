@@ -1832,7 +1832,7 @@ class RunWriter(keras.callbacks.Callback):
     killed run resumable. Per iteration: a `metrics.csv` row (Keras logs running means m_k:
     the k-th value is k*m_k - (k-1)*m_{k-1}); a stop after a skipped non-finite update, unless
     `skipped_ok` (loss scaling skips routinely). Per epoch: (1) the state, copied once
-    (`NCFM.get_state()`), must be finite (after a stop mid-epoch, the images), so nothing
+    (`get_state`), must be finite (after a stop mid-epoch, the images), so nothing
     non-finite is written; (2) every `eval_every` iterations (at least an epoch) and after the
     last epoch, if `eval_every` or `eval_epochs`, an evaluation (`evaluations` gets `(epoch,
     final, best_seen)`; the logs and CSV its `test_accuracy`); (3) `distilled.npz`, `grid.png`;
@@ -1868,7 +1868,7 @@ class RunWriter(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         if self.restore is not None:
-            self.model.set_state(self.restore["state"])
+            set_state(self.model, self.restore["state"])
         start, lines = self.saved * self.params["steps"], [",".join(CSV_COLUMNS)]
         if start and os.path.exists(self.path("metrics.csv")):  # keep rows <= start, whole
             with open(self.path("metrics.csv")) as f:
@@ -1920,13 +1920,13 @@ class RunWriter(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         steps, epochs = self.params["steps"], self.params["epochs"]
-        state, complete = self.model.get_state(), len(self.rows) == steps
+        state, complete = get_state(self.model), len(self.rows) == steps
         self._check_finite(state if complete else {"synthetic": state["synthetic"]},
                            self.nonfinite_at or (epoch + 1) * steps)
         every = max(1, self.eval_every // steps) if self.eval_every else epochs
         if (self.eval_every or self.eval_epochs) and ((epoch + 1) % every == 0
                                                       or epoch + 1 == epochs):
-            x, y = self.model.distilled_set(self.data).decoded()
+            x, y = distilled_set(self.model, self.data).decoded()
             result = evaluate_images(x, y, self.data, "convnet", self.protocol,
                                      self.eval_epochs or None)
             self.evaluations.append((epoch + 1, result["final"], result["best_seen"]))
@@ -1947,7 +1947,7 @@ class RunWriter(keras.callbacks.Callback):
             self.saved = epoch + 1
 
     def _write_set(self):
-        distilled = self.model.distilled_set(self.data)
+        distilled = distilled_set(self.model, self.data)
         save_distilled(self.path("distilled.npz"), distilled)
         save_png(self.path("grid.png"), image_grid(distilled.images, self.data.num_classes))
         return distilled
@@ -1968,7 +1968,7 @@ class RunWriter(keras.callbacks.Callback):
                        "a learning rate", " (--image_lr, --sampler_lr)")
 
     def _check_finite(self, state, iteration):
-        """Stops on the parts of `state` (`NCFM.get_state()`) that are not finite. Skipped
+        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped
         updates do not catch every case: psi's batch-norm variance, updated outside the
         optimizer, overflows once a too high --sampler_lr has blown up psi's weights while
         every loss stays finite."""
