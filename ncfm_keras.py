@@ -1,24 +1,41 @@
 """ncfm-keras: dataset distillation with Neural Characteristic Functions, in Keras 3.
 
 NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax
-Perspective", CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class whose
-*features* have the same characteristic function (CF) as the real data's, under the
-frequencies a small sampling network psi finds most discriminative. The images minimise the
-CF discrepancy while psi maximises it: a min-max game, trained here by `NCFM.fit()`.
+Perspective", CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class (IPC) whose
+*features*, under a pool of pretrained ConvNets, have the same characteristic function (CF) as
+the real data's, at frequencies that a small sampling network psi picks to tell them apart:
+the images minimise the CF discrepancy while psi maximises it, a min-max game that
+`NCFM.train_step` plays once per `fit()` step.
 
-This module reads top to bottom in the order the data flows:
+The module reads top to bottom in the order the data flows:
 
-    data -> augmentation (DSA) -> networks -> evaluation -> distilled-set file
+    configuration      DistillConfig, PRESETS, EvalProtocol, PROTOCOLS
+    data               load_dataset (TFDS, MNIST-family IDX files, image folders), baselines,
+                       class_balanced_batches
+    augmentation       siamese DSA (dsa_parameters, dsa_apply), CutMix
+    networks           ConvNet, AlexNet, VGG-11, ResNet-18
+    training a network train_network: the evaluation and pretraining protocols
+    the method         the pretrained pool -> the synthetic set (multi-formation) -> the CF
+                       loss (Eq. 6-8) -> psi (Sec. 4.2.2) -> NCFM, the min-max model
+    evaluation         evaluate_images, soft-label teachers
+    run support        build_distiller, devices, non-finite steps, resumable state, the
+                       distilled-set file, atomic writes, CSV and plots, checkpoints, signals
 
-Usage::
+Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings)::
 
-    data = load_dataset("fashion_mnist", data_dir="/usr/share/datasets/fashion-mnist")
-    x, y = random_subset(data, ipc=10, seed=0)
-    result = evaluate_images(x, y, data, arch="convnet", protocol="dm", epochs=300)
-    print(result["final"], result["best_seen"])
+    import ncfm_keras as nk
+    data = nk.load_dataset("fashion_mnist", "/usr/share/datasets/fashion-mnist")
+    config = nk.DistillConfig(ipc=10, iterations=200, batch_real=256, num_pretrained=2,
+                              pretrain_epochs=2)
+    model = nk.build_distiller(data, config, pool_dir="pools")
+    model.fit(nk.class_balanced_batches(data, config.batch_real), steps_per_epoch=10,
+              epochs=20)
+    x, y = nk.distilled_set(model, data).decoded()
+    print(nk.evaluate_images(x, y, data, protocol="ncfm", epochs=300)["final"])
 
 The library never reads command-line flags; `train.py` and `evaluate.py` do that.
 """
+
 
 import dataclasses
 import functools
@@ -43,6 +60,116 @@ from keras import layers
 
 class NCFMError(ValueError):
     """A problem with the user's input: the message names it and says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration: the settings of a distillation, its presets, the training protocols
+# ------------------------------------------------------------------------------------------
+
+CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
+               frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
+               dsa_space=("normalized", "pixel"))  # DistillConfig's enumerated settings
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Every setting of a distillation; defaults are the official CIFAR-10 config's unless a
+    comment says "ours"."""
+
+    ipc: int = 10                 # stored images per class
+    factor: int = 2               # multi-formation: each stored image holds factor^2 images
+    init: str = "mix"             # real | mix | noise
+    iterations: int = 20000       # official
+    batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
+    num_freqs: int = 4096         # M, frequencies per iteration (official)
+    sampling_net: bool = True     # psi, the min-max (paper; ours trains it); False: plain CF
+                                  # matching, t ~ N(0, I), as the official main configs
+    sampler_steps: int = 1        # psi ascent steps per iteration
+    frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
+                                       # per_iteration (one draw shared by all classes)
+    loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
+    alpha: float = 0.5            # amplitude weight (official)
+    beta: float = 0.5             # phase weight (official)
+    match_scale: float = 300.0    # official scale of the matching loss of a class
+    calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
+    image_lr: float = 1e-3        # AdamW on the pixels (official)
+    image_weight_decay: float = 5e-4
+    image_steps: str = "per_class"  # one AdamW step per class (official) | summed (one step)
+    lr_patience: int = 500        # halve the image lr after this many iterations w/o progress
+    sampler_lr: float = 1e-3      # SGD on psi (official), momentum 0.5
+    sampler_max_scale: float = 2.0  # bound on psi's scales (ours, see SamplingNet)
+    sampler_weight_decay: float = 5e-4
+    augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
+    dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
+    num_pretrained: int = 20      # pool size P
+    pretrain_epochs: int = 60     # official
+    class_group: int = 1          # classes the step sends through the network at once
+    seed: int = 0
+
+    def validate(self):
+        """Returns the config; NCFMError naming the first invalid setting."""
+        at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
+                        lr_patience=1, num_pretrained=1, pretrain_epochs=0, class_group=1)
+        checks = [(getattr(self, k) >= v, f"{k} must be >= {v}") for k, v in at_least.items()]
+        for name, values in CHOICES.items():
+            checks.append((getattr(self, name) in values,
+                           f"{name} must be {', '.join(values[:-1])} or {values[-1]}"))
+        checks += [
+            (self.num_freqs >= 16 and self.num_freqs % 16 == 0,
+             "num_freqs must be a positive multiple of 16"),
+            (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
+            (self.calibration >= 0, "calibration must be >= 0"),
+            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise NCFMError(f"invalid setting: {message}")
+        parse_augment(self.augment)
+        return self
+
+
+# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset. Ours:
+# 100 (200) classes x 1024 real images is too many forward passes for one GPU per iteration.
+PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
+
+
+def preset(dataset, ipc):
+    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the defaults)."""
+    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+    """How a fresh network is trained on a labelled set. `dsa_space`: where DSA acts,
+    "normalized" (as the official code does; see `dsa_apply`) or "pixel"; `NCFMError` else."""
+
+    name: str
+    epochs: int
+    batch_size: int
+    optimizer: str        # "adamw" or "sgd"
+    learning_rate: float
+    weight_decay: float
+    lr_milestones: tuple  # fractions of training after which the learning rate is multiplied
+    lr_factor: float      # ... by this factor
+    augment: str          # per-sample DSA ops
+    cutmix_prob: float    # probability of CutMix per batch (beta = 1)
+    dsa_space: str = "normalized"
+
+    def __post_init__(self):
+        if self.dsa_space not in ("normalized", "pixel"):
+            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
+
+
+PROTOCOLS = {
+    # NCFM's official evaluation: AdamW, lr halved at 20/40/60/80 %, DSA + CutMix.
+    "ncfm": EvalProtocol("ncfm", 2000, 128, "adamw", 1e-3, 0.01, (0.2, 0.4, 0.6, 0.8), 0.5,
+                         "color_crop_flip_scale_rotate", 0.5),
+    # DM's (Zhao & Bilen 2023) evaluation, used for the baselines in the literature.
+    "dm": EvalProtocol("dm", 1000, 256, "sgd", 0.01, 5e-4, (0.5,), 0.1,
+                       "color_crop_cutout_flip_scale_rotate", 0.0),
+    # The official pretraining of the feature-extractor pool on the real training set.
+    "pretrain": EvalProtocol("pretrain", 60, 128, "sgd", 0.01, 5e-4, (40 / 60, 50 / 60), 0.2,
+                             "color_crop", 0.5),
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -716,41 +843,6 @@ def with_features(model):
 # Training a network: the protocols of evaluation and of the pool's pretraining
 # ------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class EvalProtocol:
-    """How a fresh network is trained on a labelled set. `dsa_space`: where DSA acts,
-    "normalized" (as the official code does; see `dsa_apply`) or "pixel"; `NCFMError` else."""
-
-    name: str
-    epochs: int
-    batch_size: int
-    optimizer: str        # "adamw" or "sgd"
-    learning_rate: float
-    weight_decay: float
-    lr_milestones: tuple  # fractions of training after which the learning rate is multiplied
-    lr_factor: float      # ... by this factor
-    augment: str          # per-sample DSA ops
-    cutmix_prob: float    # probability of CutMix per batch (beta = 1)
-    dsa_space: str = "normalized"
-
-    def __post_init__(self):
-        if self.dsa_space not in ("normalized", "pixel"):
-            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
-
-
-PROTOCOLS = {
-    # NCFM's official evaluation: AdamW, lr halved at 20/40/60/80 %, DSA + CutMix.
-    "ncfm": EvalProtocol("ncfm", 2000, 128, "adamw", 1e-3, 0.01, (0.2, 0.4, 0.6, 0.8), 0.5,
-                         "color_crop_flip_scale_rotate", 0.5),
-    # DM's (Zhao & Bilen 2023) evaluation, used for the baselines in the literature.
-    "dm": EvalProtocol("dm", 1000, 256, "sgd", 0.01, 5e-4, (0.5,), 0.1,
-                       "color_crop_cutout_flip_scale_rotate", 0.0),
-    # The official pretraining of the feature-extractor pool on the real training set.
-    "pretrain": EvalProtocol("pretrain", 60, 128, "sgd", 0.01, 5e-4, (40 / 60, 50 / 60), 0.2,
-                             "color_crop", 0.5),
-}
-
-
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with weight decay coupled as in `torch.optim.SGD` (the official code's optimizer):
     `v <- momentum·v + g + wd·w;  w <- w - lr·v` on every variable, `wd` being
@@ -868,7 +960,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 
 
 # ------------------------------------------------------------------------------------------
-# The pretrained pool
+# The method, from here to `NCFM`. First, the pretrained pool
 # ------------------------------------------------------------------------------------------
 # NCFM extracts features with ConvNets blended between their initial and trained weights,
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
@@ -933,43 +1025,6 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
             raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete "
                             "it to train it again") from None
     return initial, trained
-
-
-def load_teacher(data, cache_dir, key, arch="convnet"):
-    """The frozen soft-label teacher: pool member 0 with its trained weights, as the official
-    code loads `premodel0_trained`. `NCFMError` if it is not cached in `cache_dir/key/` or does
-    not fit `data`."""
-    path = pool_member_path(cache_dir, key, 0)
-    if not os.path.isfile(path):
-        raise NCFMError(f"the teacher's weights {path} do not exist; re-run train.py with the "
-                        "same pool settings (--pool_dir, --pretrain_epochs, --seed) to rebuild "
-                        f"the pool, or pass --pool_dir=<the folder that holds {key}/>")
-    teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
-    try:
-        with np.load(path) as f:
-            teacher.set_weights([f[f"trained_{i}"] for i in range(len(f.files) // 2)])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise NCFMError(f"{path} does not hold a teacher for {data.name} ({type(e).__name__}); "
-                        "delete it and re-run train.py to rebuild the pool") from None
-    teacher.trainable = False
-    return teacher
-
-
-def teacher_targets(teacher, x, y, misclassified="official"):
-    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x` (float
-    `[N, H, W, C]` in [0, 1]; int labels `y` `[N]`). As the official code does
-    (`get_softlabel`, then `SoftCrossEntropy` at T = 1), a correctly classified image gets
-    softmax(logits), a misclassified one softmax(onehot): e / (e + K - 1) on its class, 1 / (e +
-    K - 1) elsewhere. `misclassified="onehot"` gives the one-hot label itself instead."""
-    if misclassified not in ("official", "onehot"):
-        raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
-    logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
-    y = np.asarray(y)
-    onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
-    wrong = (logits.argmax(1) != y)[:, None]
-    if misclassified == "official":
-        return tf.nn.softmax(np.where(wrong, onehot, logits)).numpy()
-    return np.where(wrong, onehot, tf.nn.softmax(logits).numpy())
 
 
 # ------------------------------------------------------------------------------------------
@@ -1121,67 +1176,6 @@ class SamplingNet(keras.Model):
 # ------------------------------------------------------------------------------------------
 # NCFM: the min-max model
 # ------------------------------------------------------------------------------------------
-
-CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
-               frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
-               dsa_space=("normalized", "pixel"))  # DistillConfig's enumerated settings
-
-
-@dataclasses.dataclass
-class DistillConfig:
-    """Every setting of a distillation; defaults are the official CIFAR-10 config's unless a
-    comment says "ours"."""
-
-    ipc: int = 10                 # stored images per class
-    factor: int = 2               # multi-formation: each stored image holds factor^2 images
-    init: str = "mix"             # real | mix | noise
-    iterations: int = 20000       # official
-    batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
-    num_freqs: int = 4096         # M, frequencies per iteration (official)
-    sampling_net: bool = True     # psi, the min-max (paper; ours trains it); False: plain CF
-                                  # matching, t ~ N(0, I), as the official main configs
-    sampler_steps: int = 1        # psi ascent steps per iteration
-    frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
-                                       # per_iteration (one draw shared by all classes)
-    loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
-    alpha: float = 0.5            # amplitude weight (official)
-    beta: float = 0.5             # phase weight (official)
-    match_scale: float = 300.0    # official scale of the matching loss of a class
-    calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
-    image_lr: float = 1e-3        # AdamW on the pixels (official)
-    image_weight_decay: float = 5e-4
-    image_steps: str = "per_class"  # one AdamW step per class (official) | summed (one step)
-    lr_patience: int = 500        # halve the image lr after this many iterations w/o progress
-    sampler_lr: float = 1e-3      # SGD on psi (official), momentum 0.5
-    sampler_max_scale: float = 2.0  # bound on psi's scales (ours, see SamplingNet)
-    sampler_weight_decay: float = 5e-4
-    augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
-    dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
-    num_pretrained: int = 20      # pool size P
-    pretrain_epochs: int = 60     # official
-    class_group: int = 1          # classes the step sends through the network at once
-    seed: int = 0
-
-    def validate(self):
-        """Returns the config; NCFMError naming the first invalid setting."""
-        at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
-                        lr_patience=1, num_pretrained=1, pretrain_epochs=0, class_group=1)
-        checks = [(getattr(self, k) >= v, f"{k} must be >= {v}") for k, v in at_least.items()]
-        for name, values in CHOICES.items():
-            checks.append((getattr(self, name) in values,
-                           f"{name} must be {', '.join(values[:-1])} or {values[-1]}"))
-        checks += [
-            (self.num_freqs >= 16 and self.num_freqs % 16 == 0,
-             "num_freqs must be a positive multiple of 16"),
-            (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
-            (self.calibration >= 0, "calibration must be >= 0"),
-            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0")]
-        for ok, message in checks:
-            if not ok:
-                raise NCFMError(f"invalid setting: {message}")
-        parse_augment(self.augment)
-        return self
-
 
 class NCFM(keras.Model):
     """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced uint8 real
@@ -1528,8 +1522,194 @@ class NCFM(keras.Model):
 
 
 # ------------------------------------------------------------------------------------------
-# Devices, non-finite steps and the resumable state: the mechanics under NCFM
+# Evaluation
 # ------------------------------------------------------------------------------------------
+
+class TestAccuracy(keras.callbacks.Callback):
+    """Tests the network every `every` epochs and after the last; keeps the history."""
+
+    def __init__(self, test_data, every, epochs):
+        super().__init__()
+        self.test_data, self.every, self.epochs, self.history = test_data, every, epochs, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
+            _, accuracy = self.model.evaluate(self.test_data, verbose=0)
+            self.history.append((epoch + 1, 100.0 * float(accuracy)))
+
+
+LABEL_MODES = {  # evaluation labels: name -> what trains the network
+    "hard": "the class labels",
+    "teacher": "the official soft labels: the teacher's softmax on each un-augmented image, "
+               "softmax(one-hot) where it misclassifies; hard labels in the last epochs",
+    "teacher_onehot": "as teacher, with the one-hot label where the teacher misclassifies",
+    "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
+                         "last epochs",
+}
+OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last,
+OFFICIAL_HARD_LABEL_EPOCHS = 101  # and trains on soft labels while epoch < epochs - 100 (1-based)
+
+
+def load_teacher(data, cache_dir, key, arch="convnet"):
+    """The frozen soft-label teacher: pool member 0 with its trained weights, as the official
+    code loads `premodel0_trained`. `NCFMError` if it is not cached in `cache_dir/key/` or does
+    not fit `data`."""
+    path = pool_member_path(cache_dir, key, 0)
+    if not os.path.isfile(path):
+        raise NCFMError(f"the teacher's weights {path} do not exist; re-run train.py with the "
+                        "same pool settings (--pool_dir, --pretrain_epochs, --seed) to rebuild "
+                        f"the pool, or pass --pool_dir=<the folder that holds {key}/>")
+    teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    try:
+        with np.load(path) as f:
+            teacher.set_weights([f[f"trained_{i}"] for i in range(len(f.files) // 2)])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise NCFMError(f"{path} does not hold a teacher for {data.name} ({type(e).__name__}); "
+                        "delete it and re-run train.py to rebuild the pool") from None
+    teacher.trainable = False
+    return teacher
+
+
+def teacher_targets(teacher, x, y, misclassified="official"):
+    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x` (float
+    `[N, H, W, C]` in [0, 1]; int labels `y` `[N]`). As the official code does
+    (`get_softlabel`, then `SoftCrossEntropy` at T = 1), a correctly classified image gets
+    softmax(logits), a misclassified one softmax(onehot): e / (e + K - 1) on its class, 1 / (e +
+    K - 1) elsewhere. `misclassified="onehot"` gives the one-hot label itself instead."""
+    if misclassified not in ("official", "onehot"):
+        raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
+    logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
+    y = np.asarray(y)
+    onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
+    wrong = (logits.argmax(1) != y)[:, None]
+    if misclassified == "official":
+        return tf.nn.softmax(np.where(wrong, onehot, logits)).numpy()
+    return np.where(wrong, onehot, tf.nn.softmax(logits).numpy())
+
+
+def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
+                    test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
+                    hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
+    """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1] with int
+    labels `y` `[N]` (or soft ones `[N, K]`), and tests it on `data`'s test split every
+    `test_every` epochs and after the last.
+
+    `protocol`: a key of PROTOCOLS or an `EvalProtocol`, `epochs` overriding its epoch count.
+    `labels`: a key of LABEL_MODES; the soft modes need the frozen `teacher` (`load_teacher`)
+    and train on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings,
+    the `history` of tests, `final` (the last test's accuracy in %, the headline) and
+    `best_seen` (the best, selected on the test set: the official statistic).
+    """
+    if labels not in LABEL_MODES:
+        raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
+    if labels != "hard" and teacher is None:
+        raise NCFMError(f"labels={labels} needs a teacher (load_teacher)")
+    protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
+    if epochs is not None:
+        protocol = dataclasses.replace(protocol, epochs=int(epochs))
+    soft = (teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
+            if labels in ("teacher", "teacher_onehot") else None)
+    keras.utils.set_random_seed(seed)
+    model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    test = (tf.data.Dataset.from_tensor_slices(
+        (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
+        .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
+    tracker = TestAccuracy(test, test_every, protocol.epochs)
+    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose, data.mean,
+                  data.std, soft, teacher if labels == "teacher_per_batch" else None,
+                  hard_label_epochs)
+    accuracies = [a for _, a in tracker.history]
+    result = {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
+              "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed,
+              "labels": labels, "test_every": test_every}
+    if labels != "hard":
+        result["hard_label_epochs"] = min(hard_label_epochs, protocol.epochs)
+    return result
+
+
+def pretrained_feature_fn(data, seed=0, epochs=2):
+    """Features of a ConvNet trained on the real data for `epochs` epochs of the "pretrain"
+    protocol, as the herding baseline needs."""
+    keras.utils.set_random_seed(seed)
+    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
+    protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
+    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed,
+                  mean=data.mean, std=data.std)
+    features = keras.Model(model.input, model.get_layer("features").output)
+    return lambda images: features(images, training=False)
+
+
+def summarize(runs):
+    """`{"final": (mean, std), "best_seen": (mean, std)}` over repeated runs."""
+    return {key: (float(np.mean([r[key] for r in runs])), float(np.std([r[key] for r in runs])))
+            for key in ("final", "best_seen")}
+
+
+# ------------------------------------------------------------------------------------------
+# Run support: building a distiller, devices, non-finite steps, the resumable state,
+# files, the run writer (CSV, plots, checkpoints, signals)
+# ------------------------------------------------------------------------------------------
+
+def set_precision(precision="auto"):
+    """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
+    float32 elsewhere (mixed_bfloat16 suits CPUs with bf16 units). Raises `NCFMError`."""
+    if precision == "auto":
+        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        raise NCFMError(f"unknown precision '{precision}'; use auto, float32, mixed_float16 "
+                        "or mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
+    """The pool (trained or loaded), then a compiled `NCFM` with the official optimizers: AdamW
+    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (on a CPU,
+    oneDNN's kernels are faster for these convolutions) and never under a `tf.distribute`
+    `strategy` (as Keras does), in whose scope the model is built."""
+    config.validate()
+    check_ipc(data, config.ipc)
+    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
+    if config.init == "mix" and needed > smallest:
+        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
+                        f"{needed} real images per class, the smallest class holds "
+                        f"{smallest}; lower ipc or use init=real")
+    pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
+                         seed=config.seed, verbose=verbose)
+    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
+    if jit_compile == "auto":
+        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = NCFM(data, config, pool)
+        model.pool_dir = os.path.abspath(pool_dir)
+        model.compile(
+            image_optimizer=keras.optimizers.AdamW(config.image_lr,
+                                                   weight_decay=config.image_weight_decay),
+            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                                   weight_decay=config.sampler_weight_decay),
+            jit_compile=jit_compile)
+    return model
+
+
+def mirrored_strategy():
+    """`tf.distribute.MirroredStrategy` over the visible GPUs, else over the logical CPU
+    devices (`split_cpu`: how the multi-device step is tested)."""
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+
+
+def check_devices(num_classes, replicas):
+    """Each replica matches `num_classes / replicas` whole classes, so the count must divide."""
+    if num_classes % replicas:
+        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
+                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
+
+
+def split_cpu(count):
+    """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
+    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
+        tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+
 
 def classes_per_replica(num_classes):
     """K/R: the classes each of the current strategy's R replicas matches (`check_devices`)."""
@@ -1636,167 +1816,152 @@ def distilled_set(model, data):
                         data_digest=data.digest, pool=pool)
 
 
-# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset. Ours:
-# 100 (200) classes x 1024 real images is too many forward passes for one GPU per iteration.
-PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
+FILE_FORMAT = "ncfm-keras distilled set v1"
 
 
-def preset(dataset, ipc):
-    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the defaults)."""
-    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
+@dataclasses.dataclass
+class DistilledSet:
+    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
+    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
+    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
+    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ipc: int
+    factor: int
+    dataset: str
+    class_names: list
+    mean: np.ndarray
+    std: np.ndarray
+    config: dict
+    data_dir: str = None
+    data_digest: str = None
+    pool: dict = dataclasses.field(default_factory=dict)
+
+    def decoded(self):
+        """Training images and labels after multi-formation decoding."""
+        x = decode(tf.constant(self.images, tf.float32), self.factor).numpy()
+        return x, decode_labels(self.labels, self.factor)
 
 
-def set_precision(precision="auto"):
-    """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
-    float32 elsewhere (mixed_bfloat16 suits CPUs with bf16 units). Raises `NCFMError`."""
-    if precision == "auto":
-        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
-    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
-        raise NCFMError(f"unknown precision '{precision}'; use auto, float32, mixed_float16 "
-                        "or mixed_bfloat16")
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
+WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
 
 
-def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
-    """The pool (trained or loaded), then a compiled `NCFM` with the official optimizers: AdamW
-    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (on a CPU,
-    oneDNN's kernels are faster for these convolutions) and never under a `tf.distribute`
-    `strategy` (as Keras does), in whose scope the model is built."""
-    config.validate()
-    check_ipc(data, config.ipc)
-    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
-    if config.init == "mix" and needed > smallest:
-        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
-                        f"{needed} real images per class, the smallest class holds "
-                        f"{smallest}; lower ipc or use init=real")
-    pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
-                         seed=config.seed, verbose=verbose)
-    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
-    if jit_compile == "auto":
-        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
-    with (strategy or tf.distribute.get_strategy()).scope():
-        model = NCFM(data, config, pool)
-        model.pool_dir = os.path.abspath(pool_dir)
-        model.compile(
-            image_optimizer=keras.optimizers.AdamW(config.image_lr,
-                                                   weight_decay=config.image_weight_decay),
-            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
-                                                   weight_decay=config.sampler_weight_decay),
-            jit_compile=jit_compile)
-    return model
+def atomic_write(path, write):
+    """Calls `write(tmp_path)`, syncs and renames the result onto `path`: readers see the old
+    complete file or the new complete file, never a partial one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with WRITING:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                                   suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
-def mirrored_strategy():
-    """`tf.distribute.MirroredStrategy` over the visible GPUs, else over the logical CPU
-    devices (`split_cpu`: how the multi-device step is tested)."""
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([d.name for d in devices])
+def remove_temporaries(directory):
+    """Deletes the `.NAME*.tmp` files `atomic_write` leaves below `directory` when its process
+    is killed mid-write. Only for a directory no other process is writing to."""
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(parent, name))
 
 
-def check_devices(num_classes, replicas):
-    """Each replica matches `num_classes / replicas` whole classes, so the count must divide."""
-    if num_classes % replicas:
-        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
-                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
-def split_cpu(count):
-    """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
-    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
-        tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2))
 
 
-# ------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------
-
-class TestAccuracy(keras.callbacks.Callback):
-    """Tests the network every `every` epochs and after the last; keeps the history."""
-
-    def __init__(self, test_data, every, epochs):
-        super().__init__()
-        self.test_data, self.every, self.epochs, self.history = test_data, every, epochs, []
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
-            _, accuracy = self.model.evaluate(self.test_data, verbose=0)
-            self.history.append((epoch + 1, 100.0 * float(accuracy)))
+def save_npz(path, **arrays):
+    """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
-LABEL_MODES = {  # evaluation labels: name -> what trains the network
-    "hard": "the class labels",
-    "teacher": "the official soft labels: the teacher's softmax on each un-augmented image, "
-               "softmax(one-hot) where it misclassifies; hard labels in the last epochs",
-    "teacher_onehot": "as teacher, with the one-hot label where the teacher misclassifies",
-    "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
-                         "last epochs",
-}
-OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last,
-OFFICIAL_HARD_LABEL_EPOCHS = 101  # and trains on soft labels while epoch < epochs - 100 (1-based)
+def save_distilled(path, distilled):
+    """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
+    _validate_distilled(distilled, path)
+    d = distilled
+    save_npz(path, format=FILE_FORMAT, images=d.images.astype(np.float32),
+             labels=d.labels.astype(np.int32), ipc=d.ipc, factor=d.factor, dataset=d.dataset,
+             class_names=np.asarray(d.class_names, dtype=str), mean=d.mean.astype(np.float32),
+             std=d.std.astype(np.float32), config=json.dumps(d.config), pool=json.dumps(d.pool),
+             **{k: getattr(d, k) for k in ("data_dir", "data_digest") if getattr(d, k) is not None})
 
 
-def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
-                    test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
-                    hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
-    """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1] with int
-    labels `y` `[N]` (or soft ones `[N, K]`), and tests it on `data`'s test split every
-    `test_every` epochs and after the last.
-
-    `protocol`: a key of PROTOCOLS or an `EvalProtocol`, `epochs` overriding its epoch count.
-    `labels`: a key of LABEL_MODES; the soft modes need the frozen `teacher` (`load_teacher`)
-    and train on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings,
-    the `history` of tests, `final` (the last test's accuracy in %, the headline) and
-    `best_seen` (the best, selected on the test set: the official statistic).
-    """
-    if labels not in LABEL_MODES:
-        raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
-    if labels != "hard" and teacher is None:
-        raise NCFMError(f"labels={labels} needs a teacher (load_teacher)")
-    protocol = PROTOCOLS[protocol] if isinstance(protocol, str) else protocol
-    if epochs is not None:
-        protocol = dataclasses.replace(protocol, epochs=int(epochs))
-    soft = (teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
-            if labels in ("teacher", "teacher_onehot") else None)
-    keras.utils.set_random_seed(seed)
-    model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
-    test = (tf.data.Dataset.from_tensor_slices(
-        (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
-        .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
-    tracker = TestAccuracy(test, test_every, protocol.epochs)
-    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose, data.mean,
-                  data.std, soft, teacher if labels == "teacher_per_batch" else None,
-                  hard_label_epochs)
-    accuracies = [a for _, a in tracker.history]
-    result = {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
-              "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed,
-              "labels": labels, "test_every": test_every}
-    if labels != "hard":
-        result["hard_label_epochs"] = min(hard_label_epochs, protocol.epochs)
-    return result
+def load_distilled(path):
+    """Reads and validates a distilled-set file written by `save_distilled`."""
+    if not os.path.isfile(path):
+        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz written by "
+                        "train.py")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["format"]) != FILE_FORMAT:
+                raise NCFMError(f"{path} is not an ncfm-keras distilled set (format "
+                                f"'{f['format']}')")
+            distilled = DistilledSet(
+                images=f["images"], labels=f["labels"], ipc=int(f["ipc"]),
+                factor=int(f["factor"]), dataset=str(f["dataset"]),
+                class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
+                config=json.loads(str(f["config"])),
+                **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files},
+                pool=json.loads(str(f["pool"])) if "pool" in f.files else {})
+    except NCFMError:
+        raise
+    except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
+        raise NCFMError(f"{path} is not a readable distilled-set file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-create it "
+                        "with train.py") from None
+    _validate_distilled(distilled, path)
+    return distilled
 
 
-def pretrained_feature_fn(data, seed=0, epochs=2):
-    """Features of a ConvNet trained on the real data for `epochs` epochs of the "pretrain"
-    protocol, as the herding baseline needs."""
-    keras.utils.set_random_seed(seed)
-    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
-    protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
-    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed,
-                  mean=data.mean, std=data.std)
-    features = keras.Model(model.input, model.get_layer("features").output)
-    return lambda images: features(images, training=False)
+def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
+    """The soft-label teacher of a distilled set: member 0 of the pool it was distilled with
+    (`load_teacher`), from its recorded `pool`, `pool_dir` replacing the recorded folder.
+    Older files without a record name their pool by their settings, with `pool_dir`."""
+    key = distilled.pool.get("key")
+    if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
+        key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
+                       distilled.config["seed"])
+    directory = pool_dir or distilled.pool.get("dir")
+    if key is None or directory is None:
+        raise NCFMError(f"{path} does not record the pool it was distilled with; pass "
+                        "--pool_dir=<the --pool_dir of the train.py run that wrote it>")
+    return load_teacher(data, directory, key, distilled.pool.get("arch", "convnet"))
 
 
-def summarize(runs):
-    """`{"final": (mean, std), "best_seen": (mean, std)}` over repeated runs."""
-    return {key: (float(np.mean([r[key] for r in runs])), float(np.std([r[key] for r in runs])))
-            for key in ("final", "best_seen")}
-
-
-# ------------------------------------------------------------------------------------------
-# Callbacks: what a distillation writes while it runs
-# ------------------------------------------------------------------------------------------
+def _validate_distilled(d, path):
+    k, problems = len(d.class_names), []
+    if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
+        problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
+    elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
+        problems.append(f"factor {d.factor} does not divide the image size")
+    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0 or
+                                                             d.labels.max() >= k)):
+        problems.append("labels do not match the classes")
+    if (not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or
+            d.images.max(initial=0) > 1):
+        problems.append("images are not finite values in [0, 1]")
+    if problems:
+        raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
 
 
 def image_grid(images, rows):
@@ -2030,155 +2195,3 @@ def load_checkpoint(path):
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise NCFMError(f"{path} is not a readable checkpoint ({e}); delete it to start over")
     return header
-
-
-# ------------------------------------------------------------------------------------------
-# The distilled-set file
-# ------------------------------------------------------------------------------------------
-
-FILE_FORMAT = "ncfm-keras distilled set v1"
-
-
-@dataclasses.dataclass
-class DistilledSet:
-    """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
-    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
-    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
-    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
-
-    images: np.ndarray
-    labels: np.ndarray
-    ipc: int
-    factor: int
-    dataset: str
-    class_names: list
-    mean: np.ndarray
-    std: np.ndarray
-    config: dict
-    data_dir: str = None
-    data_digest: str = None
-    pool: dict = dataclasses.field(default_factory=dict)
-
-    def decoded(self):
-        """Training images and labels after multi-formation decoding."""
-        x = decode(tf.constant(self.images, tf.float32), self.factor).numpy()
-        return x, decode_labels(self.labels, self.factor)
-
-
-WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
-
-
-def atomic_write(path, write):
-    """Calls `write(tmp_path)`, syncs and renames the result onto `path`: readers see the old
-    complete file or the new complete file, never a partial one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with WRITING:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
-                                   suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def remove_temporaries(directory):
-    """Deletes the `.NAME*.tmp` files `atomic_write` leaves below `directory` when its process
-    is killed mid-write. Only for a directory no other process is writing to."""
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(parent, name))
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
-
-
-def save_npz(path, **arrays):
-    """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    atomic_write(path, write)
-
-
-def save_distilled(path, distilled):
-    """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
-    _validate_distilled(distilled, path)
-    d = distilled
-    save_npz(path, format=FILE_FORMAT, images=d.images.astype(np.float32),
-             labels=d.labels.astype(np.int32), ipc=d.ipc, factor=d.factor, dataset=d.dataset,
-             class_names=np.asarray(d.class_names, dtype=str), mean=d.mean.astype(np.float32),
-             std=d.std.astype(np.float32), config=json.dumps(d.config), pool=json.dumps(d.pool),
-             **{k: getattr(d, k) for k in ("data_dir", "data_digest") if getattr(d, k) is not None})
-
-
-def load_distilled(path):
-    """Reads and validates a distilled-set file written by `save_distilled`."""
-    if not os.path.isfile(path):
-        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz written by "
-                        "train.py")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["format"]) != FILE_FORMAT:
-                raise NCFMError(f"{path} is not an ncfm-keras distilled set (format "
-                                f"'{f['format']}')")
-            distilled = DistilledSet(
-                images=f["images"], labels=f["labels"], ipc=int(f["ipc"]),
-                factor=int(f["factor"]), dataset=str(f["dataset"]),
-                class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
-                config=json.loads(str(f["config"])),
-                **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files},
-                pool=json.loads(str(f["pool"])) if "pool" in f.files else {})
-    except NCFMError:
-        raise
-    except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
-        raise NCFMError(f"{path} is not a readable distilled-set file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-create it "
-                        "with train.py") from None
-    _validate_distilled(distilled, path)
-    return distilled
-
-
-def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
-    """The soft-label teacher of a distilled set: member 0 of the pool it was distilled with
-    (`load_teacher`), from its recorded `pool`, `pool_dir` replacing the recorded folder.
-    Older files without a record name their pool by their settings, with `pool_dir`."""
-    key = distilled.pool.get("key")
-    if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
-        key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
-                       distilled.config["seed"])
-    directory = pool_dir or distilled.pool.get("dir")
-    if key is None or directory is None:
-        raise NCFMError(f"{path} does not record the pool it was distilled with; pass "
-                        "--pool_dir=<the --pool_dir of the train.py run that wrote it>")
-    return load_teacher(data, directory, key, distilled.pool.get("arch", "convnet"))
-
-
-def _validate_distilled(d, path):
-    k, problems = len(d.class_names), []
-    if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
-        problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
-    elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
-        problems.append(f"factor {d.factor} does not divide the image size")
-    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0 or
-                                                             d.labels.max() >= k)):
-        problems.append("labels do not match the classes")
-    if (not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or
-            d.images.max(initial=0) > 1):
-        problems.append("images are not finite values in [0, 1]")
-    if problems:
-        raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
