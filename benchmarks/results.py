@@ -327,8 +327,8 @@ def write_table(path, records, ipcs, methods, budget_name, budget, repeats, comm
                   "it)."]
     if FLAGS.dataset in PUBLISHED:
         published = PUBLISHED[FLAGS.dataset]
-        lines += ["", "## Published numbers (not ours; ConvNet-3, from the papers as collected "
-                  "in the spec, §8, each at its paper's full budget)", "",
+        lines += ["", "## Published numbers (not ours; ConvNet-3, as the papers report them, "
+                  "each at its paper's full budget)", "",
                   "| method | IPC 1 | IPC 10 | IPC 50 |", "|---|---|---|---|"]
         lines += [f"| {name} (published) | " + " | ".join(
             "not reported" if v is None else f"{v:.1f}" for v in values) + " |"

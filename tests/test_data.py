@@ -17,7 +17,7 @@ def test_fashion_mnist_from_idx_files(fashion_mnist):
     assert d.x_train.dtype == np.uint8
     assert np.all(d.class_counts() == 6000)
     assert d.class_names[0] == "T-shirt/top" and d.num_classes == 10
-    # 28 -> 32 zero padding (spec section 1); statistics of the unpadded images.
+    # 28 -> 32 zero padding (as DC/DSA/NCFM do); statistics of the unpadded images.
     assert d.x_train[:, :2].max() == 0 and d.x_train[:, :, -2:].max() == 0
     assert d.x_train[:, 2:30, 2:30].max() == 255
     np.testing.assert_allclose(d.mean, [0.2860], atol=1e-3)

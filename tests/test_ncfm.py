@@ -6,7 +6,7 @@ import tensorflow as tf
 import ncfm_keras as nk
 
 
-# ---- cf_loss against an independent numpy reference (spec section 3) ----------------------
+# ---- cf_loss against an independent numpy reference (paper Eq. 6-8) ----
 
 def reference_cf_loss(a, b, t, alpha=0.5, beta=0.5):
     """Spec section 3 written with complex numbers, in float64."""
