@@ -127,8 +127,9 @@ class DistillConfig:
         return self
 
 
-# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset. Ours:
-# 100 (200) classes x 1024 real images is too many forward passes for one GPU per iteration.
+# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset:
+# cifar100's is ours (100 classes x 1024 real images is too much for one GPU per iteration),
+# tiny_imagenet's the official config's.
 PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
 
 
@@ -155,7 +156,7 @@ class EvalProtocol:
     dsa_space: str = "normalized"
 
     def __post_init__(self):
-        if self.dsa_space not in ("normalized", "pixel"):
+        if self.dsa_space not in CHOICES["dsa_space"]:
             raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
 
 
@@ -1007,13 +1008,8 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
                     member * epochs + e + 1, [("accuracy", logs.get("accuracy", 0.0))]))
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
                               seed * 1000 + member, [progress], mean=data.mean, std=data.std)
-            arrays = {f"init_{i}": w for i, w in enumerate(start)}
-            arrays.update({f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
-
-            def write(tmp, arrays=arrays):
-                with open(tmp, "wb") as f:
-                    np.savez(f, **arrays)
-            atomic_write(path, write)
+            save_npz(path, **{f"init_{i}": w for i, w in enumerate(start)},
+                     **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
         elif bar is not None:
             bar.update((member + 1) * epochs)
         try:
@@ -1316,16 +1312,11 @@ class NCFM(keras.Model):
     def descend(self, loss_fn, inputs, classes, after):
         """Image descent on `loss_fn(stored [g, ipc, H, W, C], inputs)`, a class group's loss,
         for `classes` (whose `inputs` are `[k, ...]`), once the update `after` is done.
-
         `image_steps="per_class"` (as the official code does): one optimizer step per class,
-        in class order, each on the pixels the previous step left; a step's gradient is zero
-        outside its class, but Adam's momentum and the weight decay move every pixel.
-        `"summed"`: one step on the loss summed over the classes, one class group at a time.
-
-        Returns:
-          The loss summed over `classes`, the squared norm of its gradient, and a tensor
-          ready once the last update is done.
-        """
+        each on the pixels the previous step left (its gradient is zero outside the class, but
+        Adam's momentum and the weight decay move every pixel); `"summed"`: one step on the
+        summed loss. Returns the summed loss, its gradient's squared norm and a tensor ready
+        once the last update is done."""
         def gradient(stored, inputs):  # the images' tape
             with tf.GradientTape() as tape:
                 tape.watch(stored)
@@ -1425,7 +1416,9 @@ class NCFM(keras.Model):
         weights), one siamese DSA draw per class of `classes`, the frequency seed and the
         calibration seed. Every replica draws the same."""
         blend_seed, dsa_seed, frequency_seed, calibration_seed = split_seed(seed, 4)
-        blended, trained = self._random_blend(blend_seed)
+        member_seed, lam_seed = split_seed(blend_seed, 2)  # a pool member, lam ~ U(0, 1)
+        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32, alg=RNG)
+        blended, trained = self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
         params = dsa_parameters(dsa_seed, self.num_classes, self.image_shape[:2],
                                 self.config.augment)
         params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
@@ -1438,13 +1431,6 @@ class NCFM(keras.Model):
         blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
                    for w0, w1 in zip(self.pool_initial, trained)]
         return blended, trained
-
-    def _random_blend(self, seed):
-        """A random pool member and lam ~ U(0, 1), fresh every iteration."""
-        member_seed, lam_seed = split_seed(seed, 2)
-        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
-                                             alg=RNG)
-        return self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
 
     def _class_frequencies(self, seed, classes):
         """Plain CF matching's frequencies, t ~ N(0, I): `[g, M, D]`, a fresh draw per class of
