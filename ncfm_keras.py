@@ -106,6 +106,9 @@ class DistillConfig:
     class_group: int = 1          # classes the step sends through the network at once
     seed: int = 0
 
+    def __post_init__(self):  # so an invalid config never exists (`dataclasses.replace` too)
+        self.validate()
+
     def validate(self):
         """Returns the config; NCFMError naming the first invalid setting."""
         at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
@@ -1181,7 +1184,7 @@ class NCFM(keras.Model):
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
-        self.config = config.validate()
+        self.config = config
         self.num_classes, self.image_shape = data.num_classes, data.image_shape
         self.local_classes = classes_per_replica(self.num_classes)
         # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
