@@ -638,12 +638,11 @@ def _bilinear_warp(images, theta):
     """Warps row i of `images` `[R, B, H, W, C]` by the affine map `theta[i]` (`[R, 6]`, output
     -> input in normalised coordinates), bilinear with zero padding: torch's `affine_grid` +
     `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
-    r, b, h, w, c = (tf.shape(images)[i] for i in range(5))
+    r, b, h, w, c = tf.unstack(tf.shape(images))
     height, width = images.shape[2], images.shape[3]
     ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
-    grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
-    grid = tf.stack([tf.reshape(grid_x, [-1]), tf.reshape(grid_y, [-1]),
-                     tf.ones([height * width])], 0)  # [3, HW]
+    grid_y, grid_x = (tf.reshape(g, [-1]) for g in tf.meshgrid(ys, xs, indexing="ij"))
+    grid = tf.stack([grid_x, grid_y, tf.ones([height * width])], 0)  # [3, HW]
     source = tf.matmul(tf.reshape(theta, [-1, 2, 3]), grid)  # [R, 2, HW]
     src_x = ((source[:, 0] + 1.0) * width - 1.0) / 2.0  # pixel coordinates
     src_y = ((source[:, 1] + 1.0) * height - 1.0) / 2.0
@@ -711,9 +710,9 @@ def cutmix(images, labels, seed):
     s = split_seed(seed, 5)
     gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
     cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
-    cy = tf.random.stateless_uniform([], s[2], 0, height, tf.int32, alg=RNG)
-    cx = tf.random.stateless_uniform([], s[3], 0, width, tf.int32, alg=RNG)
-    half_h, half_w = tf.cast(cut * height / 2, tf.int32), tf.cast(cut * width / 2, tf.int32)
+    cy, cx = (tf.random.stateless_uniform([], s[i], 0, n, tf.int32, alg=RNG)
+              for i, n in ((2, height), (3, width)))  # the box's centre
+    half_h, half_w = (tf.cast(cut * n / 2, tf.int32) for n in (height, width))
     y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
     x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
@@ -727,10 +726,9 @@ def cutmix(images, labels, seed):
 # ------------------------------------------------------------------------------------------
 # Networks
 # ------------------------------------------------------------------------------------------
-# Every network takes float images in [0, 1], normalises them with the dataset statistics in
-# its first layer, and names its flattened penultimate activation "features". Weights start
-# as PyTorch's defaults (the official code is PyTorch), which also sets the scale of
-# theta_init in NCFM's blended extractor.
+# Every network normalises its float [0, 1] input in its first layer and names its flattened
+# penultimate activation "features". Weights start as PyTorch's defaults (the official code's),
+# which also sets the scale of theta_init in NCFM's blended extractor.
 
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 
@@ -774,10 +772,8 @@ def build_network(arch, image_shape, num_classes, mean, std):
         for _ in range(convnet_depth(image_shape[0])):
             x = layers.AveragePooling2D(2)(_conv_norm(x, 128))
     elif arch == "alexnet":
-        for filters, kernel, pool in ((128, 5, True), (192, 5, True), (256, 3, False),
-                                      (192, 3, False), (192, 3, True)):
-            x = _conv(x, filters, kernel, activation="relu")
-            x = layers.MaxPooling2D(2)(x) if pool else x
+        for spec in ((128, 5), "M", (192, 5), "M", (256, 3), (192, 3), (192, 3), "M"):
+            x = layers.MaxPooling2D(2)(x) if spec == "M" else _conv(x, *spec, activation="relu")
     elif arch == "vgg11":
         for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
             x = layers.MaxPooling2D(2)(x) if filters == "M" else _conv_norm(x, filters)
