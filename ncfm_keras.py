@@ -930,13 +930,12 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
     steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
-    steps = protocol.epochs * steps_per_epoch
     trainer = model
     if soft is not None or teacher is not None:
         soft_epochs = protocol.epochs - hard_label_epochs
         trainer = SoftLabelStudent(model, teacher, soft_epochs * steps_per_epoch)
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
-    trainer.compile(optimizer=_evaluation_optimizer(protocol, steps),
+    trainer.compile(optimizer=_evaluation_optimizer(protocol, protocol.epochs * steps_per_epoch),
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
     trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
@@ -1553,7 +1552,6 @@ def teacher_targets(teacher, x, y, misclassified="official"):
     if misclassified not in ("official", "onehot"):
         raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
     logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
-    y = np.asarray(y)
     onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
     wrong = (logits.argmax(1) != y)[:, None]
     if misclassified == "official":
