@@ -572,10 +572,9 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 # ------------------------------------------------------------------------------------------
 # Differentiable siamese augmentation (DSA, Zhao & Bilen 2021)
 # ------------------------------------------------------------------------------------------
-# `dsa_parameters` makes `count` independent draws; `dsa_apply` applies draw i to every image
-# of row i of every tensor given: in matching, row i is class i (its real and synthetic images
-# see one transformation); in evaluation, each image is its own row. All ops have gradients
-# and XLA kernels (ImageProjectiveTransformV3 has none, hence the gather-based warp).
+# Draw i of `dsa_parameters` transforms every image of row i: in matching, row i is class i
+# (its real and synthetic images see one transformation); in evaluation, each image is its own
+# row. All ops have gradients and XLA kernels (ImageProjectiveTransformV3 has none).
 
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
@@ -600,10 +599,9 @@ def parse_augment(ops):
 
 
 def dsa_parameters(seed, count, image_size, ops):
-    """`count` independent draws of DSA parameters for `(H, W)` images: a dict of tensors with
-    leading dimension `count`. `seed`: int `[2]`, fresh per step; `ops`: e.g.
-    `"color_crop_cutout"`. As the official code does, flip, colour and cutout apply whenever
-    enabled, and every draw picks *one* of the enabled crop / scale / rotate."""
+    """`count` draws of DSA parameters for `(H, W)` images: a dict of `[count, ...]` tensors.
+    `seed`: int `[2]`; `ops`: e.g. `"color_crop_cutout"`. As the official code does, flip,
+    colour and cutout apply whenever enabled, and a draw picks *one* of crop / scale / rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
@@ -626,15 +624,13 @@ def dsa_parameters(seed, count, image_size, ops):
         lo, hi = 1.0 / s["scale"], s["scale"]
         scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
         angle = (uniform() - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
-        zero, one = tf.zeros([count]), tf.ones([count])
+        zero, one, cos, sin = tf.zeros([count]), tf.ones([count]), tf.cos(angle), tf.sin(angle)
         candidates = {  # the 2x3 matrices (row-major) mapping output to input coordinates
             "crop": [one, zero, 2.0 * shift_x / width, zero, one, 2.0 * shift_y / height],
             "scale": [scale_x, zero, zero, zero, scale_y, zero],
-            "rotate": [tf.cos(angle), tf.sin(angle), zero, -tf.sin(angle), tf.cos(angle), zero],
-        }
-        choice = uniform(0, len(geometric), tf.int32)
+            "rotate": [cos, sin, zero, -sin, cos, zero]}
         theta = tf.stack([tf.stack(candidates[op], -1) for op in geometric], 1)  # [count, n, 6]
-        params["theta"] = tf.gather(theta, choice, batch_dims=1)  # [count, 6]
+        params["theta"] = tf.gather(theta, uniform(0, len(geometric), tf.int32), batch_dims=1)
     if "cutout" in ops:
         size_y, size_x = (int(n * s["cutout_ratio"] + 0.5) for n in (height, width))
         params["cutout_y"] = uniform(0, height + (1 - size_y % 2), tf.int32) - size_y // 2
@@ -646,12 +642,11 @@ def _bilinear_warp(images, theta):
     """Warps row i of `images` `[R, B, H, W, C]` by the affine map `theta[i]` (`[R, 6]`, output
     -> input in normalised coordinates), bilinear with zero padding: torch's `affine_grid` +
     `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
-    r, b, h, w, c = (tf.shape(images)[i] for i in range(5))
+    r, b, h, w, c = tf.unstack(tf.shape(images))
     height, width = images.shape[2], images.shape[3]
     ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
-    grid_y, grid_x = tf.meshgrid(ys, xs, indexing="ij")
-    grid = tf.stack([tf.reshape(grid_x, [-1]), tf.reshape(grid_y, [-1]),
-                     tf.ones([height * width])], 0)  # [3, HW]
+    grid_y, grid_x = (tf.reshape(g, [-1]) for g in tf.meshgrid(ys, xs, indexing="ij"))
+    grid = tf.stack([grid_x, grid_y, tf.ones([height * width])], 0)  # [3, HW]
     source = tf.matmul(tf.reshape(theta, [-1, 2, 3]), grid)  # [R, 2, HW]
     src_x = ((source[:, 0] + 1.0) * width - 1.0) / 2.0  # pixel coordinates
     src_y = ((source[:, 1] + 1.0) * height - 1.0) / 2.0
@@ -669,12 +664,11 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Applies draw i of `params` (`dsa_parameters`) to every image of row i of `images`, float
-    `[R, B, H, W, C]` or `[R, H, W, C]` (one image per row) in [0, 1]. With the dataset's `mean`
-    and `std` (`[C]`) it augments normalised images, as DC/DSA/DM and the official code do:
-    colour jitter is in std units and every fill (warp padding, cutout) is the mean colour;
-    without them it acts on the pixels (black fill). Returns pixels, same shape, differentiable
-    in `images`. `NCFMError` if only one of `mean` and `std` is given."""
+    """Applies draw i of `params` to row i of `images`, float `[R, B, H, W, C]` or `[R, H, W, C]`
+    (an image per row) in [0, 1]; returns pixels, same shape, differentiable. With the dataset's
+    `mean`, `std` (`[C]`) it augments normalised images, as DC/DSA/DM and the official code do
+    (colour jitter in std units, every fill the mean colour), else the pixels (black fill).
+    `NCFMError` if only one of `mean` and `std` is given."""
     if (mean is None) != (std is None):
         raise NCFMError("dsa_apply got only one of mean and std; pass both (augment in "
                         "normalised space) or neither (augment the pixels)")
@@ -720,9 +714,9 @@ def cutmix(images, labels, seed):
     s = split_seed(seed, 5)
     gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
     cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
-    cy = tf.random.stateless_uniform([], s[2], 0, height, tf.int32, alg=RNG)
-    cx = tf.random.stateless_uniform([], s[3], 0, width, tf.int32, alg=RNG)
-    half_h, half_w = tf.cast(cut * height / 2, tf.int32), tf.cast(cut * width / 2, tf.int32)
+    cy, cx = (tf.random.stateless_uniform([], s[i], 0, n, tf.int32, alg=RNG)
+              for i, n in ((2, height), (3, width)))  # the box's centre
+    half_h, half_w = (tf.cast(cut * n / 2, tf.int32) for n in (height, width))
     y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
     x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
@@ -736,14 +730,11 @@ def cutmix(images, labels, seed):
 # ------------------------------------------------------------------------------------------
 # Networks
 # ------------------------------------------------------------------------------------------
-# Every network takes float images in [0, 1], normalises them with the dataset statistics in
-# its first layer, and names its flattened penultimate activation "features". Weights start
-# as PyTorch's defaults (the official code is PyTorch), which also sets the scale of
-# theta_init in NCFM's blended extractor.
+# Every network normalises its float [0, 1] input in its first layer and names its flattened
+# penultimate activation "features". Weights start as PyTorch's defaults (the official code's),
+# which also sets the scale of theta_init in NCFM's blended extractor.
 
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
-# Instance norm, gamma 1 and beta 0 as torch's GroupNorm:
-_instance_norm = functools.partial(layers.GroupNormalization, groups=-1, epsilon=1e-5)
 
 
 def convnet_depth(image_size):
@@ -764,6 +755,13 @@ def _conv(x, filters, kernel, strides=1, use_bias=True, activation=None):
                          use_bias=use_bias, **_torch_init(kernel * kernel * x.shape[-1]))(x)
 
 
+def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
+    """conv -> instance norm (gamma 1, beta 0, as torch's GroupNorm) [-> ReLU]."""
+    x = layers.GroupNormalization(groups=-1, epsilon=1e-5)(
+        _conv(x, filters, kernel, strides, use_bias))
+    return layers.ReLU()(x) if relu else x
+
+
 def build_network(arch, image_shape, num_classes, mean, std):
     """A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits, initialised as
     PyTorch's defaults; its layer "features" is the flattened penultimate activation (2048-d
@@ -776,24 +774,21 @@ def build_network(arch, image_shape, num_classes, mean, std):
     x = layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
     if arch == "convnet":
         for _ in range(convnet_depth(image_shape[0])):
-            x = layers.AveragePooling2D(2)(layers.ReLU()(_instance_norm()(_conv(x, 128, 3))))
+            x = layers.AveragePooling2D(2)(_conv_norm(x, 128))
     elif arch == "alexnet":
-        for filters, kernel, pool in ((128, 5, True), (192, 5, True), (256, 3, False),
-                                      (192, 3, False), (192, 3, True)):
-            x = _conv(x, filters, kernel, activation="relu")
-            x = layers.MaxPooling2D(2)(x) if pool else x
+        for spec in ((128, 5), "M", (192, 5), "M", (256, 3), (192, 3), (192, 3), "M"):
+            x = layers.MaxPooling2D(2)(x) if spec == "M" else _conv(x, *spec, activation="relu")
     elif arch == "vgg11":
         for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
-            x = (layers.MaxPooling2D(2)(x) if filters == "M"
-                 else layers.ReLU()(_instance_norm()(_conv(x, filters, 3))))
+            x = layers.MaxPooling2D(2)(x) if filters == "M" else _conv_norm(x, filters)
     else:
-        x = layers.ReLU()(_instance_norm()(_conv(x, 64, 3, use_bias=False)))
+        x = _conv_norm(x, 64, use_bias=False)
         for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
                                 (512, 2), (512, 1)):
-            y = layers.ReLU()(_instance_norm()(_conv(x, filters, 3, stride, use_bias=False)))
-            y = _instance_norm()(_conv(y, filters, 3, use_bias=False))
+            y = _conv_norm(x, filters, 3, stride, use_bias=False)
+            y = _conv_norm(y, filters, use_bias=False, relu=False)
             if stride != 1 or x.shape[-1] != filters:  # project the shortcut
-                x = _instance_norm()(_conv(x, filters, 1, stride, use_bias=False))
+                x = _conv_norm(x, filters, 1, stride, use_bias=False, relu=False)
             x = layers.ReLU()(layers.Add()([y, x]))
         x = layers.GlobalAveragePooling2D()(x)
     features = layers.Flatten(name="features")(x)
@@ -806,24 +801,20 @@ def _fits(arch, image_shape):
     """Whether `arch` can be built for `image_shape` (its pooling leaves at least one pixel)."""
     try:
         build_network(arch, image_shape, 2, [0.0] * image_shape[-1], [1.0] * image_shape[-1])
+        return True
     except NCFMError:  # an unknown architecture
         raise
     except ValueError:  # Keras: "Computed output size would be zero or negative"
         return False
-    return True
 
 
 def smallest_image_size(arch, channels=3):
     """The smallest side S with which `arch` takes `[S, S, channels]` images (32 for VGG-11,
-    8 for AlexNet, 2 for the ConvNet, 1 for ResNet-18), by building it symbolically: doubling,
-    then bisection."""
+    8 for AlexNet, 2 for the ConvNet, 1 for ResNet-18), found by building it symbolically: a
+    power of two, as each pooling halves the side, rounding down."""
     size = 1
     while not _fits(arch, (size, size, channels)):
         size *= 2
-    low = size // 2  # does not fit (or is 0)
-    while size - low > 1:
-        middle = (low + size) // 2
-        low, size = (low, middle) if _fits(arch, (middle, middle, channels)) else (middle, size)
     return size
 
 
@@ -849,19 +840,17 @@ def with_features(model):
 
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with weight decay coupled as in `torch.optim.SGD` (the official code's optimizer):
-    `v <- momentum·v + g + wd·w;  w <- w - lr·v` on every variable, `wd` being
-    `coupled_weight_decay`. Keras' `weight_decay` shrinks the weights outside the momentum,
-    about 1/(1 - momentum) times weaker. (Keras' velocity holds the learning rate, so after a
-    learning-rate drop the momentum fades at the old rate; equal to torch's steps otherwise.)"""
+    `v <- momentum·v + g + wd·w;  w <- w - lr·v`, `wd` being `coupled_weight_decay` (Keras'
+    `weight_decay` acts outside the momentum, about 1/(1 - momentum) times weaker). Keras'
+    velocity holds the learning rate: after a drop the momentum fades at the old rate."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
         self.coupled_weight_decay = coupled_weight_decay
 
     def update_step(self, gradient, variable, learning_rate):
-        gradient = tf.cast(gradient, variable.dtype)
         if self.coupled_weight_decay:
-            gradient = gradient + tf.cast(self.coupled_weight_decay, variable.dtype) * variable
+            gradient = gradient + self.coupled_weight_decay * variable
         super().update_step(gradient, variable, learning_rate)
 
     def get_config(self):
@@ -902,19 +891,17 @@ def _training_stream(x, y, protocol, seed, mean, std):
 
 
 class SoftLabelStudent(keras.Model):
-    """Trains `student` on soft targets while `use_soft` is 1, then on the hard labels; `call`
-    is the student's. Batches carry `[N, 2K]` targets: the one-hot label, then the soft target
-    (CutMix mixes both, as the official code mixes its two losses). With a frozen `teacher`,
-    the soft target is instead its softmax (T = 1) on the augmented, mixed batch itself
-    ("per-batch" labels, as SRe2L and RDED use), computed inside the compiled step."""
+    """Trains `student` on soft targets for its first `soft_steps` steps, then on the hard
+    labels; `call` is the student's. Batches carry `[N, 2K]` targets: the one-hot label, then
+    the soft target (CutMix mixes both, as the official code mixes its two losses). With a
+    frozen `teacher`, the soft target is instead its softmax (T = 1) on the augmented, mixed
+    batch itself ("per-batch" labels, as SRe2L and RDED use)."""
 
-    def __init__(self, student, teacher=None, **kwargs):
-        super().__init__(**kwargs)
-        self.student, self.teacher = student, teacher
+    def __init__(self, student, teacher, soft_steps):
+        super().__init__()
+        self.student, self.teacher, self.soft_steps = student, teacher, soft_steps
         if teacher is not None:
             teacher.trainable = False
-        self.use_soft = self.add_weight(shape=(), initializer="ones", trainable=False,
-                                        name="use_soft")
 
     def call(self, images, training=False):
         return self.student(images, training=training)
@@ -924,20 +911,20 @@ class SoftLabelStudent(keras.Model):
         k = targets.shape[-1] // 2
         soft = ((lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32)))
                 if self.teacher is not None else lambda: targets[:, k:])
-        labels = tf.cond(tf.convert_to_tensor(self.use_soft) > 0.5, soft, lambda: targets[:, :k])
+        labels = tf.cond(self.optimizer.iterations < self.soft_steps, soft, lambda: targets[:, :k])
         return super().train_step((images, labels))
 
 
 def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
-                  mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0):
+                  mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0,
+                  test_data=None, test_epochs=()):
     """Trains `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int `[N]`, or
-    soft `[N, K]`) following `protocol`; returns `model`.
-
-    `mean`, `std`: the dataset's per-channel statistics, needed (else `NCFMError`) when
-    `protocol.dsa_space` is "normalized". `soft` (`[N, K]`, e.g. `teacher_targets`) or a
-    frozen `teacher` (its softmax on every augmented batch, see `SoftLabelStudent`) give the
-    targets, except in the last `hard_label_epochs` epochs, which train on `y`.
-    """
+    soft `[N, K]`) following `protocol`; returns `model`. `mean`, `std`: the dataset's
+    per-channel statistics, needed (else `NCFMError`) when `protocol.dsa_space` is
+    "normalized". `soft` (`[N, K]`, e.g. `teacher_targets`) or a frozen `teacher` (see
+    `SoftLabelStudent`) give the targets, except in the last `hard_label_epochs` epochs.
+    `test_data` (batches of images and one-hot labels) is tested after the (1-based)
+    `test_epochs`, into the `val_accuracy` of a `keras.callbacks.History` in `callbacks`."""
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
@@ -946,20 +933,19 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     y = np.asarray(y)
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
-    steps = protocol.epochs * math.ceil(len(x) / protocol.batch_size)
+    steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
     trainer = model
     if soft is not None or teacher is not None:
-        trainer = SoftLabelStudent(model, teacher)
+        soft_epochs = protocol.epochs - hard_label_epochs
+        trainer = SoftLabelStudent(model, teacher, soft_epochs * steps_per_epoch)
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
-        hard_from = protocol.epochs - hard_label_epochs  # 0-based
-        callbacks = [*callbacks, keras.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, _:
-                     trainer.use_soft.assign(1.0 if epoch < hard_from else 0.0))]
-    trainer.compile(optimizer=_evaluation_optimizer(protocol, steps),
+    trainer.compile(optimizer=_evaluation_optimizer(protocol, protocol.epochs * steps_per_epoch),
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
     trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
-                epochs=protocol.epochs, steps_per_epoch=steps // protocol.epochs,
-                callbacks=list(callbacks), verbose=verbose, shuffle=False)
+                epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
+                callbacks=list(callbacks), verbose=verbose, shuffle=False,
+                validation_data=test_data, validation_freq=list(test_epochs))
     return model
 
 
@@ -1514,19 +1500,6 @@ class NCFM(keras.Model):
 # Evaluation
 # ------------------------------------------------------------------------------------------
 
-class TestAccuracy(keras.callbacks.Callback):
-    """Tests the network every `every` epochs and after the last; keeps the history."""
-
-    def __init__(self, test_data, every, epochs):
-        super().__init__()
-        self.test_data, self.every, self.epochs, self.history = test_data, every, epochs, []
-
-    def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every == 0 or epoch + 1 == self.epochs:
-            _, accuracy = self.model.evaluate(self.test_data, verbose=0)
-            self.history.append((epoch + 1, 100.0 * float(accuracy)))
-
-
 LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "hard": "the class labels",
     "teacher": "the official soft labels: the teacher's softmax on each un-augmented image, "
@@ -1568,7 +1541,6 @@ def teacher_targets(teacher, x, y, misclassified="official"):
     if misclassified not in ("official", "onehot"):
         raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
     logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
-    y = np.asarray(y)
     onehot = np.eye(logits.shape[1], dtype=np.float32)[y]
     wrong = (logits.argmax(1) != y)[:, None]
     if misclassified == "official":
@@ -1580,15 +1552,13 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
                     test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
                     hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
     """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1] with int
-    labels `y` `[N]` (or soft ones `[N, K]`), and tests it on `data`'s test split every
-    `test_every` epochs and after the last.
-
-    `protocol`: a key of PROTOCOLS or an `EvalProtocol`, `epochs` overriding its epoch count.
-    `labels`: a key of LABEL_MODES; the soft modes need the frozen `teacher` (`load_teacher`)
-    and train on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings,
-    the `history` of tests, `final` (the last test's accuracy in %, the headline) and
-    `best_seen` (the best, selected on the test set: the official statistic).
-    """
+    labels `y` `[N]` (or soft ones `[N, K]`), testing it on `data`'s test split every
+    `test_every` epochs and after the last. `protocol`: a key of PROTOCOLS or an
+    `EvalProtocol`, `epochs` overriding its epoch count. `labels`: a key of LABEL_MODES; the
+    soft modes need the frozen `teacher` (`load_teacher`) and train on `y` in the last
+    `hard_label_epochs` epochs. Returns a dict of the settings, the `history` of
+    `(epoch, accuracy in %)`, `final` (the last test, the headline) and `best_seen` (the best,
+    selected on the test set: the official statistic)."""
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
     if labels != "hard" and teacher is None:
@@ -1603,16 +1573,19 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     test = (tf.data.Dataset.from_tensor_slices(
         (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
         .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
-    tracker = TestAccuracy(test, test_every, protocol.epochs)
-    train_network(model, x, y, data.num_classes, protocol, seed, [tracker], verbose, data.mean,
+    epochs = protocol.epochs
+    tested = [e for e in range(1, epochs + 1) if e % test_every == 0 or e == epochs]
+    history = keras.callbacks.History()
+    train_network(model, x, y, data.num_classes, protocol, seed, [history], verbose, data.mean,
                   data.std, soft, teacher if labels == "teacher_per_batch" else None,
-                  hard_label_epochs)
-    accuracies = [a for _, a in tracker.history]
-    result = {"final": accuracies[-1], "best_seen": max(accuracies), "history": tracker.history,
-              "epochs": protocol.epochs, "protocol": protocol.name, "arch": arch, "seed": seed,
-              "labels": labels, "test_every": test_every}
+                  hard_label_epochs, test, tested)
+    accuracies = [100.0 * a for a in history.history["val_accuracy"]]
+    result = {"final": accuracies[-1], "best_seen": max(accuracies),
+              "history": list(zip(tested, accuracies)), "epochs": epochs,
+              "protocol": protocol.name, "arch": arch, "seed": seed, "labels": labels,
+              "test_every": test_every}
     if labels != "hard":
-        result["hard_label_epochs"] = min(hard_label_epochs, protocol.epochs)
+        result["hard_label_epochs"] = min(hard_label_epochs, epochs)
     return result
 
 
