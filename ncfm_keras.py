@@ -331,15 +331,12 @@ def _load_tfds(name, data_dir):
                         "and load it with folder:PATH")
     try:
         builder.download_and_prepare()
-        (x_train, y_train), (x_test, y_test) = (
-            [np.concatenate(parts) for parts in zip(*tfds.as_numpy(
-                builder.as_dataset(split=s, as_supervised=True).batch(10000)))]
+        (x_train, y_train), (x_test, y_test) = (  # each split whole, as one batch
+            tfds.as_numpy(builder.as_dataset(split=s, as_supervised=True, batch_size=-1))
             for s in ("train", "test"))
     except Exception as e:
-        raise NCFMError(f"could not download or read TFDS dataset '{name}' (data_dir="
-                        f"{data_dir}): {type(e).__name__}: {str(e).splitlines()[0]}; prepare it "
-                        "with `tfds build` where there is network and pass its --data_dir"
-                        ) from None
+        raise NCFMError(f"could not download or read TFDS dataset '{name}' (data_dir={data_dir}): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}; {offline}") from None
     return x_train, y_train, x_test, y_test, features[label_key].names
 
 
@@ -548,18 +545,16 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
     k, b = data.num_classes, batch_per_class
     images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
-    first = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))  # [K]
-    counts = tf.constant(counts)
+    slot_class = np.repeat(np.arange(k, dtype=np.int64), b)  # [K*b], a batch's slots flattened
+    size, first = counts[slot_class], (np.cumsum(counts) - counts)[slot_class]
+    seed_class = np.stack([np.full(k * b, seed, np.int64), slot_class], -1)  # [K*b, 2]
 
     def batch(i):
-        position = i * b + tf.range(b, dtype=tf.int64)  # in each class's endless stream
-        passes, index = position[None] // counts[:, None], position[None] % counts[:, None]
-        classes = tf.broadcast_to(tf.range(k, dtype=tf.int64)[:, None], [k, b])
-        seeds = tf.stack([tf.fill([k, b], tf.constant(seed, tf.int64)), classes, passes], -1)
-        shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per class and pass
-            index=tf.reshape(index, [-1]), seed=tf.reshape(seeds, [-1, 3]),
-            max_index=tf.reshape(tf.broadcast_to(counts[:, None] - 1, [k, b]), [-1]))
-        return tf.gather(images, tf.reshape(shuffled, [k, b]) + first[:, None])
+        position = i * b + tf.tile(tf.range(b, dtype=tf.int64), [k])  # in its class's stream
+        shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per (seed, class, pass)
+            index=position % size, seed=tf.concat([seed_class, (position // size)[:, None]], -1),
+            max_index=size - 1)
+        return tf.gather(images, tf.reshape(shuffled + first, [k, b]))
 
     return tf.data.Dataset.counter(start).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True).prefetch(2)
