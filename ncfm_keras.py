@@ -353,8 +353,7 @@ def _found(directory):
     """What `directory` holds, for error messages: `images/, wnids.txt and 3 more`."""
     names = sorted(n + "/" * os.path.isdir(os.path.join(directory, n))
                    for n in os.listdir(directory) if _visible(n))
-    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-    return ", ".join(names[:4]) + more if names else "nothing"
+    return ", ".join(names[:4]) + f" and {len(names) - 4} more" * (len(names) > 4) or "nothing"
 
 
 def _image_files(directory):
@@ -401,9 +400,8 @@ def _read_folder(root, class_names, size):
                         f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
     if unreadable:
         print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
-              f"could not be read (empty, truncated or not images): "
-              f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
-              file=sys.stderr, flush=True)
+              f"could not be read (empty, truncated or not images): {', '.join(unreadable[:3])}"
+              f"{', ...' * (len(unreadable) > 3)}", file=sys.stderr, flush=True)
     return np.stack(images), np.asarray(labels)
 
 
@@ -413,24 +411,22 @@ def _folder_splits(root, test_fraction):
     `validation/` or `valid/` with the same classes (as ImageNet, Imagenette, CINIC-10 ship)."""
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
-    if train is None or not _folder_classes(os.path.join(root, train)) or any(
-            _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
-            for f in os.listdir(os.path.join(root, train))):
+    classes = set(_folder_classes(os.path.join(root, train))) if train else set()
+    if not classes or any(_visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+                          for f in os.listdir(os.path.join(root, train))):
         return root, None  # a class folder that happens to be called "train" holds images
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
                         f"expected {root}/<class>/ or {train}/<class>/ beside test/<class>/ "
                         "(or val/)")
-    classes = set(_folder_classes(os.path.join(root, train)))
-    tests = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
-    test = next((t for t in tests if set(_folder_classes(os.path.join(root, t))) == classes),
-                None)
+    tests = {subdirs[s]: set(_folder_classes(os.path.join(root, subdirs[s])))
+             for s in TEST_SPLITS if s in subdirs}  # test-like split -> its class folders
+    test = next((split for split, theirs in tests.items() if theirs == classes), None)
     if test or not tests:
         return os.path.join(root, train), test and os.path.join(root, test)
     found = []
-    for split in tests:
-        theirs = set(_folder_classes(os.path.join(root, split)))
+    for split, theirs in tests.items():
         missing = sorted(classes - theirs)
         found.append(f"{split}/ lacks {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
                      if theirs & classes and theirs <= classes else
@@ -493,9 +489,8 @@ def validation_split(data, size, seed=123):
 
 def to_float(images):
     """uint8 `[..., H, W, C]` -> float32 in [0, 1] (float input is passed through)."""
-    if images.dtype == tf.uint8 or (isinstance(images, np.ndarray) and images.dtype == np.uint8):
-        return tf.cast(images, tf.float32) / 255.0
-    return tf.cast(images, tf.float32)
+    floats = tf.cast(images, tf.float32)
+    return floats / 255.0 if tf.as_dtype(images.dtype) == tf.uint8 else floats
 
 
 def check_ipc(data, ipc):
@@ -533,7 +528,6 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
             picked.append(int(np.argmin(gaps)))
             running = (running * k + feats[picked[-1]]) / (k + 1)
         chosen.extend(idx[picked])
-    chosen = np.asarray(chosen)
     return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
 
 
