@@ -216,9 +216,9 @@ class Dataset:
 
     @functools.cached_property
     def digest(self):
-        """16 hex digits of a SHA-256 over the class names, the image shape and each split's
-        sorted (image, label) digests: the data's identity in pool keys, distilled sets and
-        checkpoints, whatever path, name or file order loaded it. The arrays must not change."""
+        """SHA-256 (16 hex digits) of the class names, image shape and each split's sorted (image,
+        label) digests: the data's identity, whatever path, name or file order loaded it (in pool
+        keys, distilled sets, checkpoints); cached, so the arrays must not change."""
         h = hashlib.sha256(json.dumps([self.class_names, self.image_shape]).encode())
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
             x, y = np.ascontiguousarray(x, np.uint8), np.asarray(y, np.int32)
@@ -513,8 +513,7 @@ def random_subset(data, ipc, seed=0):
 
 def herding_subset(data, ipc, feature_fn, batch_size=500):
     """The herding baseline (Welling 2009), shaped as `random_subset`: per class, greedily the
-    images keeping the running feature mean closest to the class mean (`feature_fn`: float
-    images -> features)."""
+    images keeping the running mean of `feature_fn(float images)` closest to the class mean."""
     check_ipc(data, ipc)
     chosen = []
     for c in range(data.num_classes):
