@@ -220,9 +220,9 @@ class Dataset:
 
     @functools.cached_property
     def digest(self):
-        """16 hex digits of a SHA-256 over the class names, the image shape and each split's
-        sorted (image, label) digests: the data's identity in pool keys, distilled sets and
-        checkpoints, whatever path, name or file order loaded it. The arrays must not change."""
+        """SHA-256 (16 hex digits) of the class names, image shape and each split's sorted (image,
+        label) digests: the data's identity, whatever path, name or file order loaded it (in pool
+        keys, distilled sets, checkpoints); cached, so the arrays must not change."""
         h = hashlib.sha256(json.dumps([self.class_names, self.image_shape]).encode())
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
             x, y = np.ascontiguousarray(x, np.uint8), np.asarray(y, np.int32)
@@ -335,15 +335,12 @@ def _load_tfds(name, data_dir):
                         "and load it with folder:PATH")
     try:
         builder.download_and_prepare()
-        (x_train, y_train), (x_test, y_test) = (
-            [np.concatenate(parts) for parts in zip(*tfds.as_numpy(
-                builder.as_dataset(split=s, as_supervised=True).batch(10000)))]
+        (x_train, y_train), (x_test, y_test) = (  # each split whole, as one batch
+            tfds.as_numpy(builder.as_dataset(split=s, as_supervised=True, batch_size=-1))
             for s in ("train", "test"))
     except Exception as e:
-        raise NCFMError(f"could not download or read TFDS dataset '{name}' (data_dir="
-                        f"{data_dir}): {type(e).__name__}: {str(e).splitlines()[0]}; prepare it "
-                        "with `tfds build` where there is network and pass its --data_dir"
-                        ) from None
+        raise NCFMError(f"could not download or read TFDS dataset '{name}' (data_dir={data_dir}): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}; {offline}") from None
     return x_train, y_train, x_test, y_test, features[label_key].names
 
 
@@ -360,8 +357,7 @@ def _found(directory):
     """What `directory` holds, for error messages: `images/, wnids.txt and 3 more`."""
     names = sorted(n + "/" * os.path.isdir(os.path.join(directory, n))
                    for n in os.listdir(directory) if _visible(n))
-    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
-    return ", ".join(names[:4]) + more if names else "nothing"
+    return ", ".join(names[:4]) + f" and {len(names) - 4} more" * (len(names) > 4) or "nothing"
 
 
 def _image_files(directory):
@@ -408,9 +404,8 @@ def _read_folder(root, class_names, size):
                         f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
     if unreadable:
         print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
-              f"could not be read (empty, truncated or not images): "
-              f"{', '.join(unreadable[:3])}{', ...' if len(unreadable) > 3 else ''}",
-              file=sys.stderr, flush=True)
+              f"could not be read (empty, truncated or not images): {', '.join(unreadable[:3])}"
+              f"{', ...' * (len(unreadable) > 3)}", file=sys.stderr, flush=True)
     return np.stack(images), np.asarray(labels)
 
 
@@ -420,24 +415,22 @@ def _folder_splits(root, test_fraction):
     `validation/` or `valid/` with the same classes (as ImageNet, Imagenette, CINIC-10 ship)."""
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
-    if train is None or not _folder_classes(os.path.join(root, train)) or any(
-            _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
-            for f in os.listdir(os.path.join(root, train))):
+    classes = set(_folder_classes(os.path.join(root, train))) if train else set()
+    if not classes or any(_visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+                          for f in os.listdir(os.path.join(root, train))):
         return root, None  # a class folder that happens to be called "train" holds images
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
                         f"expected {root}/<class>/ or {train}/<class>/ beside test/<class>/ "
                         "(or val/)")
-    classes = set(_folder_classes(os.path.join(root, train)))
-    tests = [subdirs[s] for s in TEST_SPLITS if s in subdirs]
-    test = next((t for t in tests if set(_folder_classes(os.path.join(root, t))) == classes),
-                None)
+    tests = {subdirs[s]: set(_folder_classes(os.path.join(root, subdirs[s])))
+             for s in TEST_SPLITS if s in subdirs}  # test-like split -> its class folders
+    test = next((split for split, theirs in tests.items() if theirs == classes), None)
     if test or not tests:
         return os.path.join(root, train), test and os.path.join(root, test)
     found = []
-    for split in tests:
-        theirs = set(_folder_classes(os.path.join(root, split)))
+    for split, theirs in tests.items():
         missing = sorted(classes - theirs)
         found.append(f"{split}/ lacks {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
                      if theirs & classes and theirs <= classes else
@@ -500,9 +493,8 @@ def validation_split(data, size, seed=123):
 
 def to_float(images):
     """uint8 `[..., H, W, C]` -> float32 in [0, 1] (float input is passed through)."""
-    if images.dtype == tf.uint8 or (isinstance(images, np.ndarray) and images.dtype == np.uint8):
-        return tf.cast(images, tf.float32) / 255.0
-    return tf.cast(images, tf.float32)
+    floats = tf.cast(images, tf.float32)
+    return floats / 255.0 if tf.as_dtype(images.dtype) == tf.uint8 else floats
 
 
 def check_ipc(data, ipc):
@@ -525,8 +517,7 @@ def random_subset(data, ipc, seed=0):
 
 def herding_subset(data, ipc, feature_fn, batch_size=500):
     """The herding baseline (Welling 2009), shaped as `random_subset`: per class, greedily the
-    images keeping the running feature mean closest to the class mean (`feature_fn`: float
-    images -> features)."""
+    images keeping the running mean of `feature_fn(float images)` closest to the class mean."""
     check_ipc(data, ipc)
     chosen = []
     for c in range(data.num_classes):
@@ -540,7 +531,6 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
             picked.append(int(np.argmin(gaps)))
             running = (running * k + feats[picked[-1]]) / (k + 1)
         chosen.extend(idx[picked])
-    chosen = np.asarray(chosen)
     return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
 
 
@@ -552,18 +542,16 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
     k, b = data.num_classes, batch_per_class
     images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
-    first = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))  # [K]
-    counts = tf.constant(counts)
+    slot_class = np.repeat(np.arange(k, dtype=np.int64), b)  # [K*b], a batch's slots flattened
+    size, first = counts[slot_class], (np.cumsum(counts) - counts)[slot_class]
+    seed_class = np.stack([np.full(k * b, seed, np.int64), slot_class], -1)  # [K*b, 2]
 
     def batch(i):
-        position = i * b + tf.range(b, dtype=tf.int64)  # in each class's endless stream
-        passes, index = position[None] // counts[:, None], position[None] % counts[:, None]
-        classes = tf.broadcast_to(tf.range(k, dtype=tf.int64)[:, None], [k, b])
-        seeds = tf.stack([tf.fill([k, b], tf.constant(seed, tf.int64)), classes, passes], -1)
-        shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per class and pass
-            index=tf.reshape(index, [-1]), seed=tf.reshape(seeds, [-1, 3]),
-            max_index=tf.reshape(tf.broadcast_to(counts[:, None] - 1, [k, b]), [-1]))
-        return tf.gather(images, tf.reshape(shuffled, [k, b]) + first[:, None])
+        position = i * b + tf.tile(tf.range(b, dtype=tf.int64), [k])  # in its class's stream
+        shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per (seed, class, pass)
+            index=position % size, seed=tf.concat([seed_class, (position // size)[:, None]], -1),
+            max_index=size - 1)
+        return tf.gather(images, tf.reshape(shuffled + first, [k, b]))
 
     return tf.data.Dataset.counter(start).map(batch, num_parallel_calls=tf.data.AUTOTUNE,
                                                deterministic=True).prefetch(2)
