@@ -2039,9 +2039,8 @@ class RunWriter(keras.callbacks.Callback):
         super().__init__()
         self.data, self.output_dir, self.meta, self.restore = data, output_dir, meta, restore
         self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
-        self.protocol, self.evaluations, self.nonfinite_at = protocol, [], None
-        self.saved = restore["epochs_done"] if restore else 0
-        self.interrupted = None
+        self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
+        self.evaluations, self.nonfinite_at, self.interrupted = [], None, None
 
     def path(self, name):
         return os.path.join(self.output_dir, name)
