@@ -1943,11 +1943,9 @@ def _validate_distilled(d, path):
         problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
     elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
         problems.append(f"factor {d.factor} does not divide the image size")
-    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0 or
-                                                             d.labels.max() >= k)):
+    if d.labels.shape != (k * d.ipc,) or np.any((d.labels < 0) | (d.labels >= k)):
         problems.append("labels do not match the classes")
-    if (not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or
-            d.images.max(initial=0) > 1):
+    if not np.all((d.images >= 0) & (d.images <= 1)):  # NaN compares False
         problems.append("images are not finite values in [0, 1]")
     if problems:
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
