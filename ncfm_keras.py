@@ -1614,9 +1614,9 @@ def set_precision(precision="auto"):
 
 def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
     """The pool (trained or loaded), then a compiled `NCFM` with the official optimizers: AdamW
-    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (on a CPU,
-    oneDNN's kernels are faster for these convolutions) and never under a `tf.distribute`
-    `strategy` (as Keras does), in whose scope the model is built."""
+    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (oneDNN's CPU
+    kernels are faster for these convolutions) and never under a `tf.distribute` `strategy`
+    (as Keras does), in whose scope the model is built."""
     config.validate()
     check_ipc(data, config.ipc)
     needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
@@ -1648,23 +1648,19 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
-def check_devices(num_classes, replicas):
-    """Each replica matches `num_classes / replicas` whole classes, so the count must divide."""
-    if num_classes % replicas:
-        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
-                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
-
-
 def split_cpu(count):
     """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
     tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
         tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
 
-def classes_per_replica(num_classes):
-    """K/R: the classes each of the current strategy's R replicas matches (`check_devices`)."""
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    check_devices(num_classes, replicas)
+def classes_per_replica(num_classes, replicas=None):
+    """K/R: the whole classes each of R replicas (default: the current strategy's) matches;
+    NCFMError unless R divides K."""
+    replicas = replicas or tf.distribute.get_strategy().num_replicas_in_sync
+    if num_classes % replicas:
+        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
+                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
     return num_classes // replicas
 
 
@@ -1695,9 +1691,7 @@ def apply_if_finite(optimizer, loss, grads, variables, counter):
     LossScaleOptimizer skips such a step itself, lowering its scale); a skip adds 1 to the
     metric `counter`. Returns a tensor ready once the update is done: later reads of the
     variables depend on it (a `tf.cond` update is not otherwise ordered before them)."""
-    finite = tf.math.is_finite(loss)
-    for grad in grads:
-        finite = finite & tf.reduce_all(tf.math.is_finite(grad))
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in [loss, *grads]])
     finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
@@ -1730,11 +1724,11 @@ def resumable_variables(model):
     model._build_optimizers()
     named = {"synthetic": model.synthetic, "iteration": model.iteration,
              "plateau_best": model.plateau_best, "plateau_wait": model.plateau_wait}
-    groups = [("image_optimizer", model.optimizer.variables)]
+    groups = {"image_optimizer": model.optimizer.variables}
     if model.sampler is not None:
-        groups += [("sampler", model.sampler.weights),
-                   ("sampler_optimizer", model.sampler_optimizer.variables)]
-    for prefix, variables in groups:
+        groups.update(sampler=model.sampler.weights,
+                      sampler_optimizer=model.sampler_optimizer.variables)
+    for prefix, variables in groups.items():
         named.update({f"{prefix}/{i:03d}": v for i, v in enumerate(variables)})
     return named
 
@@ -1798,9 +1792,10 @@ class DistilledSet:
 WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
 
 
-def atomic_write(path, write):
-    """Calls `write(tmp_path)`, syncs and renames the result onto `path`: readers see the old
-    complete file or the new complete file, never a partial one."""
+def atomic_write(path, write, mode=None):
+    """Calls `write(tmp_path)` (with a `mode`: `write(file)`, `tmp_path` opened in it), syncs
+    and renames the result onto `path`: readers see the old complete file or the new complete
+    file, never a partial one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with WRITING:
@@ -1808,7 +1803,11 @@ def atomic_write(path, write):
                                    suffix=".tmp")
         os.close(fd)
         try:
-            write(tmp)
+            if mode is None:
+                write(tmp)
+            else:
+                with open(tmp, mode) as f:
+                    write(f)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             os.replace(tmp, path)
@@ -1826,23 +1825,13 @@ def remove_temporaries(directory):
                 os.remove(os.path.join(parent, name))
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2)), "w")
 
 
 def save_npz(path, **arrays):
     """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-    atomic_write(path, write)
+    atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
 
 
 def save_distilled(path, distilled):
@@ -1904,11 +1893,9 @@ def _validate_distilled(d, path):
         problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
     elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
         problems.append(f"factor {d.factor} does not divide the image size")
-    if d.labels.shape != (k * d.ipc,) or (d.labels.size and (d.labels.min() < 0 or
-                                                             d.labels.max() >= k)):
+    if d.labels.shape != (k * d.ipc,) or np.any((d.labels < 0) | (d.labels >= k)):
         problems.append("labels do not match the classes")
-    if (not np.all(np.isfinite(d.images)) or d.images.min(initial=0) < 0 or
-            d.images.max(initial=0) > 1):
+    if not np.all((d.images >= 0) & (d.images <= 1)):  # NaN compares False
         problems.append("images are not finite values in [0, 1]")
     if problems:
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
@@ -1924,10 +1911,8 @@ def image_grid(images, rows):
 
 def save_png(path, pixels):
     """Writes a uint8 `[H, W, C]` array as a PNG, atomically."""
-    from PIL import Image
-
-    image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda f: keras.utils.save_img(f, pixels, file_format="png", scale=False),
+                 "wb")
 
 
 def save_image_folder(directory, images, labels, class_names):
@@ -1940,36 +1925,70 @@ def save_image_folder(directory, images, labels, class_names):
 
 CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
                "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+
+
+class SignalWatcher:
+    """Catches SIGINT / SIGTERM for a `RunWriter`: the first sets its `interrupted` (the signal
+    number; it then saves at the end of the epoch and stops `fit`), a second ends the process
+    at once with status 128 + its number, after any `atomic_write` in progress. A thread reads
+    them (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
+
+    def __init__(self, writer):
+        self.writer, self.handlers = writer, {}
+        read, self.write = os.pipe()
+        os.set_blocking(self.write, False)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # the thread acts; these just return
+            self.handlers[signum] = signal.signal(signum, lambda *_: None)
+        self.previous = signal.set_wakeup_fd(self.write)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+
+    def _watch(self, read):
+        with os.fdopen(read, "rb", buffering=0) as pipe:  # until `close` closes the other end
+            for byte in iter(lambda: pipe.read(1), b""):
+                if byte[0] not in self.handlers:
+                    continue
+                name = signal.Signals(byte[0]).name
+                if self.writer.interrupted is None:
+                    self.writer.interrupted = byte[0]
+                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
+                          "to stop at once)")
+                    continue
+                with WRITING:  # held until the process ends: no file is left half-written
+                    sys.stdout.flush()
+                    print(f"\n{name} again: stopped at once; {self.writer.status()}",
+                          file=sys.stderr, flush=True)
+                    os._exit(128 + byte[0])
+
+    def close(self):
+        for signum, handler in self.handlers.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self.previous)
+        os.close(self.write)
 
 
 class RunWriter(keras.callbacks.Callback):
     """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a
-    killed run resumable. Per iteration: a `metrics.csv` row (Keras logs running means m_k:
-    the k-th value is k*m_k - (k-1)*m_{k-1}); a stop after a skipped non-finite update, unless
-    `skipped_ok` (loss scaling skips routinely). Per epoch: (1) the state, copied once
-    (`get_state`), must be finite (after a stop mid-epoch, the images), so nothing
-    non-finite is written; (2) every `eval_every` iterations (at least an epoch) and after the
-    last epoch, if `eval_every` or `eval_epochs`, an evaluation (`evaluations` gets `(epoch,
-    final, best_seen)`; the logs and CSV its `test_accuracy`); (3) `distilled.npz`, `grid.png`;
-    (4) the CSV rows, appended, and `loss_curves.png`; (5) last, so every file is as new as it,
-    `checkpoint.npz` (state, epochs done and `meta`, the settings a resume must share), not
-    after a stop mid-epoch. At the end, also `images/`. `restore` (a `load_checkpoint`) is
-    applied at the start, the CSV rows past it dropped. Non-finite values end `fit` in an
-    `NCFMError` naming the likely learning rate.
-
-    SIGINT / SIGTERM finish the epoch, save and stop `fit` (`interrupted` is then the signal
-    number); a second one ends the process at once with status 128 + its number, after any
-    `atomic_write` in progress. A watcher thread reads them (`signal.set_wakeup_fd`):
-    Python-level handlers run only between TensorFlow calls."""
+    killed run resumable: per iteration a `metrics.csv` row; per epoch a check that the state
+    is finite, an evaluation (every `eval_every` iterations, at least an epoch, and after the
+    last epoch, if `eval_every` or `eval_epochs`; `evaluations` gets `(epoch, final,
+    best_seen)`), `distilled.npz`, `grid.png`, the CSV rows, `loss_curves.png` and, last (not
+    after a stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings a
+    resume must share. At the end, `images/`. `restore` (a `load_checkpoint`) is applied at the
+    start, the CSV rows past it dropped. A skipped non-finite update (unless `skipped_ok`: loss
+    scaling skips routinely) or non-finite state ends `fit` in an `NCFMError` naming the likely
+    learning rate. Signals: `SignalWatcher`."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
         super().__init__()
         self.data, self.output_dir, self.meta, self.restore = data, output_dir, meta, restore
         self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
-        self.protocol, self.evaluations, self.nonfinite_at = protocol, [], None
-        self.saved = restore["epochs_done"] if restore else 0
-        self.interrupted, self._handlers, self._wakeup = None, {}, None
+        self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
+        self.evaluations, self.nonfinite_at, self.interrupted = [], None, None
 
     def path(self, name):
         return os.path.join(self.output_dir, name)
@@ -1989,31 +2008,8 @@ class RunWriter(keras.callbacks.Callback):
             with open(self.path("metrics.csv")) as f:
                 lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
                           len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
-        write_text(self.path("metrics.csv"), "\n".join(lines) + "\n")
-        read, write = os.pipe()
-        os.set_blocking(write, False)
-        for signum in (signal.SIGINT, signal.SIGTERM):  # the watcher acts; these just return
-            self._handlers[signum] = signal.signal(signum, lambda *_: None)
-        self._wakeup = (signal.set_wakeup_fd(write), write)
-        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
-
-    def _watch(self, read):
-        """Runs in its own thread until `on_train_end` closes the pipe's other end."""
-        with os.fdopen(read, "rb", buffering=0) as pipe:
-            for byte in iter(lambda: pipe.read(1), b""):
-                if byte[0] not in self._handlers:
-                    continue
-                name = signal.Signals(byte[0]).name
-                if self.interrupted is None:
-                    self.interrupted = byte[0]
-                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
-                          "to stop at once)")
-                    continue
-                with WRITING:  # held until the process ends: no file is left half-written
-                    sys.stdout.flush()
-                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr,
-                          flush=True)
-                    os._exit(128 + byte[0])
+        atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
+        self.signals = SignalWatcher(self)
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.rows, self.previous = epoch, [], {}
@@ -2022,7 +2018,7 @@ class RunWriter(keras.callbacks.Callback):
         learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         row = {"iteration": self.epoch * self.params["steps"] + batch + 1,
                "learning_rate": float(learning_rate)}
-        for key in CSV_COLUMNS[1:-2]:  # the step's metrics
+        for key in CSV_COLUMNS[1:-2]:  # Keras logs running means m_k: x_k = k*m_k - (k-1)*m_{k-1}
             if key in logs:
                 running = float(logs[key])
                 row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
@@ -2070,23 +2066,16 @@ class RunWriter(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         x, y = self._write_set().decoded()
         save_image_folder(self.path("images"), x, y, self.data.class_names)
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
-        if self._wakeup is not None:
-            previous, write = self._wakeup
-            signal.set_wakeup_fd(previous)
-            os.close(write)  # the watcher reads the end of the pipe and returns
-            self._wakeup = None
+        self.signals.close()  # the thread reads the end of the pipe and returns
         if self.nonfinite_at is not None:
             self._stop(f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; "
                        "the update was skipped, so nothing non-finite reached the images",
                        "a learning rate", " (--image_lr, --sampler_lr)")
 
     def _check_finite(self, state, iteration):
-        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped
-        updates do not catch every case: psi's batch-norm variance, updated outside the
-        optimizer, overflows once a too high --sampler_lr has blown up psi's weights while
-        every loss stays finite."""
+        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped updates do
+        not catch every case: psi's batch-norm variance, updated outside the optimizer,
+        overflows once a too high --sampler_lr has blown up psi's weights."""
         bad = sorted({name.split("/")[0] for name, v in state.items()
                       if v.dtype.kind == "f" and not np.isfinite(v).all()})
         if bad:
@@ -2100,30 +2089,23 @@ class RunWriter(keras.callbacks.Callback):
                         f"high for this data{flags}; lower it{again}")
 
 
-STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
-               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
-               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
-               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
+          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
+          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
 
 
 def plot_metrics(csv_path, png_path):
-    """Draws the curves of a `metrics.csv` as a PNG: the matching loss with the loss psi saw
-    before its step, the calibration loss, the image-gradient norm, psi's mean |t| and, when
-    evaluated, the test accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
+    """Draws the `PANELS` of a `metrics.csv` that hold values, as a PNG: the matching loss with
+    the loss psi saw before its step, the calibration loss, the image-gradient norm, psi's mean
+    |t| and, when evaluated, the test accuracy."""
+    from matplotlib.figure import Figure  # no pyplot: no global figures, no GUI backend
 
     table = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
     drawn = {c for c in table.dtype.names if np.isfinite(table[c]).any()}
-    panels = [(title, [c for c in columns if c in drawn]) for title, columns in (
-        ("matching / psi", ("matching_loss", "sampler_loss")), ("calibration", (
-            "calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
-        ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
-        if drawn & set(columns)]
-    figure, axes = pyplot.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for axis, (title, columns) in zip(axes[0], panels):
+    panels = [(title, [c for c in columns if c in drawn]) for title, columns in PANELS
+              if drawn & set(columns)]
+    figure = Figure(figsize=(4 * len(panels), 3.2))
+    for axis, (title, columns) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         for column in columns:
             valid = np.isfinite(table[column])
             axis.plot(table["iteration"][valid], table[column][valid], label=column,
@@ -2132,8 +2114,7 @@ def plot_metrics(csv_path, png_path):
         if len(columns) > 1:
             axis.legend()
     figure.tight_layout()
-    atomic_write(png_path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
-    pyplot.close(figure)
+    atomic_write(png_path, lambda f: figure.savefig(f, format="png", dpi=80), "wb")
 
 
 def load_checkpoint(path):

@@ -122,7 +122,7 @@ def main(argv):
     nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
     strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
     if strategy is not None:
-        nk.check_devices(data.num_classes, strategy.num_replicas_in_sync)  # before the pool
+        nk.classes_per_replica(data.num_classes, strategy.num_replicas_in_sync)  # before the pool
     output_dir = FLAGS.output_dir or os.path.join(
         "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
     steps = min(FLAGS.log_every, config.iterations)
