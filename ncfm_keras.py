@@ -106,11 +106,9 @@ class DistillConfig:
     class_group: int = 1          # classes the step sends through the network at once
     seed: int = 0
 
-    def __post_init__(self):  # so an invalid config never exists (`dataclasses.replace` too)
-        self.validate()
-
-    def validate(self):
-        """Returns the config; NCFMError naming the first invalid setting."""
+    def __post_init__(self):
+        """NCFMError naming the first invalid setting: an invalid config never exists (also
+        not from `dataclasses.replace`)."""
         at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
                         lr_patience=1, num_pretrained=1, pretrain_epochs=0, class_group=1)
         checks = [(getattr(self, k) >= v, f"{k} must be >= {v}") for k, v in at_least.items()]
@@ -127,7 +125,6 @@ class DistillConfig:
             if not ok:
                 raise NCFMError(f"invalid setting: {message}")
         parse_augment(self.augment)
-        return self
 
 
 # What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset:
@@ -1617,7 +1614,6 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
     on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (oneDNN's CPU
     kernels are faster for these convolutions) and never under a `tf.distribute` `strategy`
     (as Keras does), in whose scope the model is built."""
-    config.validate()
     check_ipc(data, config.ipc)
     needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
     if config.init == "mix" and needed > smallest:
@@ -1792,10 +1788,9 @@ class DistilledSet:
 WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
 
 
-def atomic_write(path, write, mode=None):
-    """Calls `write(tmp_path)` (with a `mode`: `write(file)`, `tmp_path` opened in it), syncs
-    and renames the result onto `path`: readers see the old complete file or the new complete
-    file, never a partial one."""
+def atomic_write(path, write, mode):
+    """Calls `write(file)` on a temporary file opened in `mode` beside `path`, syncs it and
+    renames it onto `path`: readers see the old complete file or the new one, never a part."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with WRITING:
@@ -1803,11 +1798,8 @@ def atomic_write(path, write, mode=None):
                                    suffix=".tmp")
         os.close(fd)
         try:
-            if mode is None:
-                write(tmp)
-            else:
-                with open(tmp, mode) as f:
-                    write(f)
+            with open(tmp, mode) as f:
+                write(f)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             os.replace(tmp, path)

@@ -76,7 +76,7 @@ def check_flags():
     config = nk.preset(FLAGS.dataset, FLAGS.ipc)
     given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config)
              if f.name != "ipc" and FLAGS[f.name].value is not None}
-    config = dataclasses.replace(config, **given).validate()
+    config = dataclasses.replace(config, **given)  # validated as it is made
     cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
                 f"--iterations={config.iterations} must be a multiple of --log_every="
                 f"{FLAGS.log_every}")
