@@ -25,11 +25,11 @@ Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings)
 
     import ncfm_keras as nk
     data = nk.load_dataset("fashion_mnist", "/usr/share/datasets/fashion-mnist")
-    config = nk.DistillConfig(ipc=10, iterations=200, batch_real=256, num_pretrained=2,
-                              pretrain_epochs=2)
+    config = nk.DistillConfig(ipc=10, iterations=200, batch_real=256, num_freqs=1024,
+                              num_pretrained=2, pretrain_epochs=2)
     model = nk.build_distiller(data, config, pool_dir="pools")
     model.fit(nk.class_balanced_batches(data, config.batch_real), steps_per_epoch=10,
-              epochs=20)
+              epochs=config.iterations // 10)  # fit decides the length
     x, y = nk.distilled_set(model, data).decoded()
     print(nk.evaluate_images(x, y, data, protocol="ncfm", epochs=300)["final"])
 
@@ -103,7 +103,8 @@ class DistillConfig:
     dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
     num_pretrained: int = 20      # pool size P
     pretrain_epochs: int = 60     # official
-    class_group: int = 1          # classes the step sends through the network at once
+    class_group: int = 1          # classes sent through the network at once (real, psi and
+                                  # summed passes; per-class steps take one)
     seed: int = 0
 
     def __post_init__(self):
@@ -887,6 +888,9 @@ class SoftLabelStudent(keras.Model):
         self.student, self.teacher, self.soft_steps = student, teacher, soft_steps
         if teacher is not None:
             teacher.trainable = False
+        # Its own count: a loss-scaled optimizer's `iterations` skips overflowing steps.
+        self.batches_seen = self.add_weight(shape=(), initializer="zeros", dtype="int64",
+                                            trainable=False, name="batches_seen")
 
     def call(self, images, training=False):
         return self.student(images, training=training)
@@ -896,7 +900,8 @@ class SoftLabelStudent(keras.Model):
         k = targets.shape[-1] // 2
         soft = ((lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32)))
                 if self.teacher is not None else lambda: targets[:, k:])
-        labels = tf.cond(self.optimizer.iterations < self.soft_steps, soft, lambda: targets[:, :k])
+        labels = tf.cond(self.batches_seen < self.soft_steps, soft, lambda: targets[:, :k])
+        self.batches_seen.assign_add(1)
         return super().train_step((images, labels))
 
 
@@ -1110,7 +1115,7 @@ class SamplingNet(keras.Model):
     frequencies `t = s_k * eps`, eps ~ N(0, I), reparameterised so that gradients reach psi.
     The scales are `max_scale * sigmoid(.)`, starting at 1 (t ~ N(0, I)). The bound is ours
     (the official code bounds t with a tanh): unbounded scales let the ascent widen t until
-    the CF of a few synthetic images is noise (RESULTS.md has the measurement).
+    the CF of a few synthetic images is noise (docs/faithfulness.md has the measurement).
     Raises NCFMError unless `per_component` divides `num_freqs` and `max_scale` > 1.
     """
 
@@ -1146,6 +1151,9 @@ class SamplingNet(keras.Model):
 # ------------------------------------------------------------------------------------------
 # NCFM: the min-max model
 # ------------------------------------------------------------------------------------------
+# Its multi-device and non-finite mechanics are named helpers in run support: on one device
+# `replica_classes` is all classes, `sum_over_replicas` the identity, `repeat` a
+# `tf.while_loop`, `apply_if_finite` an `optimizer.apply` that skips non-finite steps.
 
 class NCFM(keras.Model):
     """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced uint8 real
@@ -1258,21 +1266,22 @@ class NCFM(keras.Model):
                 t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
             logs["frequency_norm"] = tf.reduce_mean(tf.norm(t, axis=-1))  # N(0, I): ~sqrt(D)
 
-        # images: minimise the discrepancy under the updated psi, one AdamW step per class.
+        # images: minimise the discrepancy under the updated psi, one AdamW step per class
+        # (`summed`: one step); each class's loss is taken after the previous classes' steps.
         matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
                                               (real_features, params, classes), classes, done)
         logs["matching_loss"] = total = sum_over_replicas(matching)
         norm = tf.sqrt(sum_over_replicas(square))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
 
-        # calibration: the trained pool member must classify the synthetic images correctly.
+        # calibration, a second pass of steps: the trained member must classify the images.
         if self.config.calibration > 0:
             calibration, _, done = self.descend(self._calibration(trained, calibration_seed),
                                                 (classes,), classes, done)
             logs["calibration_loss"] = sum_over_replicas(calibration)
             total += logs["calibration_loss"]
 
-        # clamp: the pixels stay valid; the learning-rate plateau sees this iteration's loss.
+        # clamp, once after all the steps; the learning-rate plateau sees the iteration's loss.
         with tf.control_dependencies([done]):
             self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
             self.iteration.assign_add(1)
@@ -1289,8 +1298,9 @@ class NCFM(keras.Model):
         `image_steps="per_class"` (as the official code does): one optimizer step per class,
         each on the pixels the previous step left (its gradient is zero outside the class, but
         Adam's momentum and the weight decay move every pixel); `"summed"`: one step on the
-        summed loss. Returns the summed loss, its gradient's squared norm and a tensor ready
-        once the last update is done."""
+        summed loss. Under a strategy each replica steps its own K/R classes at once, as the
+        official data parallelism does. Returns the summed loss, its gradient's squared norm
+        and a tensor ready once the last update is done."""
         def gradient(stored, inputs):  # the images' tape
             with tf.GradientTape() as tape:
                 tape.watch(stored)
@@ -1367,7 +1377,8 @@ class NCFM(keras.Model):
         return loss
 
     def matching_loss(self, real, seed):
-        """The summed matching loss for a step seed, without any update: what `train_step`
+        """The summed matching loss for a step seed, without an optimizer step (psi's
+        batch-norm statistics do move): what `train_step`
         with that seed sees before its first image step (for tests). `real` holds all K."""
         classes = tf.range(self.num_classes)
         blended, _, params, frequency_seed, _ = self._draw(seed, classes)
@@ -1593,8 +1604,8 @@ def summarize(runs):
 
 
 # ------------------------------------------------------------------------------------------
-# Run support: building a distiller, devices, non-finite steps, the resumable state,
-# files, the run writer (CSV, plots, checkpoints, signals)
+# Run support: building a distiller, precision and devices, non-finite steps, the resumable
+# state, files, the run writer (CSV, plots, checkpoints, signals)
 # ------------------------------------------------------------------------------------------
 
 def set_precision(precision="auto"):
@@ -1785,7 +1796,7 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
-WRITING = threading.Lock()  # held by `atomic_write`; `RunWriter` exits only between writes
+WRITING = threading.Lock()  # held by every write; `SignalWatcher` exits only between them
 
 
 def atomic_write(path, write, mode):
@@ -1956,10 +1967,13 @@ class SignalWatcher:
                     os._exit(128 + byte[0])
 
     def close(self):
-        for signum, handler in self.handlers.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self.previous)
-        os.close(self.write)
+        """Restores the handlers; the thread reads the end of the pipe and returns."""
+        if self.write is not None:
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(self.previous)
+            os.close(self.write)
+            self.write = None
 
 
 class RunWriter(keras.callbacks.Callback):
@@ -1970,9 +1984,11 @@ class RunWriter(keras.callbacks.Callback):
     best_seen)`), `distilled.npz`, `grid.png`, the CSV rows, `loss_curves.png` and, last (not
     after a stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings a
     resume must share. At the end, `images/`. `restore` (a `load_checkpoint`) is applied at the
-    start, the CSV rows past it dropped. A skipped non-finite update (unless `skipped_ok`: loss
-    scaling skips routinely) or non-finite state ends `fit` in an `NCFMError` naming the likely
-    learning rate. Signals: `SignalWatcher`."""
+    start, the CSV rows past it dropped. Non-finite state raises an `NCFMError` naming the
+    likely learning rate; a skipped non-finite update (unless `skipped_ok`: loss scaling skips
+    routinely) stops `fit` and leaves that error in `error`, for the caller to raise after
+    `fit`. The metrics.csv append is the one write not atomic: a resume drops a torn last row.
+    Signals: `SignalWatcher`."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
@@ -1980,7 +1996,7 @@ class RunWriter(keras.callbacks.Callback):
         self.data, self.output_dir, self.meta, self.restore = data, output_dir, meta, restore
         self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
         self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
-        self.evaluations, self.nonfinite_at, self.interrupted = [], None, None
+        self.evaluations, self.nonfinite_at, self.interrupted, self.error = [], None, None, None
 
     def path(self, name):
         return os.path.join(self.output_dir, name)
@@ -2058,11 +2074,13 @@ class RunWriter(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         x, y = self._write_set().decoded()
         save_image_folder(self.path("images"), x, y, self.data.class_names)
-        self.signals.close()  # the thread reads the end of the pipe and returns
-        if self.nonfinite_at is not None:
-            self._stop(f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; "
-                       "the update was skipped, so nothing non-finite reached the images",
-                       "a learning rate", " (--image_lr, --sampler_lr)")
+        self.signals.close()
+        if self.nonfinite_at is not None:  # raised by the caller after `fit` (`error`), so that
+            # the other callbacks (TensorBoard) still end cleanly
+            self.error = self._failure(
+                f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; the "
+                "update was skipped, so nothing non-finite reached the images",
+                "a learning rate", " (--image_lr, --sampler_lr)")
 
     def _check_finite(self, state, iteration):
         """Stops on the parts of `state` (`get_state`) that are not finite. Skipped updates do
@@ -2072,13 +2090,14 @@ class RunWriter(keras.callbacks.Callback):
                       if v.dtype.kind == "f" and not np.isfinite(v).all()})
         if bad:
             parts = " and ".join(STATE_PARTS[b][0] for b in bad)
-            self._stop(f"after iteration {iteration}, {parts} are not finite, so the run cannot "
-                       "be saved", STATE_PARTS[bad[0]][1])
+            self.signals.close()  # `on_train_end` will not run
+            raise self._failure(f"after iteration {iteration}, {parts} are not finite, so the "
+                                "run cannot be saved", STATE_PARTS[bad[0]][1])
 
-    def _stop(self, problem, cause, flags=""):
+    def _failure(self, problem, cause, flags=""):
         again = " (with --noresume)" if self.saved else ""  # a checkpoint refuses another lr
-        raise NCFMError(f"{problem}; stopped, and {self.status()}. Likely cause: {cause} too "
-                        f"high for this data{flags}; lower it{again}")
+        return NCFMError(f"{problem}; stopped, and {self.status()}. Likely cause: {cause} too "
+                         f"high for this data{flags}; lower it{again}")
 
 
 PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns

@@ -7,8 +7,8 @@
 Every setting defaults to the preset for the dataset (`ncfm_keras.PRESETS`, then
 `ncfm_keras.DistillConfig`'s defaults); any flag given overrides it. Writes to --output_dir:
 distilled.npz (the set, for evaluate.py), grid.png (one row per class), images/ (the decoded
-images as an image folder), metrics.csv, loss_curves.png (drawn from it), tensorboard/ and,
-with --eval_every or --eval_epochs, evaluation.json.
+images as an image folder), metrics.csv, loss_curves.png (drawn from it), tensorboard/,
+checkpoint.npz (to resume) and, with --eval_every or --eval_epochs, evaluation.json.
 """
 
 import dataclasses
@@ -39,8 +39,8 @@ for field in dataclasses.fields(nk.DistillConfig):
               str: flags.DEFINE_string}[type(field.default)]
     define(field.name, None, f"DistillConfig.{field.name} (default: the preset's, else "
            f"{field.default!r}).")
-flags.DEFINE_integer("log_every", 10, "Iterations per Keras epoch: one CSV row, one "
-                     "progress-bar line, one checkpoint of distilled.npz.")
+flags.DEFINE_integer("log_every", 10, "Iterations per Keras epoch: after each, its CSV rows, "
+                     "one progress-bar line, distilled.npz and checkpoint.npz are written.")
 flags.DEFINE_integer("eval_every", 0, "Evaluate the set every this many iterations (0: never "
                      "during training).")
 flags.DEFINE_integer("eval_epochs", 0, "Epochs of each evaluation; >0 also evaluates at the "
@@ -157,6 +157,8 @@ def main(argv):
               steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch, verbose=progress,
               callbacks=[writer, keras.callbacks.TensorBoard(  # it logs the writer's test_accuracy
                   os.path.join(output_dir, "tensorboard"))], shuffle=False)
+    if writer.error is not None:
+        raise writer.error
     report(writer, model, data, config, output_dir, initial_epoch, epochs, steps,
            time.time() - start)
 
