@@ -69,7 +69,9 @@ def find_teacher(data, distilled):
     cli.require(path, f"--labels={FLAGS.labels} with a --baseline needs "
                 "--teacher_of=<a distilled.npz of this dataset>: member 0 of its pool teaches")
     owner = distilled if path == FLAGS.distilled else nk.load_distilled(path)
-    cli.require(owner.dataset == data.name and owner.class_names == data.class_names,
+    same = (owner.data_digest == data.digest if owner.data_digest else  # any spelling of it
+            owner.dataset == data.name and owner.class_names == data.class_names)
+    cli.require(same,
                 f"--teacher_of={path} was distilled from {owner.dataset}, not {data.name}; "
                 "pass a distilled set of this dataset")
     return nk.distilled_teacher(owner, data, FLAGS.pool_dir, path), os.path.abspath(path)

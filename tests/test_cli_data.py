@@ -85,6 +85,12 @@ def test_a_distilled_set_names_its_data_and_pools_follow_the_images(tmp_path):
     result = run("evaluate.py", f"--distilled={distilled}",
                  f"--dataset=folder:{one / 'data' / 'moved'}", *PAST_THE_CHECKS)
     assert_clean_error(result, "validation size 100000 is out of range")
+    # ... also when the set's own pool teaches soft labels: the teacher is found by the data's
+    # digest, not by the name it was distilled under.
+    result = run("evaluate.py", f"--distilled={distilled}", "--labels=teacher",
+                 "--hard_label_epochs=0", f"--dataset=folder:{one / 'data' / 'moved'}",
+                 *PAST_THE_CHECKS)
+    assert_clean_error(result, "validation size 100000 is out of range")
 
 
 def test_distilled_sets_from_before_digests_still_evaluate(tmp_path):
