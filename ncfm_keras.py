@@ -964,6 +964,18 @@ def pool_member_path(cache_dir, key, member):
     return os.path.join(cache_dir, key, f"member-{member:03d}.npz")
 
 
+def read_pool_member(path):
+    """A cached member's `(initial, trained)` weight lists; `NCFMError` if it cannot be read."""
+    try:
+        with np.load(path) as f:
+            count = len(f.files) // 2
+            return ([f[f"init_{i}"] for i in range(count)],
+                    [f[f"trained_{i}"] for i in range(count)])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete it "
+                        "and re-run train.py to train it again") from None
+
+
 def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
     """Trains (or loads from `cache_dir`) `num_models` networks on the real data, each from its
     own initialisation with the "pretrain" protocol for `epochs` epochs. Members are cached as
@@ -991,14 +1003,9 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
                      **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
         elif bar is not None:
             bar.update((member + 1) * epochs)
-        try:
-            with np.load(path) as f:
-                count = len(f.files) // 2
-                initial.append([f[f"init_{i}"] for i in range(count)])
-                trained.append([f[f"trained_{i}"] for i in range(count)])
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete "
-                            "it to train it again") from None
+        member_initial, member_trained = read_pool_member(path)
+        initial.append(member_initial)
+        trained.append(member_trained)
     return initial, trained
 
 
@@ -1518,10 +1525,10 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
                         "same pool settings (--pool_dir, --pretrain_epochs, --seed) to rebuild "
                         f"the pool, or pass --pool_dir=<the folder that holds {key}/>")
     teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    _, trained = read_pool_member(path)
     try:
-        with np.load(path) as f:
-            teacher.set_weights([f[f"trained_{i}"] for i in range(len(f.files) // 2)])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        teacher.set_weights(trained)
+    except ValueError as e:  # weights of other shapes
         raise NCFMError(f"{path} does not hold a teacher for {data.name} ({type(e).__name__}); "
                         "delete it and re-run train.py to rebuild the pool") from None
     teacher.trainable = False

@@ -408,6 +408,8 @@ def test_pretrained_pools_of_other_images_are_not_shared(tmp_path, monkeypatch):
     member.write_bytes(member.read_bytes()[:100])  # a cached member cut short
     with pytest.raises(nk.NCFMError, match=f"pool member {member} cannot be read .* delete it"):
         nk.pretrain_pool(data, 1, 0, str(tmp_path / "pools"), verbose=0)
+    with pytest.raises(nk.NCFMError, match=f"pool member {member} cannot be read .* delete it"):
+        nk.load_teacher(data, str(tmp_path / "pools"), nk.pool_key(data, "convnet", 0, 0))
 
 
 def test_idx_and_distilled_files_record_their_data(tmp_path, fashion_mnist):
