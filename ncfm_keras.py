@@ -700,9 +700,9 @@ def cutmix(images, labels, seed):
     s = split_seed(seed, 5)
     gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
     cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
-    cy, cx = (tf.random.stateless_uniform([], s[i], 0, n, tf.int32, alg=RNG)
-              for i, n in ((2, height), (3, width)))  # the box's centre
-    half_h, half_w = (tf.cast(cut * n / 2, tf.int32) for n in (height, width))
+    cy, cx = (tf.random.stateless_uniform([], s[i], 0, side, tf.int32, alg=RNG)
+              for i, side in ((2, height), (3, width)))  # the box's centre
+    half_h, half_w = (tf.cast(cut * side / 2, tf.int32) for side in (height, width))
     y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
     x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
@@ -1986,11 +1986,11 @@ class SignalWatcher:
 class RunWriter(keras.callbacks.Callback):
     """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a
     killed run resumable: per iteration a `metrics.csv` row; per epoch a check that the state
-    is finite, an evaluation (every `eval_every` iterations, at least an epoch, and after the
-    last epoch, if `eval_every` or `eval_epochs`; `evaluations` gets `(epoch, final,
-    best_seen)`), `distilled.npz`, `grid.png`, the CSV rows, `loss_curves.png` and, last (not
-    after a stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings a
-    resume must share. At the end, `images/`. `restore` (a `load_checkpoint`) is applied at the
+    is finite, `distilled.npz`, `grid.png`, an evaluation of that set (every `eval_every`
+    iterations, at least an epoch, and after the last epoch, if `eval_every` or `eval_epochs`;
+    `evaluations` gets `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and, last
+    (not after a stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings
+    a resume must share. At the end, `images/` (of the set last written). `restore` (a `load_checkpoint`) is applied at the
     start, the CSV rows past it dropped. Non-finite state raises an `NCFMError` naming the
     likely learning rate; a skipped non-finite update (unless `skipped_ok`: loss scaling skips
     routinely) stops `fit` and leaves that error in `error`, for the caller to raise after
@@ -2024,7 +2024,7 @@ class RunWriter(keras.callbacks.Callback):
                 lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
                           len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
         atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
-        self.signals = SignalWatcher(self)
+        self.signals, self.distilled = SignalWatcher(self), None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.rows, self.previous = epoch, [], {}
@@ -2049,17 +2049,17 @@ class RunWriter(keras.callbacks.Callback):
         state, complete = get_state(self.model), len(self.rows) == steps
         self._check_finite(state if complete else {"synthetic": state["synthetic"]},
                            self.nonfinite_at or (epoch + 1) * steps)
+        self._write_set()
         every = max(1, self.eval_every // steps) if self.eval_every else epochs
         if (self.eval_every or self.eval_epochs) and ((epoch + 1) % every == 0
                                                       or epoch + 1 == epochs):
-            x, y = distilled_set(self.model, self.data).decoded()
+            x, y = self.distilled.decoded()
             result = evaluate_images(x, y, self.data, "convnet", self.protocol,
                                      self.eval_epochs or None)
             self.evaluations.append((epoch + 1, result["final"], result["best_seen"]))
             self.rows[-1]["test_accuracy"] = logs["test_accuracy"] = result["final"]
             print(f"evaluation after epoch {epoch + 1}: final {result['final']:.2f}  "
                   f"best-seen {result['best_seen']:.2f}")
-        self._write_set()
         with WRITING, open(self.path("metrics.csv"), "a") as f:
             f.writelines(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CSV_COLUMNS)
                          + "\n" for r in self.rows)
@@ -2073,13 +2073,14 @@ class RunWriter(keras.callbacks.Callback):
             self.saved = epoch + 1
 
     def _write_set(self):
-        distilled = distilled_set(self.model, self.data)
-        save_distilled(self.path("distilled.npz"), distilled)
-        save_png(self.path("grid.png"), image_grid(distilled.images, self.data.num_classes))
-        return distilled
+        self.distilled = distilled_set(self.model, self.data)
+        save_distilled(self.path("distilled.npz"), self.distilled)
+        save_png(self.path("grid.png"), image_grid(self.distilled.images, self.data.num_classes))
 
     def on_train_end(self, logs=None):
-        x, y = self._write_set().decoded()
+        if self.distilled is None:  # no epoch ran (nothing to do): from the restored state
+            self._write_set()
+        x, y = self.distilled.decoded()
         save_image_folder(self.path("images"), x, y, self.data.class_names)
         self.signals.close()
         if self.nonfinite_at is not None:  # raised by the caller after `fit` (`error`), so that
