@@ -15,9 +15,10 @@ where s/iter is the median of --steps compiled `train_step` calls after warm-up,
 that time divided by the bare work of the same iteration, timed the same way in the same
 process: the ConvNet forward on the real batch plus forward/backward on the decoded synthetic
 batch. Per-class steps do the same network work and add 2K optimizer updates (K for matching,
-K for calibration); `per_class / summed` is the cost of that, measured in one process. Each variant runs in a fresh subprocess; peak_rss is that process's peak resident memory
-after the step timings (before the bare work runs), i.e. TensorFlow itself, the model, and the
-step; `before step` is the peak before the first step.
+K for calibration); `per_class / summed` is the cost of that, measured in one process. Each
+variant runs in a fresh subprocess; peak_rss is that process's peak resident memory after the
+step timings (before the bare work runs), i.e. TensorFlow itself, the model, and the step;
+`before step` is the peak before the first step.
 """
 
 import os
