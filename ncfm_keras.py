@@ -1,27 +1,25 @@
 """ncfm-keras: dataset distillation with Neural Characteristic Functions, in Keras 3.
 
-NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax
-Perspective", CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class (IPC) whose
-*features*, under a pool of pretrained ConvNets, have the same characteristic function (CF) as
-the real data's, at frequencies that a small sampling network psi picks to tell them apart:
-the images minimise the CF discrepancy while psi maximises it, a min-max game that
-`NCFM.train_step` plays once per `fit()` step.
+NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax Perspective",
+CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class (IPC) whose *features*, under a
+pool of pretrained ConvNets, have the real data's characteristic function (CF) at the frequencies
+that a small sampling network psi picks to tell them apart: the images minimise the CF discrepancy
+while psi maximises it, one round of this min-max game per `NCFM.train_step`.
 
 The module reads top to bottom in the order the data flows:
 
-    configuration      DistillConfig, PRESETS, EvalProtocol, PROTOCOLS
-    data               load_dataset (TFDS, MNIST-family IDX files, image folders), baselines,
-                       class_balanced_batches
-    augmentation       siamese DSA (dsa_parameters, dsa_apply), CutMix
-    networks           ConvNet, AlexNet, VGG-11, ResNet-18
-    training a network train_network: the evaluation and pretraining protocols
-    the method         the pretrained pool -> the synthetic set (multi-formation) -> the CF
-                       loss (Eq. 6-8) -> psi (Sec. 4.2.2) -> NCFM, the min-max model
-    evaluation         evaluate_images, soft-label teachers
-    run support        build_distiller, devices, non-finite steps, resumable state, the
-                       distilled-set file, atomic writes, CSV and plots, checkpoints, signals
+    configuration  DistillConfig, PRESETS, EvalProtocol, PROTOCOLS
+    data           load_dataset (TFDS, IDX files, image folders), baselines, class_balanced_batches
+    augmentation   siamese DSA (dsa_parameters, dsa_apply), CutMix
+    networks       ConvNet, AlexNet, VGG-11, ResNet-18
+    training       train_network: the evaluation and pretraining protocols
+    the method     pretrained pool -> synthetic set -> CF loss (Eq. 6-8) -> psi (Sec. 4.2.2) -> NCFM
+    evaluation     evaluate_images, soft-label teachers
+    run support    build_distiller, devices, non-finite steps, resumable state, the distilled-set
+                   file, atomic writes, CSV and plots, checkpoints, signals
 
-Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings)::
+Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings; the library never
+reads command-line flags, `train.py` and `evaluate.py` do)::
 
     import ncfm_keras as nk
     data = nk.load_dataset("fashion_mnist", "/usr/share/datasets/fashion-mnist")
@@ -32,10 +30,7 @@ Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings)
               epochs=config.iterations // 10)  # fit decides the length
     x, y = nk.distilled_set(model, data).decoded()
     print(nk.evaluate_images(x, y, data, protocol="ncfm", epochs=300)["final"])
-
-The library never reads command-line flags; `train.py` and `evaluate.py` do that.
 """
-
 
 import dataclasses
 import functools
@@ -73,20 +68,17 @@ CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Every setting of a distillation; defaults are the official CIFAR-10 config's unless a
-    comment says "ours"."""
-
+    """Every setting of a distillation, checked whenever one is made (NCFMError names the first
+    invalid one); defaults are the official CIFAR-10 config's unless a comment says "ours"."""
     ipc: int = 10                 # stored images per class
     factor: int = 2               # multi-formation: each stored image holds factor^2 images
     init: str = "mix"             # real | mix | noise
     iterations: int = 20000       # official
     batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
     num_freqs: int = 4096         # M, frequencies per iteration (official)
-    sampling_net: bool = True     # psi, the min-max (paper; ours trains it); False: plain CF
-                                  # matching, t ~ N(0, I), as the official main configs
+    sampling_net: bool = True     # psi, the min-max (paper; ours); False: t ~ N(0, I) (official)
     sampler_steps: int = 1        # psi ascent steps per iteration
-    frequency_draw: str = "per_class"  # without psi: t ~ N(0, I) per class (official) or
-                                       # per_iteration (one draw shared by all classes)
+    frequency_draw: str = "per_class"  # psi off: t ~ N(0, I) per class (official) | per_iteration
     loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
     alpha: float = 0.5            # amplitude weight (official)
     beta: float = 0.5             # phase weight (official)
@@ -103,34 +95,28 @@ class DistillConfig:
     dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
     num_pretrained: int = 20      # pool size P
     pretrain_epochs: int = 60     # official
-    class_group: int = 1          # classes sent through the network at once (real, psi and
-                                  # summed passes; per-class steps take one)
+    class_group: int = 1          # classes per network pass (real, psi, summed; per-class: 1)
     seed: int = 0
 
-    def __post_init__(self):
-        """NCFMError naming the first invalid setting: an invalid config never exists (also
-        not from `dataclasses.replace`)."""
+    def __post_init__(self):  # also runs in `dataclasses.replace`
         at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
                         lr_patience=1, num_pretrained=1, pretrain_epochs=0, class_group=1)
         checks = [(getattr(self, k) >= v, f"{k} must be >= {v}") for k, v in at_least.items()]
-        for name, values in CHOICES.items():
-            checks.append((getattr(self, name) in values,
-                           f"{name} must be {', '.join(values[:-1])} or {values[-1]}"))
-        checks += [
-            (self.num_freqs >= 16 and self.num_freqs % 16 == 0,
-             "num_freqs must be a positive multiple of 16"),
-            (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
-            (self.calibration >= 0, "calibration must be >= 0"),
-            (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0")]
+        checks += [(getattr(self, k) in v, f"{k} must be {', '.join(v[:-1])} or {v[-1]}")
+                   for k, v in CHOICES.items()]
+        checks += [(self.num_freqs >= 16 and self.num_freqs % 16 == 0,
+                    "num_freqs must be a positive multiple of 16"),
+                   (self.sampler_max_scale > 1, "sampler_max_scale must be > 1"),
+                   (self.calibration >= 0, "calibration must be >= 0"),
+                   (self.image_lr > 0 and self.sampler_lr > 0, "learning rates must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise NCFMError(f"invalid setting: {message}")
         parse_augment(self.augment)
 
 
-# What differs from DistillConfig's defaults (the official CIFAR-10 settings) per dataset:
-# cifar100's is ours (100 classes x 1024 real images is too much for one GPU per iteration),
-# tiny_imagenet's the official config's.
+# What differs from DistillConfig's defaults per dataset: cifar100's is ours (100 classes x 1024
+# real images is too much for one GPU per iteration), tiny_imagenet's the official config's.
 PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
 
 
@@ -143,7 +129,6 @@ def preset(dataset, ipc):
 class EvalProtocol:
     """How a fresh network is trained on a labelled set. `dsa_space`: where DSA acts,
     "normalized" (as the official code does; see `dsa_apply`) or "pixel"; `NCFMError` else."""
-
     name: str
     epochs: int
     batch_size: int
@@ -161,14 +146,13 @@ class EvalProtocol:
             raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
 
 
+# NCFM's official evaluation (AdamW, lr halved at 20/40/60/80 %, DSA + CutMix); DM's (Zhao & Bilen
+# 2023), used for the baselines in the literature; the official pretraining of the pool.
 PROTOCOLS = {
-    # NCFM's official evaluation: AdamW, lr halved at 20/40/60/80 %, DSA + CutMix.
     "ncfm": EvalProtocol("ncfm", 2000, 128, "adamw", 1e-3, 0.01, (0.2, 0.4, 0.6, 0.8), 0.5,
                          "color_crop_flip_scale_rotate", 0.5),
-    # DM's (Zhao & Bilen 2023) evaluation, used for the baselines in the literature.
     "dm": EvalProtocol("dm", 1000, 256, "sgd", 0.01, 5e-4, (0.5,), 0.1,
                        "color_crop_cutout_flip_scale_rotate", 0.0),
-    # The official pretraining of the feature-extractor pool on the real training set.
     "pretrain": EvalProtocol("pretrain", 60, 128, "sgd", 0.01, 5e-4, (40 / 60, 50 / 60), 0.2,
                              "color_crop", 0.5),
 }
@@ -178,14 +162,12 @@ PROTOCOLS = {
 # Data
 # ------------------------------------------------------------------------------------------
 
-MNIST_FAMILY = {
-    "mnist": [str(d) for d in range(10)],
-    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                      "Sneaker", "Bag", "Ankle boot"],
-    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
-}
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FAMILY = {"mnist": [str(d) for d in range(10)],
+                "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+                "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                  "Shirt", "Sneaker", "Bag", "Ankle boot"]}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")  # each split's images, then its labels
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Never data, at any depth of a folder: hidden entries (.ipynb_checkpoints, .DS_Store, ._*) and:
 OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
@@ -196,11 +178,10 @@ TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 @dataclasses.dataclass
 class Dataset:
-    """An image-classification dataset in memory: uint8 images `[N, H, W, C]`, int32 labels;
-    `mean`, `std` `[C]` of the training pixels in [0, 1] (the networks normalise inside, so
-    synthetic images stay in [0, 1]); `name` as given to `load_dataset` (folders as
-    `folder:ABSOLUTE_PATH`); `data_dir` the absolute directory read (None: TFDS's default)."""
-
+    """An image-classification dataset in memory: uint8 images `[N, H, W, C]`, int32 labels, the
+    training pixels' `mean`, `std` `[C]` in [0, 1] (networks normalise inside, so synthetic images
+    stay in [0, 1]); `name` as given to `load_dataset` (folders as `folder:ABSOLUTE_PATH`);
+    `data_dir` the absolute directory read (None: TFDS's default)."""
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
@@ -218,9 +199,9 @@ class Dataset:
 
     @functools.cached_property
     def digest(self):
-        """SHA-256 (16 hex digits) of the class names, image shape and each split's sorted (image,
-        label) digests: the data's identity, whatever path, name or file order loaded it (in pool
-        keys, distilled sets, checkpoints); cached, so the arrays must not change."""
+        """The data's identity, whatever path, name or file order loaded it: SHA-256 (16 hex
+        digits) of the class names, image shape and each split's sorted (image, label) digests;
+        cached, so the arrays must not change."""
         h = hashlib.sha256(json.dumps([self.class_names, self.image_shape]).encode())
         for x, y in ((self.x_train, self.y_train), (self.x_test, self.y_test)):
             x, y = np.ascontiguousarray(x, np.uint8), np.asarray(y, np.int32)
@@ -231,19 +212,17 @@ class Dataset:
 
 def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
-    `mnist`, `fashion_mnist`, `kmnist` read offline from the IDX files in `data_dir` if it holds
-    them; or `folder:PATH`, a sub-directory of images per class, resized to `image_size`, with
-    `test_fraction` of each class held out unless a test split is given (see `_folder_splits`).
-    28x28 images are zero-padded to 32x32 so the ConvNet features are CIFAR's (the classic
-    DC/DSA/NCFM treatment). Raises NCFMError when the data cannot be found or read."""
+    `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds them (offline);
+    or `folder:PATH`, one sub-directory of images per class resized to `image_size` (see
+    `_load_folder`). 28x28 images are zero-padded to 32x32 so the ConvNet features are CIFAR's
+    (the classic DC/DSA/NCFM treatment). Raises NCFMError when the data cannot be found or read."""
     if name.startswith("folder:"):
         root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
         name, data_dir = "folder:" + root, None
         try:
             loaded = _load_folder(root, image_size, test_fraction)
         except OSError as e:  # a folder we may not list
-            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check its permissions"
-                            ) from None
+            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check permissions") from None
     else:
         loaded = ((name in MNIST_FAMILY and data_dir and _load_idx(data_dir, name))
                   or _load_tfds(name, data_dir))
@@ -261,48 +240,38 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
 
 
 def _load_idx(data_dir, name):
-    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`; None if it holds none."""
-    candidates = {stem: [os.path.join(data_dir, stem + ext) for ext in (".gz", "")]
-                  for stems in IDX_FILES.values() for stem in stems}
-    if not any(os.path.lexists(p) for paths in candidates.values() for p in paths):
+    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`, None if it holds none;
+    each is `00 00 08 ndim`, big-endian uint32 dimensions, then the uint8 values."""
+    paths = [[os.path.join(data_dir, stem + ext) for ext in (".gz", "")] for stem in IDX_FILES]
+    if not any(os.path.lexists(p) for pair in paths for p in pair):
         return None
-    arrays = []
-    for split, stems in IDX_FILES.items():
-        for stem in stems:
-            path = next((p for p in candidates[stem] if os.path.exists(p)), None)
-            if path is None:
-                raise NCFMError(f"{data_dir} has no {stem}[.gz]; point --data_dir at the folder "
-                                "holding the four MNIST-format IDX files")
-            arrays.append(_read_idx(path))
-        if len(arrays[-2]) != len(arrays[-1]):
-            raise NCFMError(f"{data_dir}: {split} images and labels differ in count")
+    arrays, fix = [], "re-install the dataset files"
+    for stem, pair in zip(IDX_FILES, paths):
+        path = next((p for p in pair if os.path.exists(p)), None)
+        if path is None:
+            raise NCFMError(f"{data_dir} has no {stem}[.gz]; pass the folder of the 4 IDX files")
+        try:
+            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+                data = f.read()
+        except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
+            raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
+        if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+            raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
+        dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
+        values = np.frombuffer(data, np.uint8, offset=4 + 4 * data[3])
+        if values.size != math.prod(dims):
+            raise NCFMError(f"{path} is truncated ({values.size}/{math.prod(dims)} values); {fix}")
+        arrays.append(values.reshape(dims))
+        if len(arrays) % 2 == 0 and len(arrays[-2]) != len(arrays[-1]):
+            raise NCFMError(f"{path} and its images differ in count; {fix}")
     return (*arrays, MNIST_FAMILY[name])
-
-
-def _read_idx(path):
-    """One IDX file: `00 00 08 ndim`, big-endian uint32 dimensions, then the uint8 values."""
-    fix = "re-install the dataset files"
-    try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
-        raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
-        raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
-    dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
-    array = np.frombuffer(data, np.uint8, offset=4 + 4 * data[3])
-    if array.size != math.prod(dims):
-        raise NCFMError(f"{path} is truncated ({array.size} of {math.prod(dims)} values); {fix}")
-    return array.reshape(dims)
 
 
 def _load_tfds(name, data_dir):
     import requests
     import tensorflow_datasets as tfds
-
     if data_dir and not os.path.isdir(data_dir):
-        raise NCFMError(f"data_dir {data_dir} does not exist; create it or pass the folder "
-                        "that holds the dataset")
+        raise NCFMError(f"data_dir {data_dir} does not exist; pass the folder that holds the data")
     ways = "an MNIST-family name with its IDX files in --data_dir, folder:PATH"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
@@ -315,22 +284,20 @@ def _load_tfds(name, data_dir):
                 and builder.is_prepared())
     if data_dir and not prepared:
         raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'"
-                        f"{' nor its IDX files' * (name in MNIST_FAMILY)}; run `tfds build "
-                        f"{name} --data_dir={data_dir}` where there is network; {offline}")
+                        f"{' nor its IDX files' * (name in MNIST_FAMILY)}; {offline}")
     if not prepared:  # TFDS would retry an unreachable source for minutes: ask it once, 5 s
         urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
         url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
         try:
             requests.head(url, timeout=5, allow_redirects=False)
         except requests.RequestException as e:
-            raise NCFMError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir} and "
-                            f"its source {url.split('/')[2]} cannot be reached "
-                            f"({type(e).__name__}); {offline}") from None
+            raise NCFMError(f"TFDS dataset '{name}' is not in {builder.data_dir} and its source "
+                            f"{url.split('/')[2]} is unreachable ({type(e).__name__}); {offline}"
+                            ) from None
     features = builder.info.features
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     if len(getattr(features[image_key], "shape", ())) != 3 or None in features[image_key].shape:
-        raise NCFMError(f"{name} does not have fixed-size images; export it as an image folder "
-                        "and load it with folder:PATH")
+        raise NCFMError(f"{name} has images of varying sizes; export it to a folder: folder:PATH")
     try:
         builder.download_and_prepare()
         (x_train, y_train), (x_test, y_test) = (  # each split whole, as one batch
@@ -358,31 +325,25 @@ def _found(directory):
     return ", ".join(names[:4]) + f" and {len(names) - 4} more" * (len(names) > 4) or "nothing"
 
 
-def _image_files(directory):
-    """Image paths under `directory` at any depth (Tiny ImageNet: `<class>/images/`), sorted;
-    hidden entries skipped, links followed (a link back up the tree is read once)."""
-    found, seen = [], set()
-    for here, dirs, files in os.walk(directory, followlinks=True):
-        if os.path.realpath(here) in seen:
-            dirs[:] = []
-            continue
-        seen.add(os.path.realpath(here))
-        dirs[:] = [d for d in dirs if _visible(d)]
-        found += [os.path.join(here, f) for f in files
-                  if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
-
-
 def _read_folder(root, class_names, size):
     """`root/<class>/**/<image>` as uint8 `[N, size, size, 3]` (Pillow's RGB, resized bilinearly)
-    and labels, in class then path order; undecodable files are skipped with one warning."""
+    and labels, in class then path order; links followed, undecodable files skipped (warned)."""
     from PIL import Image
-
-    files = [(path, c) for c, name in enumerate(class_names)
-             for path in _image_files(os.path.join(root, name))]
+    files = []  # (path, label)
+    for label, name in enumerate(class_names):
+        found, seen = [], set()
+        for here, dirs, names in os.walk(os.path.join(root, name), followlinks=True):
+            if os.path.realpath(here) in seen:  # a link back up the tree
+                dirs[:] = []
+                continue
+            seen.add(os.path.realpath(here))
+            dirs[:] = [d for d in dirs if _visible(d)]
+            found += [os.path.join(here, f) for f in names
+                      if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        files += [(path, label) for path in sorted(found)]
     if not files:
-        raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its "
-                        f"class sub-directories, at any depth ({class_names[0]}/ holds "
+        raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any "
+                        f"depth of its class sub-directories ({class_names[0]}/ holds "
                         f"{_found(os.path.join(root, class_names[0]))})")
     images, labels, unreadable = [], [], []
     for path, label in files:
@@ -402,15 +363,14 @@ def _read_folder(root, class_names, size):
                         f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
     if unreadable:
         print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
-              f"could not be read (empty, truncated or not images): {', '.join(unreadable[:3])}"
-              f"{', ...' * (len(unreadable) > 3)}", file=sys.stderr, flush=True)
+              f"could not be read: {', '.join(unreadable[:3])}{', ...' * (len(unreadable) > 3)}",
+              file=sys.stderr, flush=True)
     return np.stack(images), np.asarray(labels)
 
 
 def _folder_splits(root, test_fraction):
-    """`(train_dir, test_dir)`, `test_dir` None to hold the test split out: `root/<class>/...`,
-    or `root/train/<class>/...` (or `training/`) beside `test/`, `testing/`, `val/`,
-    `validation/` or `valid/` with the same classes (as ImageNet, Imagenette, CINIC-10 ship)."""
+    """`(train_dir, test_dir)` (None: hold out) of `root/<class>/`, or of `root/train/<class>/` (or
+    `training/`) beside a TEST_SPLITS folder of the same classes (as ImageNet, CINIC-10 ship)."""
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
     classes = set(_folder_classes(os.path.join(root, train))) if train else set()
@@ -420,8 +380,7 @@ def _folder_splits(root, test_fraction):
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
-                        f"expected {root}/<class>/ or {train}/<class>/ beside test/<class>/ "
-                        "(or val/)")
+                        f"expected only {train}/<class>/ beside test/<class>/ (or val/)")
     tests = {subdirs[s]: set(_folder_classes(os.path.join(root, subdirs[s])))
              for s in TEST_SPLITS if s in subdirs}  # test-like split -> its class folders
     test = next((split for split, theirs in tests.items() if theirs == classes), None)
@@ -434,19 +393,17 @@ def _folder_splits(root, test_fraction):
                      if theirs & classes and theirs <= classes else
                      f"{split}/ holds {_found(os.path.join(root, split))}")
     raise NCFMError(f"folder {root}: expected {'/ or '.join(tests)}/ to hold the {len(classes)} "
-                    f"class folders of {train}/, but {'; '.join(found)}; give it one folder per "
-                    f"class like {train}/, or use folder:{os.path.join(root, train)} to hold out "
-                    f"{test_fraction:.0%} of each class as the test split")
+                    f"class folders of {train}/, but {'; '.join(found)}; add them, or use folder:"
+                    f"{os.path.join(root, train)} to hold out {test_fraction:.0%} of each class")
 
 
 def _load_folder(root, image_size, test_fraction):
     """A folder dataset (see `_folder_splits`). A held-out test split is each class's last
     `test_fraction` of images in path order (at least one). Grayscale stays one channel."""
     if not os.path.isdir(root):
-        raise NCFMError(f"folder:{root} is a file, not a folder; extract it if it is an archive "
-                        "(unzip, tar xf) and pass the folder it holds" if os.path.isfile(root)
-                        else f"folder {root} does not exist; pass folder:PATH with one "
-                        "sub-directory of images per class")
+        raise NCFMError(f"folder:{root} is a file, not a folder; extract it (unzip, tar xf) and "
+                        "pass the folder it holds" if os.path.isfile(root) else f"folder {root} "
+                        "does not exist; pass folder:PATH, one sub-directory of images per class")
     if image_size < 1:
         raise NCFMError(f"image size {image_size} is out of range: use 1 or more")
     train_dir, test_dir = _folder_splits(root, test_fraction)
@@ -454,9 +411,9 @@ def _load_folder(root, image_size, test_fraction):
     if len(class_names) < 2:
         inside = class_names and (f"; if the classes are inside {class_names[0]}/, pass folder:"
                                   f"{os.path.join(train_dir, class_names[0])}")
-        raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories "
-                        f"(it holds {_found(train_dir)}); classification needs at least two "
-                        f"(one sub-directory per class){inside or ''}")
+        raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories (it "
+                        f"holds {_found(train_dir)}); it needs one per class, two or more"
+                        f"{inside or ''}")
     x_train, y_train = _read_folder(train_dir, class_names, image_size)
     if test_dir:
         x_test, y_test = _read_folder(test_dir, class_names, image_size)
@@ -499,13 +456,12 @@ def check_ipc(data, ipc):
     """Raises NCFMError unless every class holds at least `ipc` training images."""
     smallest = int(data.class_counts().min())
     if ipc <= 0 or ipc > smallest:
-        raise NCFMError(f"ipc={ipc} is out of range: use 1..{smallest} (the smallest class of "
-                        f"{data.name} holds {smallest} training images)")
+        raise NCFMError(f"ipc={ipc} is out of range: use 1..{smallest}, the smallest class's size")
 
 
 def random_subset(data, ipc, seed=0):
-    """The random-real baseline: `ipc` training images per class, drawn without replacement,
-    as float32 `[K*ipc, H, W, C]` in [0, 1] and int32 labels `[K*ipc]`, class-sorted."""
+    """The random-real baseline: `ipc` training images per class, drawn without replacement, as
+    float32 `[K*ipc, H, W, C]` in [0, 1] and int32 labels `[K*ipc]`, class-sorted."""
     check_ipc(data, ipc)
     rng = np.random.default_rng(seed)
     idx = np.concatenate([rng.choice(np.flatnonzero(data.y_train == c), ipc, replace=False)
@@ -533,10 +489,10 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
 
 
 def class_balanced_batches(data, batch_per_class, seed=0, start=0):
-    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every class
-    in every batch, as NCFM's per-class matching needs. Each class is read in a random order
-    redrawn on every pass over it; batch `i` is a pure function of `(seed, i)` (a stateless
-    index shuffle), so a resumed run restarts the stream at its batch `start`."""
+    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every class in
+    every batch, as NCFM's per-class matching needs. Each class is read in a random order redrawn
+    on every pass over it; batch `i` is a pure function of `(seed, i)` (a stateless index
+    shuffle), so a resumed run restarts the stream at its batch `start`."""
     k, b = data.num_classes, batch_per_class
     images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
