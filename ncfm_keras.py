@@ -380,7 +380,7 @@ def _folder_splits(root, test_fraction):
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
     if others:
         raise NCFMError(f"folder {root} mixes {train}/ with other folders ({', '.join(others)}); "
-                        f"expected only {train}/<class>/ beside test/<class>/ (or val/)")
+                        f"expected <class>/ or {train}/<class>/ beside test/<class>/ (or val/)")
     tests = {subdirs[s]: set(_folder_classes(os.path.join(root, subdirs[s])))
              for s in TEST_SPLITS if s in subdirs}  # test-like split -> its class folders
     test = next((split for split, theirs in tests.items() if theirs == classes), None)
@@ -412,8 +412,8 @@ def _load_folder(root, image_size, test_fraction):
         inside = class_names and (f"; if the classes are inside {class_names[0]}/, pass folder:"
                                   f"{os.path.join(train_dir, class_names[0])}")
         raise NCFMError(f"folder {train_dir} has {len(class_names)} class sub-directories (it "
-                        f"holds {_found(train_dir)}); it needs one per class, two or more"
-                        f"{inside or ''}")
+                        f"holds {_found(train_dir)}); classification needs at least two, one per "
+                        f"class{inside or ''}")
     x_train, y_train = _read_folder(train_dir, class_names, image_size)
     if test_dir:
         x_test, y_test = _read_folder(test_dir, class_names, image_size)
