@@ -558,10 +558,8 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 # ------------------------------------------------------------------------------------------
 # Differentiable siamese augmentation (DSA, Zhao & Bilen 2021)
 # ------------------------------------------------------------------------------------------
-# Draw i of `dsa_parameters` transforms every image of row i: in matching, row i is class i
-# (its real and synthetic images see one transformation); in evaluation, each image is its own
-# row. All ops have gradients and XLA kernels (ImageProjectiveTransformV3 has none).
-
+# Draw i of `dsa_parameters` transforms all of row i: in matching a class (its real and
+# synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel.
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
@@ -579,21 +577,19 @@ def parse_augment(ops):
     parsed = tuple(op for op in ops.split("_") if op)
     unknown = [op for op in parsed if op not in DSA_OPS]
     if unknown:
-        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{ops}'; use '_'-joined "
-                        f"names from {', '.join(DSA_OPS)}")
+        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{ops}'; use '_'-joined names "
+                        f"from {', '.join(DSA_OPS)}")
     return parsed
 
 
 def dsa_parameters(seed, count, image_size, ops):
-    """`count` draws of DSA parameters for `(H, W)` images: a dict of `[count, ...]` tensors.
-    `seed`: int `[2]`; `ops`: e.g. `"color_crop_cutout"`. As the official code does, flip,
-    colour and cutout apply whenever enabled, and a draw picks *one* of crop / scale / rotate."""
+    """`count` draws (a dict of `[count, ...]` tensors) for `(H, W)` images; as the official code
+    does, flip, colour and cutout apply whenever in `ops`, a draw picks *one* crop/scale/rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
     def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
         return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
-
     params = {}
     if "flip" in ops:
         params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
@@ -602,11 +598,10 @@ def dsa_parameters(seed, count, image_size, ops):
         params["saturation"] = uniform() * s["saturation"]
         params["contrast"] = uniform() + s["contrast"]
     geometric = [op for op in GEOMETRIC if op in ops]
-    if geometric:
+    if geometric:  # crop by whole pixels, so that the warp is exact
         pad_y, pad_x = (int(n * s["crop_ratio"] + 0.5) for n in (height, width))
-        # Integer pixel shifts in normalised [-1, 1] coordinates, so the warp is exact.
-        shift_y = tf.cast(uniform(-pad_y, pad_y + 1, tf.int32), tf.float32)
-        shift_x = tf.cast(uniform(-pad_x, pad_x + 1, tf.int32), tf.float32)
+        shift_y, shift_x = (tf.cast(uniform(-pad, pad + 1, tf.int32), tf.float32)
+                            for pad in (pad_y, pad_x))
         lo, hi = 1.0 / s["scale"], s["scale"]
         scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
         angle = (uniform() - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
@@ -625,9 +620,8 @@ def dsa_parameters(seed, count, image_size, ops):
 
 
 def _bilinear_warp(images, theta):
-    """Warps row i of `images` `[R, B, H, W, C]` by the affine map `theta[i]` (`[R, 6]`, output
-    -> input in normalised coordinates), bilinear with zero padding: torch's `affine_grid` +
-    `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
+    """Row i of `images` `[R, B, H, W, C]` warped by `theta[i]` (`[R, 6]`, output -> input in
+    [-1, 1]) as torch's `affine_grid` + `grid_sample` (bilinear, zeros, align_corners=False)."""
     r, b, h, w, c = tf.unstack(tf.shape(images))
     height, width = images.shape[2], images.shape[3]
     ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
@@ -650,14 +644,12 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Applies draw i of `params` to row i of `images`, float `[R, B, H, W, C]` or `[R, H, W, C]`
-    (an image per row) in [0, 1]; returns pixels, same shape, differentiable. With the dataset's
-    `mean`, `std` (`[C]`) it augments normalised images, as DC/DSA/DM and the official code do
-    (colour jitter in std units, every fill the mean colour), else the pixels (black fill).
-    `NCFMError` if only one of `mean` and `std` is given."""
+    """Draw i of `params` applied to row i of `images` (float `[R, B, H, W, C]`, or `[R, H, W, C]`
+    with an image per row, in [0, 1]), differentiably. Given the dataset's `mean`, `std` (`[C]`),
+    in normalised space as DC/DSA/DM and the official code (colour jitter in std units, the mean
+    colour as fill), else in pixels (black fill); `NCFMError` given only one of them."""
     if (mean is None) != (std is None):
-        raise NCFMError("dsa_apply got only one of mean and std; pass both (augment in "
-                        "normalised space) or neither (augment the pixels)")
+        raise NCFMError("dsa_apply got only one of mean and std; pass both or neither")
     rows = images.shape.rank == 5
     x = images if rows else images[:, None]
     if mean is not None:
@@ -675,9 +667,8 @@ def dsa_apply(images, params, mean=None, std=None):
     if "theta" in params:
         x = _bilinear_warp(x, params["theta"])
     if "cutout_x" in params:
-        height, width = x.shape[2], x.shape[3]
-        size_y, size_x = (int(n * DSA_SETTINGS["cutout_ratio"] + 0.5) for n in (height, width))
-        ys, xs = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
+        size_y, size_x = (int(n * DSA_SETTINGS["cutout_ratio"] + 0.5) for n in x.shape[2:4])
+        ys, xs = tf.range(x.shape[2])[None, :, None], tf.range(x.shape[3])[None, None, :]
         top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
         hole = (ys >= top) & (ys < top + size_y) & (xs >= left) & (xs < left + size_x)
         x = x * tf.cast(~hole, x.dtype)[:, None, :, :, None]
@@ -687,10 +678,9 @@ def dsa_apply(images, params, mean=None, std=None):
 
 
 def augment(images, seed, ops, mean=None, std=None):
-    """Per-sample DSA (a draw per image) of `[N, H, W, C]` images, as evaluation trains with;
-    `mean`, `std` as for `dsa_apply`."""
-    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops)
-    return dsa_apply(images, params, mean, std)
+    """Per-sample DSA of `[N, H, W, C]` images (as evaluation trains); see `dsa_apply`."""
+    return dsa_apply(images, dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops),
+                     mean, std)
 
 
 def cutmix(images, labels, seed):
@@ -716,10 +706,6 @@ def cutmix(images, labels, seed):
 # ------------------------------------------------------------------------------------------
 # Networks
 # ------------------------------------------------------------------------------------------
-# Every network normalises its float [0, 1] input in its first layer and names its flattened
-# penultimate activation "features". Weights start as PyTorch's defaults (the official code's),
-# which also sets the scale of theta_init in NCFM's blended extractor.
-
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 
 
@@ -729,8 +715,8 @@ def convnet_depth(image_size):
 
 
 def _torch_init(fan_in):
-    """torch's default Conv2d / Linear initialisation: kernel and bias U(±1/√fan_in) (kernel
-    `kaiming_uniform_(a=√5)`). Fresh initialisers, so every layer draws its own numbers."""
+    """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which set
+    the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
     return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
                 bias_initializer=keras.initializers.RandomUniform(-bound, bound))
@@ -749,11 +735,10 @@ def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
 
 
 def build_network(arch, image_shape, num_classes, mean, std):
-    """A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits, initialised as
-    PyTorch's defaults; its layer "features" is the flattened penultimate activation (2048-d
-    for ConvNet-3 on 32x32). `arch`: `convnet` (ConvNet-D: D x [conv3x3(128) -> instance norm
-    -> ReLU -> avg-pool 2]), `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of
-    Zhao et al.'s DC code, with instance norm), else `NCFMError`; `mean`, `std`: `[C]`."""
+    """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`), to
+    logits; its layer "features" is the flattened penultimate activation (2048-d for ConvNet-3 on
+    32x32). `arch`: `convnet` (D x [conv3x3(128), instance norm, ReLU, avg-pool 2]), `alexnet`,
+    `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with instance norm); else `NCFMError`."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
@@ -795,9 +780,7 @@ def _fits(arch, image_shape):
 
 
 def smallest_image_size(arch, channels=3):
-    """The smallest side S with which `arch` takes `[S, S, channels]` images (32 for VGG-11,
-    8 for AlexNet, 2 for the ConvNet, 1 for ResNet-18), found by building it symbolically: a
-    power of two, as each pooling halves the side, rounding down."""
+    """The smallest side S (a power of two) of `[S, S, channels]` images that `arch` takes."""
     size = 1
     while not _fits(arch, (size, size, channels)):
         size *= 2
@@ -805,8 +788,7 @@ def smallest_image_size(arch, channels=3):
 
 
 def check_architectures(archs, image_shape):
-    """Raises `NCFMError`, before any training, naming every arch of `archs` that cannot take
-    `(H, W, C)` images and the smallest square size it needs."""
+    """`NCFMError` naming each of `archs` that cannot take `(H, W, C)` images, and its minimum."""
     too_small = [(arch, smallest_image_size(arch, image_shape[-1])) for arch in archs
                  if not _fits(arch, tuple(image_shape))]
     if too_small:
@@ -825,10 +807,8 @@ def with_features(model):
 # ------------------------------------------------------------------------------------------
 
 class CoupledSGD(keras.optimizers.SGD):
-    """SGD with weight decay coupled as in `torch.optim.SGD` (the official code's optimizer):
-    `v <- momentum·v + g + wd·w;  w <- w - lr·v`, `wd` being `coupled_weight_decay` (Keras'
-    `weight_decay` acts outside the momentum, about 1/(1 - momentum) times weaker). Keras'
-    velocity holds the learning rate: after a drop the momentum fades at the old rate."""
+    """SGD with weight decay `wd` = `coupled_weight_decay` coupled as `torch.optim.SGD` (the
+    official code's) couples it: `v <- momentum·v + g + wd·w;  w <- w - lr·v`."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -855,8 +835,7 @@ def _evaluation_optimizer(protocol, steps):
 
 
 def _training_stream(x, y, protocol, seed, mean, std):
-    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`, with the
-    statistics `mean`, `std`) and, with probability `protocol.cutmix_prob`, CutMix."""
+    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`) and CutMix."""
     if protocol.dsa_space == "pixel":
         mean = std = None
 
@@ -868,7 +847,6 @@ def _training_stream(x, y, protocol, seed, mean, std):
             use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < protocol.cutmix_prob
             images, labels = tf.where(use, mixed, images), tf.where(use, mixed_labels, labels)
         return images, labels
-
     data = (tf.data.Dataset.from_tensor_slices((x, y))
             .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
@@ -877,11 +855,10 @@ def _training_stream(x, y, protocol, seed, mean, std):
 
 
 class SoftLabelStudent(keras.Model):
-    """Trains `student` on soft targets for its first `soft_steps` steps, then on the hard
-    labels; `call` is the student's. Batches carry `[N, 2K]` targets: the one-hot label, then
-    the soft target (CutMix mixes both, as the official code mixes its two losses). With a
-    frozen `teacher`, the soft target is instead its softmax (T = 1) on the augmented, mixed
-    batch itself ("per-batch" labels, as SRe2L and RDED use)."""
+    """Trains `student` (whose `call` it is) on soft targets for `soft_steps` steps, then on the
+    hard labels: targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix mixes both, as
+    the official code mixes its two losses), or a frozen `teacher`'s softmax (T = 1) on the
+    augmented, mixed batch is the soft one ("per-batch" labels, as SRe2L and RDED use)."""
 
     def __init__(self, student, teacher, soft_steps):
         super().__init__()
@@ -908,30 +885,25 @@ class SoftLabelStudent(keras.Model):
 def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
                   mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0,
                   test_data=None, test_epochs=()):
-    """Trains `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int `[N]`, or
-    soft `[N, K]`) following `protocol`; returns `model`. `mean`, `std`: the dataset's
-    per-channel statistics, needed (else `NCFMError`) when `protocol.dsa_space` is
-    "normalized". `soft` (`[N, K]`, e.g. `teacher_targets`) or a frozen `teacher` (see
-    `SoftLabelStudent`) give the targets, except in the last `hard_label_epochs` epochs.
-    `test_data` (batches of images and one-hot labels) is tested after the (1-based)
-    `test_epochs`, into the `val_accuracy` of a `keras.callbacks.History` in `callbacks`."""
+    """Trains and returns `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int
+    `[N]`, or soft `[N, K]`) as `protocol` says; `mean`, `std`: the dataset's `[C]` statistics,
+    needed for normalised DSA (else `NCFMError`). `soft` (`[N, K]`) or a `teacher` give the targets
+    but in the last `hard_label_epochs` epochs (`SoftLabelStudent`). `test_data` (batches of
+    images, one-hot labels) is tested after the 1-based `test_epochs`, into `callbacks`' History."""
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
-        raise NCFMError("DSA in normalised space needs the dataset's mean and std; pass "
-                        "mean= and std=, or use a protocol with dsa_space='pixel'")
+        raise NCFMError("DSA in normalised space needs the dataset's mean and std; pass both")
     y = np.asarray(y)
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
     steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
-    trainer = model
+    steps, trainer = protocol.epochs * steps_per_epoch, model
     if soft is not None or teacher is not None:
-        soft_epochs = protocol.epochs - hard_label_epochs
-        trainer = SoftLabelStudent(model, teacher, soft_epochs * steps_per_epoch)
+        trainer = SoftLabelStudent(model, teacher, steps - hard_label_epochs * steps_per_epoch)
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
-    trainer.compile(optimizer=_evaluation_optimizer(protocol, protocol.epochs * steps_per_epoch),
-                    loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                    metrics=["accuracy"])
+    trainer.compile(optimizer=_evaluation_optimizer(protocol, steps), metrics=["accuracy"],
+                    loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
                 epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
                 callbacks=list(callbacks), verbose=verbose, shuffle=False,
