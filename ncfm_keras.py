@@ -583,8 +583,9 @@ def parse_augment(ops):
 
 
 def dsa_parameters(seed, count, image_size, ops):
-    """`count` draws (a dict of `[count, ...]` tensors) for `(H, W)` images; as the official code
-    does, flip, colour and cutout apply whenever in `ops`, a draw picks *one* crop/scale/rotate."""
+    """`count` draws (a dict of `[count, ...]` tensors) from the int `[2]` `seed` for `(H, W)`
+    images; as the official code does, flip, colour and cutout apply whenever in `ops`, and a draw
+    picks *one* of crop / scale / rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
@@ -644,10 +645,10 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Draw i of `params` applied to row i of `images` (float `[R, B, H, W, C]`, or `[R, H, W, C]`
-    with an image per row, in [0, 1]), differentiably. Given the dataset's `mean`, `std` (`[C]`),
-    in normalised space as DC/DSA/DM and the official code (colour jitter in std units, the mean
-    colour as fill), else in pixels (black fill); `NCFMError` given only one of them."""
+    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]` (an
+    image a row) in [0, 1]: with the dataset's `mean`, `std` (`[C]`) in normalised space as the
+    official code (mean-colour fill, jitter in std units), else in pixels (black fill); `NCFMError`
+    given only one of them."""
     if (mean is None) != (std is None):
         raise NCFMError("dsa_apply got only one of mean and std; pass both or neither")
     rows = images.shape.rank == 5
@@ -781,10 +782,8 @@ def _fits(arch, image_shape):
 
 def smallest_image_size(arch, channels=3):
     """The smallest side S (a power of two) of `[S, S, channels]` images that `arch` takes."""
-    size = 1
-    while not _fits(arch, (size, size, channels)):
-        size *= 2
-    return size
+    sizes = (2 ** i for i in range(16))
+    return next(size for size in sizes if _fits(arch, (size, size, channels)))
 
 
 def check_architectures(archs, image_shape):
@@ -808,7 +807,8 @@ def with_features(model):
 
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with weight decay `wd` = `coupled_weight_decay` coupled as `torch.optim.SGD` (the
-    official code's) couples it: `v <- momentum·v + g + wd·w;  w <- w - lr·v`."""
+    official code's) couples it: `v <- momentum·v + g + wd·w;  w <- w - lr·v`. Keras' velocity
+    holds the learning rate: after a drop the momentum fades at the old rate."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -893,7 +893,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
-        raise NCFMError("DSA in normalised space needs the dataset's mean and std; pass both")
+        raise NCFMError("normalised DSA needs the dataset's mean and std; pass mean= and std=")
     y = np.asarray(y)
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
