@@ -1182,8 +1182,7 @@ class NCFM(keras.Model):
         self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
-        """`image_optimizer` updates the pixels (it is `self.optimizer`, so callbacks see its
-        learning rate); `sampler_optimizer` updates psi."""
+        """`image_optimizer` updates the pixels (as `self.optimizer`), `sampler_optimizer` psi."""
         super().compile(optimizer=image_optimizer, **kwargs)
         if self.sampler is not None:
             if sampler_optimizer is None:
@@ -1238,8 +1237,7 @@ class NCFM(keras.Model):
                 t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
             logs["frequency_norm"] = tf.reduce_mean(tf.norm(t, axis=-1))  # N(0, I): ~sqrt(D)
 
-        # images: minimise the discrepancy under the updated psi, one AdamW step per class
-        # (`summed`: one step); each class's loss is taken after the previous classes' steps.
+        # images: minimise the discrepancy under the updated psi, an AdamW step per class.
         matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
                                               (real_features, params, classes), classes, done)
         logs["matching_loss"] = total = sum_over_replicas(matching)
