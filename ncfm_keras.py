@@ -1452,7 +1452,7 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
     path = os.path.join(cache_dir, key, "member-000.npz")  # as `pretrain_pool` names it
     if not os.path.isfile(path):
         raise NCFMError(f"the teacher's weights {path} do not exist; pass --pool_dir=<the folder "
-                        f"that holds {key}/>, or rebuild the pool by train.py with the same flags")
+                        f"that holds {key}/>, or re-run train.py with the same flags to rebuild it")
     teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
     _, trained = read_pool_member(path)
     try:
