@@ -514,10 +514,8 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 # ------------------------------------------------------------------------------------------
 # Differentiable siamese augmentation (DSA, Zhao & Bilen 2021)
 # ------------------------------------------------------------------------------------------
-# Draw i of `dsa_parameters` transforms every image of row i: in matching, row i is class i
-# (its real and synthetic images see one transformation); in evaluation, each image is its own
-# row. All ops have gradients and XLA kernels (ImageProjectiveTransformV3 has none).
-
+# Draw i of `dsa_parameters` transforms all of row i: in matching a class (its real and
+# synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel.
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
@@ -535,21 +533,20 @@ def parse_augment(ops):
     parsed = tuple(op for op in ops.split("_") if op)
     unknown = [op for op in parsed if op not in DSA_OPS]
     if unknown:
-        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{ops}'; use '_'-joined "
-                        f"names from {', '.join(DSA_OPS)}")
+        raise NCFMError(f"unknown augmentation '{unknown[0]}' in '{ops}'; use '_'-joined names "
+                        f"from {', '.join(DSA_OPS)}")
     return parsed
 
 
 def dsa_parameters(seed, count, image_size, ops):
-    """`count` draws of DSA parameters for `(H, W)` images: a dict of `[count, ...]` tensors.
-    `seed`: int `[2]`; `ops`: e.g. `"color_crop_cutout"`. As the official code does, flip,
-    colour and cutout apply whenever enabled, and a draw picks *one* of crop / scale / rotate."""
+    """`count` draws (a dict of `[count, ...]` tensors) from the int `[2]` `seed` for `(H, W)`
+    images; as the official code does, flip, colour and cutout apply whenever in `ops`, and a draw
+    picks *one* of crop / scale / rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
     def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
         return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
-
     params = {}
     if "flip" in ops:
         params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
@@ -558,11 +555,10 @@ def dsa_parameters(seed, count, image_size, ops):
         params["saturation"] = uniform() * s["saturation"]
         params["contrast"] = uniform() + s["contrast"]
     geometric = [op for op in GEOMETRIC if op in ops]
-    if geometric:
+    if geometric:  # crop by whole pixels, so that the warp is exact
         pad_y, pad_x = (int(n * s["crop_ratio"] + 0.5) for n in (height, width))
-        # Integer pixel shifts in normalised [-1, 1] coordinates, so the warp is exact.
-        shift_y = tf.cast(uniform(-pad_y, pad_y + 1, tf.int32), tf.float32)
-        shift_x = tf.cast(uniform(-pad_x, pad_x + 1, tf.int32), tf.float32)
+        shift_y, shift_x = (tf.cast(uniform(-pad, pad + 1, tf.int32), tf.float32)
+                            for pad in (pad_y, pad_x))
         lo, hi = 1.0 / s["scale"], s["scale"]
         scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
         angle = (uniform() - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
@@ -581,9 +577,8 @@ def dsa_parameters(seed, count, image_size, ops):
 
 
 def _bilinear_warp(images, theta):
-    """Warps row i of `images` `[R, B, H, W, C]` by the affine map `theta[i]` (`[R, 6]`, output
-    -> input in normalised coordinates), bilinear with zero padding: torch's `affine_grid` +
-    `grid_sample` (align_corners=False), built from gathers so that it compiles under XLA."""
+    """Row i of `images` `[R, B, H, W, C]` warped by `theta[i]` (`[R, 6]`, output -> input in
+    [-1, 1]) as torch's `affine_grid` + `grid_sample` (bilinear, zeros, align_corners=False)."""
     r, b, h, w, c = tf.unstack(tf.shape(images))
     height, width = images.shape[2], images.shape[3]
     ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
@@ -606,14 +601,12 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Applies draw i of `params` to row i of `images`, float `[R, B, H, W, C]` or `[R, H, W, C]`
-    (an image per row) in [0, 1]; returns pixels, same shape, differentiable. With the dataset's
-    `mean`, `std` (`[C]`) it augments normalised images, as DC/DSA/DM and the official code do
-    (colour jitter in std units, every fill the mean colour), else the pixels (black fill).
-    `NCFMError` if only one of `mean` and `std` is given."""
+    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]` (an
+    image a row) in [0, 1]: with the dataset's `mean`, `std` (`[C]`) in normalised space as the
+    official code (mean-colour fill, jitter in std units), else in pixels (black fill); `NCFMError`
+    given only one of them."""
     if (mean is None) != (std is None):
-        raise NCFMError("dsa_apply got only one of mean and std; pass both (augment in "
-                        "normalised space) or neither (augment the pixels)")
+        raise NCFMError("dsa_apply got only one of mean and std; pass both or neither")
     rows = images.shape.rank == 5
     x = images if rows else images[:, None]
     if mean is not None:
@@ -631,9 +624,8 @@ def dsa_apply(images, params, mean=None, std=None):
     if "theta" in params:
         x = _bilinear_warp(x, params["theta"])
     if "cutout_x" in params:
-        height, width = x.shape[2], x.shape[3]
-        size_y, size_x = (int(n * DSA_SETTINGS["cutout_ratio"] + 0.5) for n in (height, width))
-        ys, xs = tf.range(height)[None, :, None], tf.range(width)[None, None, :]
+        size_y, size_x = (int(n * DSA_SETTINGS["cutout_ratio"] + 0.5) for n in x.shape[2:4])
+        ys, xs = tf.range(x.shape[2])[None, :, None], tf.range(x.shape[3])[None, None, :]
         top, left = params["cutout_y"][:, None, None], params["cutout_x"][:, None, None]
         hole = (ys >= top) & (ys < top + size_y) & (xs >= left) & (xs < left + size_x)
         x = x * tf.cast(~hole, x.dtype)[:, None, :, :, None]
@@ -643,10 +635,9 @@ def dsa_apply(images, params, mean=None, std=None):
 
 
 def augment(images, seed, ops, mean=None, std=None):
-    """Per-sample DSA (a draw per image) of `[N, H, W, C]` images, as evaluation trains with;
-    `mean`, `std` as for `dsa_apply`."""
-    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops)
-    return dsa_apply(images, params, mean, std)
+    """Per-sample DSA of `[N, H, W, C]` images (as evaluation trains); see `dsa_apply`."""
+    return dsa_apply(images, dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops),
+                     mean, std)
 
 
 def cutmix(images, labels, seed):
@@ -672,10 +663,6 @@ def cutmix(images, labels, seed):
 # ------------------------------------------------------------------------------------------
 # Networks
 # ------------------------------------------------------------------------------------------
-# Every network normalises its float [0, 1] input in its first layer and names its flattened
-# penultimate activation "features". Weights start as PyTorch's defaults (the official code's),
-# which also sets the scale of theta_init in NCFM's blended extractor.
-
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 
 
@@ -685,8 +672,8 @@ def convnet_depth(image_size):
 
 
 def _torch_init(fan_in):
-    """torch's default Conv2d / Linear initialisation: kernel and bias U(±1/√fan_in) (kernel
-    `kaiming_uniform_(a=√5)`). Fresh initialisers, so every layer draws its own numbers."""
+    """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which set
+    the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
     return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
                 bias_initializer=keras.initializers.RandomUniform(-bound, bound))
@@ -705,11 +692,10 @@ def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
 
 
 def build_network(arch, image_shape, num_classes, mean, std):
-    """A `keras.Model` mapping `[N, H, W, C]` images in [0, 1] to logits, initialised as
-    PyTorch's defaults; its layer "features" is the flattened penultimate activation (2048-d
-    for ConvNet-3 on 32x32). `arch`: `convnet` (ConvNet-D: D x [conv3x3(128) -> instance norm
-    -> ReLU -> avg-pool 2]), `alexnet`, `vgg11` or `resnet18` (the CIFAR-style variants of
-    Zhao et al.'s DC code, with instance norm), else `NCFMError`; `mean`, `std`: `[C]`."""
+    """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`), to
+    logits; its layer "features" is the flattened penultimate activation (2048-d for ConvNet-3 on
+    32x32). `arch`: `convnet` (D x [conv3x3(128), instance norm, ReLU, avg-pool 2]), `alexnet`,
+    `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with instance norm); else `NCFMError`."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
@@ -751,18 +737,13 @@ def _fits(arch, image_shape):
 
 
 def smallest_image_size(arch, channels=3):
-    """The smallest side S with which `arch` takes `[S, S, channels]` images (32 for VGG-11,
-    8 for AlexNet, 2 for the ConvNet, 1 for ResNet-18), found by building it symbolically: a
-    power of two, as each pooling halves the side, rounding down."""
-    size = 1
-    while not _fits(arch, (size, size, channels)):
-        size *= 2
-    return size
+    """The smallest side S (a power of two) of `[S, S, channels]` images that `arch` takes."""
+    sizes = (2 ** i for i in range(16))
+    return next(size for size in sizes if _fits(arch, (size, size, channels)))
 
 
 def check_architectures(archs, image_shape):
-    """Raises `NCFMError`, before any training, naming every arch of `archs` that cannot take
-    `(H, W, C)` images and the smallest square size it needs."""
+    """`NCFMError` naming each of `archs` that cannot take `(H, W, C)` images, and its minimum."""
     too_small = [(arch, smallest_image_size(arch, image_shape[-1])) for arch in archs
                  if not _fits(arch, tuple(image_shape))]
     if too_small:
@@ -781,10 +762,9 @@ def with_features(model):
 # ------------------------------------------------------------------------------------------
 
 class CoupledSGD(keras.optimizers.SGD):
-    """SGD with weight decay coupled as in `torch.optim.SGD` (the official code's optimizer):
-    `v <- momentum·v + g + wd·w;  w <- w - lr·v`, `wd` being `coupled_weight_decay` (Keras'
-    `weight_decay` acts outside the momentum, about 1/(1 - momentum) times weaker). Keras'
-    velocity holds the learning rate: after a drop the momentum fades at the old rate."""
+    """SGD with weight decay `wd` = `coupled_weight_decay` coupled as `torch.optim.SGD` (the
+    official code's) couples it: `v <- momentum·v + g + wd·w;  w <- w - lr·v`. Keras' velocity
+    holds the learning rate: after a drop the momentum fades at the old rate."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -811,8 +791,7 @@ def _evaluation_optimizer(protocol, steps):
 
 
 def _training_stream(x, y, protocol, seed, mean, std):
-    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`, with the
-    statistics `mean`, `std`) and, with probability `protocol.cutmix_prob`, CutMix."""
+    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`) and CutMix."""
     if protocol.dsa_space == "pixel":
         mean = std = None
 
@@ -824,7 +803,6 @@ def _training_stream(x, y, protocol, seed, mean, std):
             use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < protocol.cutmix_prob
             images, labels = tf.where(use, mixed, images), tf.where(use, mixed_labels, labels)
         return images, labels
-
     data = (tf.data.Dataset.from_tensor_slices((x, y))
             .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
@@ -833,11 +811,10 @@ def _training_stream(x, y, protocol, seed, mean, std):
 
 
 class SoftLabelStudent(keras.Model):
-    """Trains `student` on soft targets for its first `soft_steps` steps, then on the hard
-    labels; `call` is the student's. Batches carry `[N, 2K]` targets: the one-hot label, then
-    the soft target (CutMix mixes both, as the official code mixes its two losses). With a
-    frozen `teacher`, the soft target is instead its softmax (T = 1) on the augmented, mixed
-    batch itself ("per-batch" labels, as SRe2L and RDED use)."""
+    """Trains `student` (whose `call` it is) on soft targets for `soft_steps` steps, then on the
+    hard labels: targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix mixes both, as
+    the official code mixes its two losses), or a frozen `teacher`'s softmax (T = 1) on the
+    augmented, mixed batch is the soft one ("per-batch" labels, as SRe2L and RDED use)."""
 
     def __init__(self, student, teacher, soft_steps):
         super().__init__()
@@ -864,30 +841,25 @@ class SoftLabelStudent(keras.Model):
 def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
                   mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0,
                   test_data=None, test_epochs=()):
-    """Trains `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int `[N]`, or
-    soft `[N, K]`) following `protocol`; returns `model`. `mean`, `std`: the dataset's
-    per-channel statistics, needed (else `NCFMError`) when `protocol.dsa_space` is
-    "normalized". `soft` (`[N, K]`, e.g. `teacher_targets`) or a frozen `teacher` (see
-    `SoftLabelStudent`) give the targets, except in the last `hard_label_epochs` epochs.
-    `test_data` (batches of images and one-hot labels) is tested after the (1-based)
-    `test_epochs`, into the `val_accuracy` of a `keras.callbacks.History` in `callbacks`."""
+    """Trains and returns `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int
+    `[N]`, or soft `[N, K]`) as `protocol` says; `mean`, `std`: the dataset's `[C]` statistics,
+    needed for normalised DSA (else `NCFMError`). `soft` (`[N, K]`) or a `teacher` give the targets
+    but in the last `hard_label_epochs` epochs (`SoftLabelStudent`). `test_data` (batches of
+    images, one-hot labels) is tested after the 1-based `test_epochs`, into `callbacks`' History."""
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
-        raise NCFMError("DSA in normalised space needs the dataset's mean and std; pass "
-                        "mean= and std=, or use a protocol with dsa_space='pixel'")
+        raise NCFMError("normalised DSA needs the dataset's mean and std; pass mean= and std=")
     y = np.asarray(y)
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
     steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
-    trainer = model
+    steps, trainer = protocol.epochs * steps_per_epoch, model
     if soft is not None or teacher is not None:
-        soft_epochs = protocol.epochs - hard_label_epochs
-        trainer = SoftLabelStudent(model, teacher, soft_epochs * steps_per_epoch)
+        trainer = SoftLabelStudent(model, teacher, steps - hard_label_epochs * steps_per_epoch)
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
-    trainer.compile(optimizer=_evaluation_optimizer(protocol, protocol.epochs * steps_per_epoch),
-                    loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-                    metrics=["accuracy"])
+    trainer.compile(optimizer=_evaluation_optimizer(protocol, steps), metrics=["accuracy"],
+                    loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
                 epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
                 callbacks=list(callbacks), verbose=verbose, shuffle=False,
@@ -902,13 +874,11 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
 
-POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old caches then
-# go unused. 2: torch-style initialisation and coupled weight decay, DSA in normalised space.
+POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old caches go unused
 
 
 def pool_key(data, arch, epochs, seed):
-    """A cache key: the dataset's name (for people) and content digest, the architecture and
-    settings, and the recipe (`POOL_RECIPE` and the "pretrain" protocol's fields)."""
+    """A cache key: the dataset's name and digest, the architecture, settings and recipe."""
     fields = {"strategy" if k == "augment" else k: v  # the old name keeps the cached keys
               for k, v in dataclasses.asdict(PROTOCOLS["pretrain"]).items()}
     recipe = hashlib.sha1(json.dumps([POOL_RECIPE, fields]).encode()).hexdigest()[:6]
@@ -916,17 +886,12 @@ def pool_key(data, arch, epochs, seed):
     return f"{name}-{data.digest}-{arch}-e{epochs}-s{seed}-r{recipe}"
 
 
-def pool_member_path(cache_dir, key, member):
-    return os.path.join(cache_dir, key, f"member-{member:03d}.npz")
-
-
 def read_pool_member(path):
     """A cached member's `(initial, trained)` weight lists; `NCFMError` if it cannot be read."""
     try:
         with np.load(path) as f:
             count = len(f.files) // 2
-            return ([f[f"init_{i}"] for i in range(count)],
-                    [f[f"trained_{i}"] for i in range(count)])
+            return [f[f"init_{i}"] for i in range(count)], [f[f"trained_{i}"] for i in range(count)]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete it "
                         "and re-run train.py to train it again") from None
@@ -934,18 +899,17 @@ def read_pool_member(path):
 
 def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
     """Trains (or loads from `cache_dir`) `num_models` networks on the real data, each from its
-    own initialisation with the "pretrain" protocol for `epochs` epochs. Members are cached as
-    they finish, so an interrupted pool resumes. Returns `(initial, trained)`: per member, the
-    weights (numpy, in the order of `with_features(build_network(...)).weights`)."""
+    own initialisation with the "pretrain" protocol for `epochs` epochs, caching each as it
+    finishes (an interrupted pool resumes). Returns `(initial, trained)`: per member, the numpy
+    weights in the order of `with_features(build_network(...)).weights`."""
     if num_models < 1 or epochs < 0:
-        raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0 "
-                        f"(got {num_models} and {epochs})")
+        raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0, not {num_models}, {epochs}")
     key = pool_key(data, arch, epochs, seed)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
-    initial, trained = [], []
     bar = keras.utils.Progbar(num_models * epochs, verbose=verbose) if epochs else None
+    members = []
     for member in range(num_models):
-        path = pool_member_path(cache_dir, key, member)
+        path = os.path.join(cache_dir, key, f"member-{member:03d}.npz")
         if not os.path.exists(path):
             keras.utils.set_random_seed(seed * 1000 + member)
             model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
@@ -959,10 +923,8 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
                      **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
         elif bar is not None:
             bar.update((member + 1) * epochs)
-        member_initial, member_trained = read_pool_member(path)
-        initial.append(member_initial)
-        trained.append(member_trained)
-    return initial, trained
+        members.append(read_pool_member(path))
+    return [initial for initial, _ in members], [trained for _, trained in members]
 
 
 # ------------------------------------------------------------------------------------------
@@ -988,11 +950,10 @@ def decode_labels(labels, factor):
 
 
 def initial_images(data, ipc, factor, init="mix", seed=0):
-    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted: `real` copies random
-    real images; `mix` fills each mosaic cell with another real image of the class, area-
-    downsampled, so decoding returns blurred real images; `noise` is N(0.5, 0.25^2), clamped.
-    Raises NCFMError for an unknown `init`, a `factor` that does not divide the image size or
-    classes too small for the images needed."""
+    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted: `real` copies random real
+    images; `mix` fills each mosaic cell with another real image of the class, area-downsampled
+    (decoding returns blurred real images); `noise` is N(0.5, 0.25^2), clamped. NCFMError for an
+    unknown `init`, a `factor` not dividing the image size, or classes too small for the images."""
     if init not in ("real", "mix", "noise"):
         raise NCFMError(f"unknown init '{init}'; use real, mix or noise")
     height, width, channels = data.image_shape
@@ -1018,15 +979,9 @@ def initial_images(data, ipc, factor, init="mix", seed=0):
 # ------------------------------------------------------------------------------------------
 
 def empirical_cf(features, t):
-    """Real and imaginary parts of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq. 6).
-
-    Args:
-      features: `[..., B, D]`; t: `[M, D]` shared by every leading entry, or `[g, M, D]`, one
-        set per entry of `[g, B, D]` features.
-
-    Returns:
-      `(re, im)`, each `[..., M]`.
-    """
+    """Real and imaginary parts `[..., M]` of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq. 6),
+    of features `[..., B, D]` at frequencies `t`: `[M, D]` shared by every leading entry, or
+    `[g, M, D]`, one set per entry of `[g, B, D]` features."""
     if t.shape.rank == 3:
         projection = tf.matmul(features, t, transpose_b=True)  # [g, B, M]
     else:  # one [N, D] x [D, M] product: a batched one would make t's gradient [..., M, D]
@@ -1037,26 +992,17 @@ def empirical_cf(features, t):
 
 
 def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
-    """NCFM's CF discrepancy (Eq. 7-8), in float32 whatever the dtype policy:
+    """NCFM's CF discrepancy (Eq. 7-8) `[...]` of features `[..., B1, D]` and `[..., B2, D]` at
+    frequencies `t` (as `empirical_cf` takes them), in float32 whatever the dtype policy, linear
+    in the batch sizes and the number of frequencies (no B1 x B2 kernel):
 
         amplitude_m = (|Phi_a| - |Phi_b|)^2                         # Eq. 7, amplitude
         phase_m = 2 (|Phi_a||Phi_b| - re_a re_b - im_a im_b)        # Eq. 7, phase (>= 1e-12)
         loss = mean_m sqrt(alpha amplitude_m + beta phase_m)        # Eq. 8
-
-    Linear in the batch sizes and the number of frequencies (no B1 x B2 kernel).
-
-    Args:
-      feat_real: `[..., B1, D]`; feat_syn: `[..., B2, D]`; t: `[M, D]`, or `[g, M, D]` per
-        class for `[g, B, D]` features. alpha, beta: amplitude and phase weights.
-
-    Returns:
-      The discrepancy, shape `[...]` (leading dimensions, e.g. classes, are kept).
     """
     a, b, t = (tf.cast(v, tf.float32) for v in (feat_real, feat_syn, t))
-    re_a, im_a = empirical_cf(a, t)
-    re_b, im_b = empirical_cf(b, t)
-    norm_a = tf.sqrt(re_a * re_a + im_a * im_a)
-    norm_b = tf.sqrt(re_b * re_b + im_b * im_b)
+    (re_a, im_a), (re_b, im_b) = empirical_cf(a, t), empirical_cf(b, t)
+    norm_a, norm_b = tf.sqrt(re_a * re_a + im_a * im_a), tf.sqrt(re_b * re_b + im_b * im_b)
     amplitude = tf.square(norm_a - norm_b)
     phase = tf.maximum(2.0 * (norm_a * norm_b - re_a * re_b - im_a * im_b), 1e-12)
     return tf.reduce_mean(tf.sqrt(alpha * amplitude + beta * phase), -1)
@@ -1071,16 +1017,13 @@ def mmd_loss(feat_real, feat_syn):
 
 class SamplingNet(keras.Model):
     """psi (Sec. 4.2.2): the frequency law as a scale mixture of normals,
-    p(t) = int N(t | 0, S) p_psi(S) dS.
-
-    An MLP (3 x Dense(D), BatchNorm + LeakyReLU(0.2) between) maps `num_freqs / per_component`
-    Gaussian noise vectors to scale vectors `s_k` `[D]`; each component emits `per_component`
-    frequencies `t = s_k * eps`, eps ~ N(0, I), reparameterised so that gradients reach psi.
-    The scales are `max_scale * sigmoid(.)`, starting at 1 (t ~ N(0, I)). The bound is ours
-    (the official code bounds t with a tanh): unbounded scales let the ascent widen t until
-    the CF of a few synthetic images is noise (docs/faithfulness.md has the measurement).
-    Raises NCFMError unless `per_component` divides `num_freqs` and `max_scale` > 1.
-    """
+    p(t) = int N(t | 0, S) p_psi(S) dS. An MLP (3 x Dense(D), BatchNorm + LeakyReLU(0.2)
+    between) maps `num_freqs / per_component` Gaussian noise vectors to scales `s_k` `[D]`;
+    each component emits `per_component` frequencies `t = s_k * eps`, eps ~ N(0, I),
+    reparameterised so that gradients reach psi. The scales are `max_scale * sigmoid(.)`,
+    starting at 1 (t ~ N(0, I)). The bound is ours (the official code bounds t with a tanh):
+    unbounded scales let the ascent widen t until the CF of a few synthetic images is noise.
+    Raises NCFMError unless `per_component` divides `num_freqs` and `max_scale` > 1."""
 
     def __init__(self, feature_dim, num_freqs, per_component=16, max_scale=2.0, **kwargs):
         super().__init__(**kwargs)
@@ -1090,21 +1033,20 @@ class SamplingNet(keras.Model):
             raise NCFMError(f"max_scale={max_scale} must be > 1 (psi starts at scale 1)")
         self.max_scale, self.feature_dim, self.num_freqs = max_scale, feature_dim, num_freqs
         self.components, self.per_component = num_freqs // per_component, per_component
+        start = keras.initializers.Constant(-math.log(max_scale - 1))  # sigmoid = 1 / max_scale
         self.mlp = keras.Sequential(
             [layers.Dense(feature_dim, use_bias=False),  # BatchNorm supplies the shift
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
              layers.Dense(feature_dim, use_bias=False),
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
              layers.Dense(feature_dim, activation="sigmoid", dtype="float32",
-                          bias_initializer=keras.initializers.Constant(
-                              -math.log(max_scale - 1)))])  # sigmoid(b) = 1 / max_scale
+                          bias_initializer=start)])
         self.mlp.build((None, feature_dim))
 
     def call(self, seed, training=False):
         """Draws `[num_freqs, D]` frequencies from the int seed `[2]`."""
         noise_seed, eps_seed = split_seed(seed, 2)
-        noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed,
-                                           alg=RNG)
+        noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed, alg=RNG)
         scales = self.max_scale * tf.cast(self.mlp(noise, training=training), tf.float32)
         eps = tf.random.stateless_normal([self.components, self.per_component, self.feature_dim],
                                          eps_seed, alg=RNG)
@@ -1119,24 +1061,21 @@ class SamplingNet(keras.Model):
 # `tf.while_loop`, `apply_if_finite` an `optimizer.apply` that skips non-finite steps.
 
 class NCFM(keras.Model):
-    """NCFM distillation as a `keras.Model`: `fit()` on a stream of class-balanced uint8 real
-    batches `[K, batch_real, H, W, C]` (`class_balanced_batches`) runs one iteration per step.
-    Owns the synthetic images, psi and the pool (`[P, ...]` constants, blended in the step).
-    Under a `tf.distribute` strategy each of the R replicas matches its own K/R classes."""
+    """NCFM distillation as a `keras.Model`: each `fit()` step, on class-balanced uint8 real
+    batches `[K, batch_real, H, W, C]` (`class_balanced_batches`), is one iteration. Owns the
+    synthetic images, psi and the pool (`[P, ...]` constants); under a `tf.distribute` strategy
+    each of the R replicas matches its own K/R classes."""
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
-        self.config = config
-        self.num_classes, self.image_shape = data.num_classes, data.image_shape
+        self.config, self.num_classes, self.image_shape = config, data.num_classes, data.image_shape
         self.local_classes = classes_per_replica(self.num_classes)
         # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
         self.dsa_statistics = ((np.float32(data.mean), np.float32(data.std))
                                if config.dsa_space == "normalized" else ())
-        # Classes sent through the network at once: the largest divisor of the local classes
-        # not above config.class_group (peak memory is one group's activations).
-        self.class_group = max(g for g in range(1, min(config.class_group,
-                                                         self.local_classes) + 1)
-                               if self.local_classes % g == 0)
+        # Classes through the network at once (peak memory): the largest divisor <= class_group.
+        limit = min(config.class_group, self.local_classes)
+        self.class_group = max(g for g in range(1, limit + 1) if self.local_classes % g == 0)
         network = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
         network.trainable = False  # its variables are placeholders: weights are fed per step
         self.extractor = with_features(network)  # (features, logits)
@@ -1158,14 +1097,12 @@ class NCFM(keras.Model):
         self.sampler = (SamplingNet(feature_dim, config.num_freqs,
                                     max_scale=config.sampler_max_scale, name="sampler")
                         if config.sampling_net and config.loss == "cf" else None)
-        # Completed iterations: iteration i's randomness is a function of (seed, i) only.
-        self.iteration = state(shape=(), initializer="zeros", dtype="int64", trainable=False,
-                               name="iteration")
-        # The learning-rate plateau (`_plateau`): the best loss and the iterations since.
-        self.plateau_best = state(shape=(), initializer=keras.initializers.Constant(math.inf),
-                                  trainable=False, name="plateau_best")
-        self.plateau_wait = state(shape=(), initializer="zeros", dtype="int32", trainable=False,
-                                  name="plateau_wait")
+        # The completed iterations; the plateau's best loss and iterations since (`_plateau`).
+        counter = functools.partial(state, shape=(), trainable=False)
+        self.iteration = counter(initializer="zeros", dtype="int64", name="iteration")
+        self.plateau_best = counter(initializer=keras.initializers.Constant(math.inf),
+                                    name="plateau_best")
+        self.plateau_wait = counter(initializer="zeros", dtype="int32", name="plateau_wait")
         names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
             ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
@@ -1173,8 +1110,7 @@ class NCFM(keras.Model):
         self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
-        """`image_optimizer` updates the pixels (it is `self.optimizer`, so callbacks see its
-        learning rate); `sampler_optimizer` updates psi."""
+        """`image_optimizer` updates the pixels (as `self.optimizer`), `sampler_optimizer` psi."""
         super().compile(optimizer=image_optimizer, **kwargs)
         if self.sampler is not None:
             if sampler_optimizer is None:
@@ -1202,10 +1138,8 @@ class NCFM(keras.Model):
         return tf.convert_to_tensor(self.synthetic)
 
     def train_step(self, real, seed=None):
-        """One NCFM iteration on `real`, uint8 `[k, batch_real, H, W, C]` (all K classes, or
-        this replica's K/R), with `seed` int `[2]` (default: from the config's seed and the
-        iteration). Returns the metrics; losses are of all K classes."""
-        seed = self._seed() if seed is None else seed
+        """One NCFM iteration on `real`, uint8 `[k, batch_real, H, W, C]` (this replica's k
+        classes), with `seed` int `[2]` (default: `_draw`'s). Returns the metrics (of all K)."""
         classes = replica_classes(self.local_classes)
         blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
         real_features = self._real_features(real, blended, params)  # [k, B, D]
@@ -1214,7 +1148,9 @@ class NCFM(keras.Model):
         # psi: maximise the discrepancy (ascent, written as minimising its negative), like a
         # GAN's critic. The features do not depend on psi: computed once.
         if self.sampler is not None:
-            syn_features = self._synthetic_features(blended, params, classes)  # [k, S, D]
+            syn_features = self._map_groups(  # [k, S, D]
+                lambda x: self._features(blended, self._decoded(x[0]), x[1]),
+                (self._stored_synthetic(classes), params), tf.float32)
             variables = self.sampler.trainable_variables
             for _ in range(self.config.sampler_steps):
                 with tf.GradientTape() as tape:
@@ -1229,8 +1165,7 @@ class NCFM(keras.Model):
                 t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
             logs["frequency_norm"] = tf.reduce_mean(tf.norm(t, axis=-1))  # N(0, I): ~sqrt(D)
 
-        # images: minimise the discrepancy under the updated psi, one AdamW step per class
-        # (`summed`: one step); each class's loss is taken after the previous classes' steps.
+        # images: minimise the discrepancy under the updated psi, an AdamW step per class.
         matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
                                               (real_features, params, classes), classes, done)
         logs["matching_loss"] = total = sum_over_replicas(matching)
@@ -1257,13 +1192,12 @@ class NCFM(keras.Model):
 
     def descend(self, loss_fn, inputs, classes, after):
         """Image descent on `loss_fn(stored [g, ipc, H, W, C], inputs)`, a class group's loss,
-        for `classes` (whose `inputs` are `[k, ...]`), once the update `after` is done.
-        `image_steps="per_class"` (as the official code does): one optimizer step per class,
-        each on the pixels the previous step left (its gradient is zero outside the class, but
-        Adam's momentum and the weight decay move every pixel); `"summed"`: one step on the
-        summed loss. Under a strategy each replica steps its own K/R classes at once, as the
-        official data parallelism does. Returns the summed loss, its gradient's squared norm
-        and a tensor ready once the last update is done."""
+        for `classes` (whose `inputs` are `[k, ...]`) once the update `after` is done: one step
+        per class (`image_steps="per_class"`, as the official code does), each on the pixels the
+        previous left (the gradient is zero outside the class, but Adam's momentum and the weight
+        decay move every pixel), or one on the summed loss. Under a strategy each replica steps
+        its own K/R classes, as the official data parallelism does. Returns the summed loss, its
+        gradient's squared norm and a tensor ready once the last update is done."""
         def gradient(stored, inputs):  # the images' tape
             with tf.GradientTape() as tape:
                 tape.watch(stored)
@@ -1280,8 +1214,7 @@ class NCFM(keras.Model):
                 losses, grads = self._map_groups(lambda x: gradient(x[0], x[1:]),
                                                  (self._stored_synthetic(classes), *inputs),
                                                  (tf.float32, tf.float32))
-            loss = tf.reduce_sum(losses)
-            grad = self._full_gradient(grads, classes)
+            loss, grad = tf.reduce_sum(losses), self._full_gradient(grads, classes)
             done = update(loss, grad)
             return loss, tf.reduce_sum(tf.square(unscaled(self.optimizer, grad))), done
 
@@ -1297,22 +1230,14 @@ class NCFM(keras.Model):
         state = (0, tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
         return repeat(self.local_classes, step, state)[1:]
 
-    # The losses the tapes differentiate.
-
     def _discrepancy(self, real_features, syn_features, t):
-        """`match_scale * loss_c` summed over the classes of features `[g, B, D]`, with
-        frequencies `t` `[M, D]` (shared) or `[g, M, D]` (one draw per class)."""
-        if self.config.loss == "mmd":
-            per_class = mmd_loss(real_features, syn_features)
-        else:
-            per_class = cf_loss(real_features, syn_features, t, self.config.alpha,
-                                self.config.beta)
+        """`match_scale` x the loss summed over the classes of features `[g, B, D]`."""
+        per_class = (mmd_loss(real_features, syn_features) if self.config.loss == "mmd" else
+                     cf_loss(real_features, syn_features, t, self.config.alpha, self.config.beta))
         return self.config.match_scale * tf.reduce_sum(per_class)
 
     def _matching(self, weights, seed, t):
-        """The matching loss of a class group (Eq. 8 x `match_scale`) as `loss(stored,
-        (real features, DSA parameters, classes))`, with psi's `t`, or (`t` None) frequencies
-        drawn per class from `seed`."""
+        """A class group's matching loss `loss(stored, (real features, DSA params, classes))`."""
         def loss(stored, inputs):
             real_features, params, classes = inputs
             freqs = self._class_frequencies(seed, classes) if t is None else t
@@ -1321,10 +1246,8 @@ class NCFM(keras.Model):
         return loss
 
     def _calibration(self, trained, seed):
-        """The calibration loss of a class group as `loss(stored, (classes,))`: per class,
-        `calibration` x the mean cross-entropy of the trained pool member on the class's
-        per-sample augmented decoded images (augmentation seeded by (seed, class)), summed
-        over the group, as the official code does."""
+        """A class group's `loss(stored, (classes,))`: `calibration` x the trained member's mean
+        cross-entropy on each class's images, augmented per sample, as the official code does."""
         def loss(stored, inputs):
             (classes,) = inputs
             decoded = self._decoded(stored)
@@ -1332,7 +1255,7 @@ class NCFM(keras.Model):
             for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
                 images = augment(decoded[i], tf.random.experimental.stateless_fold_in(
                     seed, c, RNG), self.config.augment, *self.dsa_statistics)
-                _, logits = self._extract(trained, images)
+                (_, logits), _ = self.extractor.stateless_call([], trained, images)
                 per_class.append(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
                     tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32),
                     from_logits=True)))
@@ -1340,29 +1263,25 @@ class NCFM(keras.Model):
         return loss
 
     def matching_loss(self, real, seed):
-        """The summed matching loss for a step seed, without an optimizer step (psi's
-        batch-norm statistics do move): what `train_step`
-        with that seed sees before its first image step (for tests). `real` holds all K."""
+        """For tests: the summed matching loss `train_step(real, seed)` sees before its first
+        image step, without optimizer steps (psi's batch-norm statistics do move)."""
         classes = tf.range(self.num_classes)
         blended, _, params, frequency_seed, _ = self._draw(seed, classes)
         t = self.sampler(frequency_seed, training=True) if self.sampler is not None else None
         loss = self._matching(blended, frequency_seed, t)
         inputs = (self._real_features(real, blended, params), params, classes)
-        return tf.reduce_sum(self._map_groups(
-            lambda x: loss(x[0], x[1:]), (self._stored_synthetic(classes), *inputs),
-            tf.float32))
-
-    # The randomness of an iteration, and features.
-
-    def _seed(self):
-        """Iteration i's seed `[2]`: a function of the config's seed and i."""
-        seed = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
-        return tf.random.stateless_uniform([2], seed, minval=0, maxval=2 ** 30, dtype=tf.int32)
+        stored = self._stored_synthetic(classes)
+        return tf.reduce_sum(self._map_groups(lambda x: loss(x[0], x[1:]), (stored, *inputs),
+                                              tf.float32))
 
     def _draw(self, seed, classes):
-        """An iteration's randomness: the blended extractor (and its member's trained
-        weights), one siamese DSA draw per class of `classes`, the frequency seed and the
-        calibration seed. Every replica draws the same."""
+        """An iteration's randomness, the same on every replica, from `seed` (default: a function
+        of the config's seed and the iteration only): the blended extractor and its member's
+        trained weights, a siamese DSA draw per class of `classes`, the frequency and calibration
+        seeds."""
+        if seed is None:
+            start = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
+            seed = tf.random.stateless_uniform([2], start, minval=0, maxval=2 ** 30, dtype=tf.int32)
         blend_seed, dsa_seed, frequency_seed, calibration_seed = split_seed(seed, 4)
         member_seed, lam_seed = split_seed(blend_seed, 2)  # a pool member, lam ~ U(0, 1)
         member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32, alg=RNG)
@@ -1373,17 +1292,15 @@ class NCFM(keras.Model):
         return blended, trained, params, frequency_seed, calibration_seed
 
     def blend(self, member, lam):
-        """Extractor weights `lam * init(member) + (1 - lam) * trained(member)`, and the
-        trained weights of that member (for calibration)."""
+        """The weights `lam * init + (1 - lam) * trained` of pool `member`, and its trained ones."""
         trained = [tf.gather(w, member) for w in self.pool_trained]
         blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
                    for w0, w1 in zip(self.pool_initial, trained)]
         return blended, trained
 
     def _class_frequencies(self, seed, classes):
-        """Plain CF matching's frequencies, t ~ N(0, I): `[g, M, D]`, a fresh draw per class of
-        `classes` (as the official code draws them), or `[M, D]` shared by all classes with
-        `frequency_draw="per_iteration"`."""
+        """Plain CF matching's t ~ N(0, I): `[g, M, D]`, a draw per class (as the official code
+        does), or `[M, D]` for all classes with `frequency_draw="per_iteration"`."""
         shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
         if self.config.frequency_draw == "per_iteration":
             return tf.random.stateless_normal(shape, seed, alg=RNG)
@@ -1391,16 +1308,11 @@ class NCFM(keras.Model):
             shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
             for c in tf.unstack(classes, num=classes.shape[0])])
 
-    def _extract(self, weights, images):
-        """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
-        (features, logits), _ = self.extractor.stateless_call([], weights, images)
-        return features, logits
-
     def _features(self, weights, images, params):
-        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]` after the
-        siamese DSA `params` (one draw per class)."""
+        """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]` after DSA."""
         images = dsa_apply(images, params, *self.dsa_statistics)
-        features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
+        (features, _), _ = self.extractor.stateless_call(
+            [], weights, tf.reshape(images, [-1, *self.image_shape]))
         features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
         return tf.math.l2_normalize(features, -1)
 
@@ -1408,13 +1320,6 @@ class NCFM(keras.Model):
         """Features `[k, B, D]` of the augmented real batch (constants for the tapes)."""
         return tf.stop_gradient(self._map_groups(
             lambda x: self._features(weights, to_float(x[0]), x[1]), (real, params), tf.float32))
-
-    def _synthetic_features(self, weights, params, classes):
-        """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
-        return self._map_groups(lambda x: self._features(weights, self._decoded(x[0]), x[1]),
-                                (self._stored_synthetic(classes), params), tf.float32)
-
-    # The synthetic images by class.
 
     def _stored_synthetic(self, classes):
         """The stored images of `classes` as `[k, ipc, H, W, C]`."""
@@ -1432,20 +1337,18 @@ class NCFM(keras.Model):
         return tf.reshape(full, self.synthetic.shape)
 
     def _map_groups(self, fn, elems, output_signature):
-        """`fn` on one class group of `elems` (each `[k, ...]`, seen as `[g, ...]`) at a time;
-        outputs are `[k, ...]` again, or one value per group for scalar outputs."""
+        """`fn` on one class group `[g, ...]` of `elems` `[k, ...]` at a time; outputs are
+        `[k, ...]` again, or one value per group for scalar outputs."""
         k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
-        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]),
-                                        elems)
+        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]), elems)
         outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
                             parallel_iterations=1)
         return tf.nest.map_structure(
             lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
 
     def _plateau(self, loss):
-        """Halves the image learning rate when `loss` (matching + calibration) has not
-        improved on its best by a relative 1e-4 for more than `lr_patience` iterations, as
-        torch's `ReduceLROnPlateau` in the official code does."""
+        """Halves the image learning rate after more than `lr_patience` iterations without a
+        relative 1e-4 improvement of `loss`, as the official code's `ReduceLROnPlateau` does."""
         improved = loss < self.plateau_best * (1.0 - 1e-4)
         self.plateau_best.assign(tf.where(improved, loss, self.plateau_best))
         wait = tf.where(improved, 0, self.plateau_wait + 1)
@@ -1472,14 +1375,12 @@ OFFICIAL_HARD_LABEL_EPOCHS = 101  # and trains on soft labels while epoch < epoc
 
 
 def load_teacher(data, cache_dir, key, arch="convnet"):
-    """The frozen soft-label teacher: pool member 0 with its trained weights, as the official
-    code loads `premodel0_trained`. `NCFMError` if it is not cached in `cache_dir/key/` or does
-    not fit `data`."""
-    path = pool_member_path(cache_dir, key, 0)
+    """The frozen soft-label teacher, pool member 0 trained, as the official code loads
+    `premodel0_trained`; `NCFMError` if it is not in `cache_dir/key/` or does not fit `data`."""
+    path = os.path.join(cache_dir, key, "member-000.npz")  # as `pretrain_pool` names it
     if not os.path.isfile(path):
-        raise NCFMError(f"the teacher's weights {path} do not exist; re-run train.py with the "
-                        "same pool settings (--pool_dir, --pretrain_epochs, --seed) to rebuild "
-                        f"the pool, or pass --pool_dir=<the folder that holds {key}/>")
+        raise NCFMError(f"the teacher's weights {path} do not exist; pass --pool_dir=<the folder "
+                        f"that holds {key}/>, or re-run train.py with the same flags to rebuild it")
     teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
     _, trained = read_pool_member(path)
     try:
@@ -1492,11 +1393,10 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
 
 
 def teacher_targets(teacher, x, y, misclassified="official"):
-    """Soft targets `[N, K]` from the teacher's logits on the un-augmented images `x` (float
-    `[N, H, W, C]` in [0, 1]; int labels `y` `[N]`). As the official code does
-    (`get_softlabel`, then `SoftCrossEntropy` at T = 1), a correctly classified image gets
-    softmax(logits), a misclassified one softmax(onehot): e / (e + K - 1) on its class, 1 / (e +
-    K - 1) elsewhere. `misclassified="onehot"` gives the one-hot label itself instead."""
+    """Soft targets `[N, K]` from the teacher's logits on un-augmented float images `x` `[N, H, W,
+    C]` in [0, 1] with int labels `y` `[N]`, as the official code does (`get_softlabel`, then
+    `SoftCrossEntropy` at T = 1): softmax(logits) if correctly classified, else softmax(onehot),
+    e / (e + K - 1) on its class; `misclassified="onehot"` gives the one-hot label instead."""
     if misclassified not in ("official", "onehot"):
         raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
     logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
@@ -1510,14 +1410,13 @@ def teacher_targets(teacher, x, y, misclassified="official"):
 def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
                     test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
                     hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
-    """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1] with int
-    labels `y` `[N]` (or soft ones `[N, K]`), testing it on `data`'s test split every
-    `test_every` epochs and after the last. `protocol`: a key of PROTOCOLS or an
-    `EvalProtocol`, `epochs` overriding its epoch count. `labels`: a key of LABEL_MODES; the
-    soft modes need the frozen `teacher` (`load_teacher`) and train on `y` in the last
-    `hard_label_epochs` epochs. Returns a dict of the settings, the `history` of
-    `(epoch, accuracy in %)`, `final` (the last test, the headline) and `best_seen` (the best,
-    selected on the test set: the official statistic)."""
+    """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1], int labels
+    `y` `[N]` (or soft `[N, K]`), by `protocol` (PROTOCOLS key or `EvalProtocol`; `epochs`
+    overrides its count), testing on `data`'s test split every `test_every` epochs and after the
+    last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`); `y` trains the
+    last `hard_label_epochs`. Returns a dict of the settings, the `history` of `(epoch, accuracy
+    in %)`, `final` (the last test, the headline) and `best_seen` (selected on the test set: the
+    official statistic)."""
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
     if labels != "hard" and teacher is None:
