@@ -601,10 +601,10 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]` (an
-    image a row) in [0, 1]: with the dataset's `mean`, `std` (`[C]`) in normalised space as the
-    official code (mean-colour fill, jitter in std units), else in pixels (black fill); `NCFMError`
-    given only one of them."""
+    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]` (one
+    image per row), in [0, 1]. With the dataset's `mean`, `std` (`[C]`) it augments normalised
+    images, as the official code does (mean-colour fill, jitter in std units), else the pixels
+    (black fill). `NCFMError` if only one of `mean` and `std` is given."""
     if (mean is None) != (std is None):
         raise NCFMError("dsa_apply got only one of mean and std; pass both or neither")
     rows = images.shape.rank == 5
@@ -762,9 +762,9 @@ def with_features(model):
 # ------------------------------------------------------------------------------------------
 
 class CoupledSGD(keras.optimizers.SGD):
-    """SGD with weight decay `wd` = `coupled_weight_decay` coupled as `torch.optim.SGD` (the
-    official code's) couples it: `v <- momentum·v + g + wd·w;  w <- w - lr·v`. Keras' velocity
-    holds the learning rate: after a drop the momentum fades at the old rate."""
+    """SGD with the weight decay `wd` (`coupled_weight_decay`) inside the momentum, as in
+    `torch.optim.SGD`, the official code's optimizer: `v <- momentum·v + g + wd·w;  w <- w - lr·v`.
+    Keras' velocity holds the learning rate: after a drop the momentum fades at the old rate."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -1413,10 +1413,10 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1], int labels
     `y` `[N]` (or soft `[N, K]`), by `protocol` (PROTOCOLS key or `EvalProtocol`; `epochs`
     overrides its count), testing on `data`'s test split every `test_every` epochs and after the
-    last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`); `y` trains the
-    last `hard_label_epochs`. Returns a dict of the settings, the `history` of `(epoch, accuracy
-    in %)`, `final` (the last test, the headline) and `best_seen` (selected on the test set: the
-    official statistic)."""
+    last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`) and train on `y`
+    in the last `hard_label_epochs` epochs. Returns a dict of the settings, the `history` of
+    `(epoch, accuracy in %)`, `final` (the last test, the headline) and `best_seen` (selected on
+    the test set: the official statistic)."""
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
     if labels != "hard" and teacher is None:
