@@ -763,7 +763,7 @@ def with_features(model):
 
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with the weight decay `wd` (`coupled_weight_decay`) inside the momentum, as in
-    `torch.optim.SGD`, the official code's optimizer: `v <- momentum·v + g + wd·w;  w <- w - lr·v`.
+    `torch.optim.SGD`, the official code's optimizer: `v <- momentum·v + g + wd·w; w <- w - lr·v`.
     Keras' velocity holds the learning rate: after a drop the momentum fades at the old rate."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
