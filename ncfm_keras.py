@@ -1771,6 +1771,16 @@ def distilled_set(model, data):
 
 
 FILE_FORMAT = "ncfm-keras distilled set v1"
+WRITING = threading.Lock()  # held by every write; a second signal exits only between them
+CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
+               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
+          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
+          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
 
 
 @dataclasses.dataclass
@@ -1797,9 +1807,6 @@ class DistilledSet:
         """Training images and labels after multi-formation decoding."""
         x = decode(tf.constant(self.images, tf.float32), self.factor).numpy()
         return x, decode_labels(self.labels, self.factor)
-
-
-WRITING = threading.Lock()  # held by every write; `SignalWatcher` exits only between them
 
 
 def atomic_write(path, write, mode):
@@ -1904,72 +1911,20 @@ def save_grid(path, images, rows):
                  "wb")
 
 
-CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
-               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
-STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
-               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
-               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
-               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
-PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
-          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
-          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
-
-
-class SignalWatcher:
-    """Catches SIGINT / SIGTERM for a `RunWriter`: the first sets its `interrupted` (the signal
-    number; it then saves at the end of the epoch and stops `fit`), a second ends the process
-    at once with status 128 + its number, after any `atomic_write` in progress. A thread reads
-    them (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
-
-    def __init__(self, writer):
-        self.writer = writer
-        read, self.write = os.pipe()
-        os.set_blocking(self.write, False)
-        self.handlers = {signum: signal.signal(signum, lambda *_: None)  # the thread acts
-                         for signum in (signal.SIGINT, signal.SIGTERM)}
-        self.previous = signal.set_wakeup_fd(self.write)
-        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
-
-    def _watch(self, read):
-        with os.fdopen(read, "rb", buffering=0) as pipe:  # until `close` closes the other end
-            while byte := pipe.read(1):
-                if byte[0] not in self.handlers:
-                    continue
-                name = signal.Signals(byte[0]).name
-                if self.writer.interrupted is None:
-                    self.writer.interrupted = byte[0]
-                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
-                          "to stop at once)")
-                    continue
-                with WRITING:  # held until the process ends: no file is left half-written
-                    sys.stdout.flush()
-                    print(f"\n{name} again: stopped at once; {self.writer.status()}",
-                          file=sys.stderr, flush=True)
-                    os._exit(128 + byte[0])
-
-    def close(self):
-        """Restores the handlers; the thread reads the end of the pipe and returns."""
-        if self.write is not None:
-            for signum, handler in self.handlers.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(self.previous)
-            os.close(self.write)
-            self.write = None
-
-
 class RunWriter(keras.callbacks.Callback):
-    """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a killed
-    run resumable: per iteration a `metrics.csv` row; per epoch a check that the state is finite,
-    `distilled.npz`, `grid.png`, an evaluation of that set (every `eval_every` iterations, at
-    least an epoch, and after the last epoch, if `eval_every` or `eval_epochs`; `evaluations`
-    gets `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and, last (not after a
-    stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings a resume must
-    share; at the end, `images/` of the set last written. `restore` (a `load_checkpoint`) is
-    applied at the start, the CSV rows past it dropped, and a torn last one (the CSV append is the
-    one write not atomic). Non-finite state raises an `NCFMError` naming the likely learning rate;
-    a skipped non-finite update (unless `skipped_ok`: loss scaling skips routinely) stops `fit`
-    and leaves that error in `error`, for the caller to raise after `fit`. Signals:
-    `SignalWatcher`."""
+    """Writes a `fit` run to `output_dir` in the one order that keeps a killed run resumable:
+    per iteration a `metrics.csv` row; per epoch, once the state is checked finite,
+    `distilled.npz`, `grid.png`, an evaluation of that set (if `eval_every` or `eval_epochs`:
+    every `eval_every` iterations, at least an epoch, and after the last; into `evaluations` as
+    `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and last `checkpoint.npz`
+    (state, epochs done and `meta`, the settings a resume must share; not after a stop
+    mid-epoch); at the end `images/`. `restore` (a `load_checkpoint`) is applied at the start,
+    dropping the CSV rows past it and a torn last one (the one write not atomic). Non-finite
+    state raises an `NCFMError` naming the likely learning rate; a skipped non-finite update
+    (unless `skipped_ok`: loss scaling skips routinely) stops `fit`, leaving that error in
+    `error` for the caller. A first SIGINT / SIGTERM sets `interrupted` (its number) and stops
+    `fit` once the epoch is saved; a second exits at once (status 128 + its number), after any
+    `atomic_write` in progress."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
@@ -2002,15 +1957,48 @@ class RunWriter(keras.callbacks.Callback):
                 lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
                           len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
         atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
-        self.signals, self.distilled = SignalWatcher(self), None
+        self.distilled = None
+        # Signals wake a thread that acts on them (`signal.set_wakeup_fd`): Python-level handlers
+        # (these only return) would run only between TensorFlow calls.
+        read, self.wakeup = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        self.handlers = {signum: signal.signal(signum, lambda *_: None)
+                         for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup)
+        threading.Thread(target=self._watch_signals, args=(read,), daemon=True).start()
+
+    def _watch_signals(self, read):
+        with os.fdopen(read, "rb", buffering=0) as pipe:  # until the other end is closed
+            while byte := pipe.read(1):
+                if byte[0] not in self.handlers:
+                    continue
+                name = signal.Signals(byte[0]).name
+                if self.interrupted is None:
+                    self.interrupted = byte[0]
+                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
+                          "to stop at once)")
+                    continue
+                with WRITING:  # held until the process ends: no file is left half-written
+                    sys.stdout.flush()
+                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr,
+                          flush=True)
+                    os._exit(128 + byte[0])
+
+    def _release_signals(self):
+        """Restores the handlers; `_watch_signals` reads the end of the pipe and returns."""
+        if self.wakeup is not None:
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(self.previous_wakeup)
+            os.close(self.wakeup)
+            self.wakeup = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.rows, self.previous = epoch, [], {}
 
     def on_train_batch_end(self, batch, logs=None):
-        learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        row = {"iteration": self.epoch * self.params["steps"] + batch + 1,
-               "learning_rate": float(learning_rate)}
+        row = {"iteration": self.epoch * self.params["steps"] + batch + 1, "learning_rate":
+               float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
         for key in CSV_COLUMNS[1:-2]:  # Keras logs running means m_k: x_k = k*m_k - (k-1)*m_{k-1}
             if key in logs:
                 running = float(logs[key])
@@ -2032,7 +2020,7 @@ class RunWriter(keras.callbacks.Callback):
                       if v.dtype.kind == "f" and not np.isfinite(v).all()})
         if bad:
             parts = " and ".join(STATE_PARTS[b][0] for b in bad)
-            self.signals.close()  # `on_train_end` will not run
+            self._release_signals()  # `on_train_end` will not run
             raise self._failure(f"after iteration {self.nonfinite_at or done * steps}, {parts} "
                                 "are not finite, so the run cannot be saved",
                                 STATE_PARTS[bad[0]][1])
@@ -2071,7 +2059,7 @@ class RunWriter(keras.callbacks.Callback):
             name = "".join(c if c.isalnum() or c in "-_." else "_"
                            for c in self.data.class_names[label])
             save_grid(self.path(f"images/{label:03d}_{name}/{i:05d}.png"), image[None], 1)
-        self.signals.close()
+        self._release_signals()
         if self.nonfinite_at is not None:  # raised after `fit`: TensorBoard still ends cleanly
             self.error = self._failure(
                 f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; the "
