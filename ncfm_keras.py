@@ -1698,9 +1698,8 @@ def repeat(count, body, state):
 
 def apply_if_finite(optimizer, loss, grads, variables, counter):
     """Applies `grads` unless the loss or a gradient is not finite on a replica (as a
-    LossScaleOptimizer does itself, lowering its scale), counting skips in the metric `counter`.
-    Returns a tensor for later reads of the variables to depend on (else a `tf.cond` update is
-    not ordered before them)."""
+    LossScaleOptimizer does itself), counting skips in the metric `counter`. Returns a tensor for
+    later reads of the variables to depend on (else a `tf.cond` update is not ordered first)."""
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in [loss, *grads]])
     finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -1761,9 +1760,8 @@ def set_state(model, arrays):
 
 def distilled_set(model, data):
     """An `NCFM`'s current synthetic images as a `DistilledSet` of `data`."""
-    pool = {} if model.pool_dir is None else dict(
-        dir=model.pool_dir, arch="convnet",
-        key=pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed))
+    key = pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed)
+    pool = {} if model.pool_dir is None else dict(dir=model.pool_dir, arch="convnet", key=key)
     return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
                         model.config.factor, data.name, data.class_names, data.mean, data.std,
                         dataclasses.asdict(model.config), data_dir=data.data_dir,
@@ -1787,8 +1785,8 @@ PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV c
 class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
     `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
-    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
-    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
+    (`{"dir", "key", "arch"}`: files `dir/key/member-*.npz`) the pool whose member 0 teaches soft
+    labels. Older files lack the last three (None, {})."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -1970,19 +1968,16 @@ class RunWriter(keras.callbacks.Callback):
     def _watch_signals(self, read):
         with os.fdopen(read, "rb", buffering=0) as pipe:  # until the other end is closed
             while byte := pipe.read(1):
-                if byte[0] not in self.handlers:
-                    continue
-                name = signal.Signals(byte[0]).name
-                if self.interrupted is None:
+                if byte[0] in self.handlers and self.interrupted is None:
                     self.interrupted = byte[0]
-                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
-                          "to stop at once)")
-                    continue
-                with WRITING:  # held until the process ends: no file is left half-written
-                    sys.stdout.flush()
-                    print(f"\n{name} again: stopped at once; {self.status()}", file=sys.stderr,
-                          flush=True)
-                    os._exit(128 + byte[0])
+                    print(f"\n{signal.Signals(byte[0]).name}: finishing this epoch to save a "
+                          "checkpoint (send it again to stop at once)")
+                elif byte[0] in self.handlers:
+                    with WRITING:  # held until the process ends: no file is left half-written
+                        sys.stdout.flush()
+                        print(f"\n{signal.Signals(byte[0]).name} again: stopped at once; "
+                              f"{self.status()}", file=sys.stderr, flush=True)
+                        os._exit(128 + byte[0])
 
     def _release_signals(self):
         """Restores the handlers; `_watch_signals` reads the end of the pipe and returns."""
