@@ -1483,10 +1483,9 @@ def set_precision(precision="auto"):
 
 
 def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
-    """The pool (trained or loaded), then a compiled `NCFM` with the official optimizers: AdamW
-    on the pixels, SGD (momentum 0.5) on psi. XLA is on by default on a GPU only (oneDNN's CPU
-    kernels are faster for these convolutions) and never under a `tf.distribute` `strategy`
-    (as Keras does), in whose scope the model is built."""
+    """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with the
+    official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on a GPU
+    only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras does)."""
     check_ipc(data, config.ipc)
     needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
     if config.init == "mix" and needed > smallest:
@@ -1501,18 +1500,16 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
     with (strategy or tf.distribute.get_strategy()).scope():
         model = NCFM(data, config, pool)
         model.pool_dir = os.path.abspath(pool_dir)
-        model.compile(
-            image_optimizer=keras.optimizers.AdamW(config.image_lr,
-                                                   weight_decay=config.image_weight_decay),
-            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
-                                                   weight_decay=config.sampler_weight_decay),
-            jit_compile=jit_compile)
+        model.compile(keras.optimizers.AdamW(config.image_lr,
+                                             weight_decay=config.image_weight_decay),
+                      keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                           weight_decay=config.sampler_weight_decay),
+                      jit_compile=jit_compile)
     return model
 
 
 def mirrored_strategy():
-    """`tf.distribute.MirroredStrategy` over the visible GPUs, else over the logical CPU
-    devices (`split_cpu`: how the multi-device step is tested)."""
+    """A `MirroredStrategy` over the visible GPUs, else over the logical CPUs (`split_cpu`)."""
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([d.name for d in devices])
 
@@ -1524,8 +1521,8 @@ def split_cpu(count):
 
 
 def classes_per_replica(num_classes, replicas=None):
-    """K/R: the whole classes each of R replicas (default: the current strategy's) matches;
-    NCFMError unless R divides K."""
+    """K/R, the classes each of R replicas (default: the strategy's) matches; NCFMError unless
+    R divides K."""
     replicas = replicas or tf.distribute.get_strategy().num_replicas_in_sync
     if num_classes % replicas:
         raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
@@ -1545,9 +1542,8 @@ def sum_over_replicas(value):
 
 
 def repeat(count, body, state):
-    """`state = body(*state)`, `count` times (`state[0]` counts from 0): a `tf.while_loop`,
-    so that the graph does not grow with `count`; unrolled under a `tf.distribute` strategy,
-    since a replica cannot synchronise with the others inside a graph loop."""
+    """`state = body(*state)`, `count` times (`state[0]` counts from 0): a `tf.while_loop`, whose
+    graph does not grow with `count`; unrolled under a strategy (replicas cannot sync in one)."""
     if not tf.distribute.has_strategy():
         return tf.while_loop(lambda j, *_: j < count, body, state)
     for _ in range(count):
@@ -1556,10 +1552,9 @@ def repeat(count, body, state):
 
 
 def apply_if_finite(optimizer, loss, grads, variables, counter):
-    """Applies `grads` unless the loss or a gradient is not finite on any replica (a
-    LossScaleOptimizer skips such a step itself, lowering its scale); a skip adds 1 to the
-    metric `counter`. Returns a tensor ready once the update is done: later reads of the
-    variables depend on it (a `tf.cond` update is not otherwise ordered before them)."""
+    """Applies `grads` unless the loss or a gradient is not finite on a replica (as a
+    LossScaleOptimizer does itself), counting skips in the metric `counter`. Returns a tensor for
+    later reads of the variables to depend on (else a `tf.cond` update is not ordered first)."""
     finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in [loss, *grads]])
     finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -1620,9 +1615,8 @@ def set_state(model, arrays):
 
 def distilled_set(model, data):
     """An `NCFM`'s current synthetic images as a `DistilledSet` of `data`."""
-    pool = {} if model.pool_dir is None else dict(
-        dir=model.pool_dir, arch="convnet",
-        key=pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed))
+    key = pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed)
+    pool = {} if model.pool_dir is None else dict(dir=model.pool_dir, arch="convnet", key=key)
     return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
                         model.config.factor, data.name, data.class_names, data.mean, data.std,
                         dataclasses.asdict(model.config), data_dir=data.data_dir,
@@ -1630,14 +1624,24 @@ def distilled_set(model, data):
 
 
 FILE_FORMAT = "ncfm-keras distilled set v1"
+WRITING = threading.Lock()  # held by every write; a second signal exits only between them
+CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
+               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
+STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
+               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
+               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
+               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
+PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
+          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
+          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
 
 
 @dataclasses.dataclass
 class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
     `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
-    its pool, whose member 0 teaches soft labels (`{"dir", "key", "arch"}`: files
-    `dir/key/member-*.npz`). Older files lack the last three (None, {})."""
+    (`{"dir", "key", "arch"}`: files `dir/key/member-*.npz`) the pool whose member 0 teaches soft
+    labels. Older files lack the last three (None, {})."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -1658,9 +1662,6 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
-WRITING = threading.Lock()  # held by every write; `SignalWatcher` exits only between them
-
-
 def atomic_write(path, write, mode):
     """Calls `write(file)` on a temporary file opened in `mode` beside `path`, syncs it and
     renames it onto `path`: readers see the old complete file or the new one, never a part."""
@@ -1669,25 +1670,15 @@ def atomic_write(path, write, mode):
     with WRITING:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
                                    suffix=".tmp")
-        os.close(fd)
         try:
-            with open(tmp, mode) as f:
+            with os.fdopen(fd, mode) as f:
                 write(f)
-            with open(tmp, "rb") as f:
+                f.flush()
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-
-
-def remove_temporaries(directory):
-    """Deletes the `.NAME*.tmp` files `atomic_write` leaves below `directory` when its process
-    is killed mid-write. Only for a directory no other process is writing to."""
-    for parent, _, names in os.walk(directory):
-        for name in names:
-            if name.startswith(".") and name.endswith(".tmp"):
-                os.remove(os.path.join(parent, name))
 
 
 def write_json(path, obj):
@@ -1713,34 +1704,31 @@ def save_distilled(path, distilled):
 def load_distilled(path):
     """Reads and validates a distilled-set file written by `save_distilled`."""
     if not os.path.isfile(path):
-        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz written by "
-                        "train.py")
+        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz train.py wrote")
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["format"]) != FILE_FORMAT:
                 raise NCFMError(f"{path} is not an ncfm-keras distilled set (format "
                                 f"'{f['format']}')")
             distilled = DistilledSet(
-                images=f["images"], labels=f["labels"], ipc=int(f["ipc"]),
-                factor=int(f["factor"]), dataset=str(f["dataset"]),
-                class_names=[str(c) for c in f["class_names"]], mean=f["mean"], std=f["std"],
-                config=json.loads(str(f["config"])),
+                f["images"], f["labels"], int(f["ipc"]), int(f["factor"]), str(f["dataset"]),
+                [str(c) for c in f["class_names"]], f["mean"], f["std"],
+                json.loads(str(f["config"])),
                 **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files},
                 pool=json.loads(str(f["pool"])) if "pool" in f.files else {})
     except NCFMError:
         raise
     except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
         raise NCFMError(f"{path} is not a readable distilled-set file ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}); re-create it "
-                        "with train.py") from None
+                        f"{(str(e) or 'no detail').splitlines()[0]}); re-create it with "
+                        "train.py") from None
     _validate_distilled(distilled, path)
     return distilled
 
 
 def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
-    """The soft-label teacher of a distilled set: member 0 of the pool it was distilled with
-    (`load_teacher`), from its recorded `pool`, `pool_dir` replacing the recorded folder.
-    Older files without a record name their pool by their settings, with `pool_dir`."""
+    """The soft-label teacher (`load_teacher`) of a distilled set: member 0 of its recorded pool,
+    in `pool_dir` if given; older files without a record name their pool by their settings."""
     key = distilled.pool.get("key")
     if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
         key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
@@ -1766,91 +1754,30 @@ def _validate_distilled(d, path):
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
 
 
-def image_grid(images, rows):
-    """Tiles `[rows*cols, H, W, C]` images in [0, 1] into one uint8 `[rows*H, cols*W, C]`."""
+def save_grid(path, images, rows):
+    """Tiles `[rows*cols, H, W, C]` images in [0, 1] as a `[rows*H, cols*W, C]` PNG, atomically."""
     n, height, width, channels = images.shape
     grid = images.reshape(rows, n // rows, height, width, channels).transpose(0, 2, 1, 3, 4)
-    return np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(
+    pixels = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(
         rows * height, n // rows * width, channels)
-
-
-def save_png(path, pixels):
-    """Writes a uint8 `[H, W, C]` array as a PNG, atomically."""
     atomic_write(path, lambda f: keras.utils.save_img(f, pixels, file_format="png", scale=False),
                  "wb")
 
 
-def save_image_folder(directory, images, labels, class_names):
-    """Writes images as `directory/<class>/<i>.png`, loadable again with `folder:directory`."""
-    for i, (image, label) in enumerate(zip(images, labels)):
-        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in class_names[label])
-        save_png(os.path.join(directory, f"{label:03d}_{name}", f"{i:05d}.png"),
-                 image_grid(image[None], 1))
-
-
-CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
-               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
-STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
-               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
-               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
-               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
-
-
-class SignalWatcher:
-    """Catches SIGINT / SIGTERM for a `RunWriter`: the first sets its `interrupted` (the signal
-    number; it then saves at the end of the epoch and stops `fit`), a second ends the process
-    at once with status 128 + its number, after any `atomic_write` in progress. A thread reads
-    them (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
-
-    def __init__(self, writer):
-        self.writer, self.handlers = writer, {}
-        read, self.write = os.pipe()
-        os.set_blocking(self.write, False)
-        for signum in (signal.SIGINT, signal.SIGTERM):  # the thread acts; these just return
-            self.handlers[signum] = signal.signal(signum, lambda *_: None)
-        self.previous = signal.set_wakeup_fd(self.write)
-        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
-
-    def _watch(self, read):
-        with os.fdopen(read, "rb", buffering=0) as pipe:  # until `close` closes the other end
-            for byte in iter(lambda: pipe.read(1), b""):
-                if byte[0] not in self.handlers:
-                    continue
-                name = signal.Signals(byte[0]).name
-                if self.writer.interrupted is None:
-                    self.writer.interrupted = byte[0]
-                    print(f"\n{name}: finishing this epoch to save a checkpoint (send it again "
-                          "to stop at once)")
-                    continue
-                with WRITING:  # held until the process ends: no file is left half-written
-                    sys.stdout.flush()
-                    print(f"\n{name} again: stopped at once; {self.writer.status()}",
-                          file=sys.stderr, flush=True)
-                    os._exit(128 + byte[0])
-
-    def close(self):
-        """Restores the handlers; the thread reads the end of the pipe and returns."""
-        if self.write is not None:
-            for signum, handler in self.handlers.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(self.previous)
-            os.close(self.write)
-            self.write = None
-
-
 class RunWriter(keras.callbacks.Callback):
-    """Everything `train.py`'s `fit` writes to `output_dir`, in the one order that keeps a
-    killed run resumable: per iteration a `metrics.csv` row; per epoch a check that the state
-    is finite, `distilled.npz`, `grid.png`, an evaluation of that set (every `eval_every`
-    iterations, at least an epoch, and after the last epoch, if `eval_every` or `eval_epochs`;
-    `evaluations` gets `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and, last
-    (not after a stop mid-epoch), `checkpoint.npz`: state, epochs done and `meta`, the settings
-    a resume must share. At the end, `images/` (of the set last written). `restore` (a `load_checkpoint`) is applied at the
-    start, the CSV rows past it dropped. Non-finite state raises an `NCFMError` naming the
-    likely learning rate; a skipped non-finite update (unless `skipped_ok`: loss scaling skips
-    routinely) stops `fit` and leaves that error in `error`, for the caller to raise after
-    `fit`. The metrics.csv append is the one write not atomic: a resume drops a torn last row.
-    Signals: `SignalWatcher`."""
+    """Writes a `fit` run to `output_dir` in the one order that keeps a killed run resumable:
+    per iteration a `metrics.csv` row; per epoch, once the state is checked finite,
+    `distilled.npz`, `grid.png`, an evaluation of that set (if `eval_every` or `eval_epochs`:
+    every `eval_every` iterations, at least an epoch, and after the last; into `evaluations` as
+    `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and last `checkpoint.npz`
+    (state, epochs done and `meta`, the settings a resume must share; not after a stop
+    mid-epoch); at the end `images/`. `restore` (a `load_checkpoint`) is applied at the start,
+    dropping the CSV rows past it and a torn last one (the one write not atomic). Non-finite
+    state raises an `NCFMError` naming the likely learning rate; a skipped non-finite update
+    (unless `skipped_ok`: loss scaling skips routinely) stops `fit`, leaving that error in
+    `error` for the caller. A first SIGINT / SIGTERM sets `interrupted` (its number) and stops
+    `fit` once the epoch is saved; a second exits at once (status 128 + its number), after any
+    `atomic_write` in progress."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
@@ -1859,6 +1786,10 @@ class RunWriter(keras.callbacks.Callback):
         self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
         self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
         self.evaluations, self.nonfinite_at, self.interrupted, self.error = [], None, None, None
+        for parent, _, names in os.walk(output_dir):  # what `atomic_write` left when killed
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.remove(os.path.join(parent, name))
 
     def path(self, name):
         return os.path.join(self.output_dir, name)
@@ -1879,15 +1810,45 @@ class RunWriter(keras.callbacks.Callback):
                 lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
                           len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
         atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
-        self.signals, self.distilled = SignalWatcher(self), None
+        self.distilled = None
+        # Signals wake a thread that acts on them (`signal.set_wakeup_fd`): Python-level handlers
+        # (these only return) would run only between TensorFlow calls.
+        read, self.wakeup = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        self.handlers = {signum: signal.signal(signum, lambda *_: None)
+                         for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup)
+        threading.Thread(target=self._watch_signals, args=(read,), daemon=True).start()
+
+    def _watch_signals(self, read):
+        with os.fdopen(read, "rb", buffering=0) as pipe:  # until the other end is closed
+            while byte := pipe.read(1):
+                if byte[0] in self.handlers and self.interrupted is None:
+                    self.interrupted = byte[0]
+                    print(f"\n{signal.Signals(byte[0]).name}: finishing this epoch to save a "
+                          "checkpoint (send it again to stop at once)")
+                elif byte[0] in self.handlers:
+                    with WRITING:  # held until the process ends: no file is left half-written
+                        sys.stdout.flush()
+                        print(f"\n{signal.Signals(byte[0]).name} again: stopped at once; "
+                              f"{self.status()}", file=sys.stderr, flush=True)
+                        os._exit(128 + byte[0])
+
+    def _release_signals(self):
+        """Restores the handlers; `_watch_signals` reads the end of the pipe and returns."""
+        if self.wakeup is not None:
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(self.previous_wakeup)
+            os.close(self.wakeup)
+            self.wakeup = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.rows, self.previous = epoch, [], {}
 
     def on_train_batch_end(self, batch, logs=None):
-        learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        row = {"iteration": self.epoch * self.params["steps"] + batch + 1,
-               "learning_rate": float(learning_rate)}
+        row = {"iteration": self.epoch * self.params["steps"] + batch + 1, "learning_rate":
+               float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
         for key in CSV_COLUMNS[1:-2]:  # Keras logs running means m_k: x_k = k*m_k - (k-1)*m_{k-1}
             if key in logs:
                 running = float(logs[key])
@@ -1900,20 +1861,28 @@ class RunWriter(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        steps, epochs = self.params["steps"], self.params["epochs"]
+        steps, epochs, done = self.params["steps"], self.params["epochs"], epoch + 1
         state, complete = get_state(self.model), len(self.rows) == steps
-        self._check_finite(state if complete else {"synthetic": state["synthetic"]},
-                           self.nonfinite_at or (epoch + 1) * steps)
+        # Skipped updates do not catch every non-finite state: psi's batch-norm variance,
+        # updated outside the optimizer, overflows once a too high --sampler_lr blew up psi.
+        checked = state if complete else {"synthetic": state["synthetic"]}
+        bad = sorted({name.split("/")[0] for name, v in checked.items()
+                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
+        if bad:
+            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
+            self._release_signals()  # `on_train_end` will not run
+            raise self._failure(f"after iteration {self.nonfinite_at or done * steps}, {parts} "
+                                "are not finite, so the run cannot be saved",
+                                STATE_PARTS[bad[0]][1])
         self._write_set()
         every = max(1, self.eval_every // steps) if self.eval_every else epochs
-        if (self.eval_every or self.eval_epochs) and ((epoch + 1) % every == 0
-                                                      or epoch + 1 == epochs):
+        if (self.eval_every or self.eval_epochs) and (done % every == 0 or done == epochs):
             x, y = self.distilled.decoded()
             result = evaluate_images(x, y, self.data, "convnet", self.protocol,
                                      self.eval_epochs or None)
-            self.evaluations.append((epoch + 1, result["final"], result["best_seen"]))
+            self.evaluations.append((done, result["final"], result["best_seen"]))
             self.rows[-1]["test_accuracy"] = logs["test_accuracy"] = result["final"]
-            print(f"evaluation after epoch {epoch + 1}: final {result['final']:.2f}  "
+            print(f"evaluation after epoch {done}: final {result['final']:.2f}  "
                   f"best-seen {result['best_seen']:.2f}")
         with WRITING, open(self.path("metrics.csv"), "a") as f:
             f.writelines(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CSV_COLUMNS)
@@ -1922,40 +1891,30 @@ class RunWriter(keras.callbacks.Callback):
         if self.interrupted is not None:
             self.model.stop_training = True
         if complete:
-            save_npz(self.path("checkpoint.npz"), header=json.dumps(dict(
-                meta=self.meta, epochs_done=epoch + 1)), **{f"state/{k}": v
-                                                           for k, v in state.items()})
-            self.saved = epoch + 1
+            save_npz(self.path("checkpoint.npz"),
+                     header=json.dumps(dict(meta=self.meta, epochs_done=done)),
+                     **{f"state/{k}": v for k, v in state.items()})
+            self.saved = done
 
     def _write_set(self):
         self.distilled = distilled_set(self.model, self.data)
         save_distilled(self.path("distilled.npz"), self.distilled)
-        save_png(self.path("grid.png"), image_grid(self.distilled.images, self.data.num_classes))
+        save_grid(self.path("grid.png"), self.distilled.images, self.data.num_classes)
 
     def on_train_end(self, logs=None):
         if self.distilled is None:  # no epoch ran (nothing to do): from the restored state
             self._write_set()
         x, y = self.distilled.decoded()
-        save_image_folder(self.path("images"), x, y, self.data.class_names)
-        self.signals.close()
-        if self.nonfinite_at is not None:  # raised by the caller after `fit` (`error`), so that
-            # the other callbacks (TensorBoard) still end cleanly
+        for i, (image, label) in enumerate(zip(x, y)):  # loadable again with folder:images
+            name = "".join(c if c.isalnum() or c in "-_." else "_"
+                           for c in self.data.class_names[label])
+            save_grid(self.path(f"images/{label:03d}_{name}/{i:05d}.png"), image[None], 1)
+        self._release_signals()
+        if self.nonfinite_at is not None:  # raised after `fit`: TensorBoard still ends cleanly
             self.error = self._failure(
                 f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; the "
                 "update was skipped, so nothing non-finite reached the images",
                 "a learning rate", " (--image_lr, --sampler_lr)")
-
-    def _check_finite(self, state, iteration):
-        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped updates do
-        not catch every case: psi's batch-norm variance, updated outside the optimizer,
-        overflows once a too high --sampler_lr has blown up psi's weights."""
-        bad = sorted({name.split("/")[0] for name, v in state.items()
-                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
-        if bad:
-            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
-            self.signals.close()  # `on_train_end` will not run
-            raise self._failure(f"after iteration {iteration}, {parts} are not finite, so the "
-                                "run cannot be saved", STATE_PARTS[bad[0]][1])
 
     def _failure(self, problem, cause, flags=""):
         again = " (with --noresume)" if self.saved else ""  # a checkpoint refuses another lr
@@ -1963,15 +1922,9 @@ class RunWriter(keras.callbacks.Callback):
                          f"high for this data{flags}; lower it{again}")
 
 
-PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
-          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
-          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
-
-
 def plot_metrics(csv_path, png_path):
-    """Draws the `PANELS` of a `metrics.csv` that hold values, as a PNG: the matching loss with
-    the loss psi saw before its step, the calibration loss, the image-gradient norm, psi's mean
-    |t| and, when evaluated, the test accuracy."""
+    """Draws the `PANELS` that hold values in a `metrics.csv` side by side, as a PNG: the matching
+    loss with the loss psi saw before its step, and when evaluated the test accuracy."""
     from matplotlib.figure import Figure  # no pyplot: no global figures, no GUI backend
 
     table = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))

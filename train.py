@@ -148,7 +148,6 @@ def main(argv):
         print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
               flush=True)
     os.makedirs(output_dir, exist_ok=True)
-    nk.remove_temporaries(output_dir)  # of a killed run
     writer = nk.RunWriter(data, output_dir, meta, restore, policy == "mixed_float16",
                           FLAGS.eval_every, FLAGS.eval_epochs, FLAGS.eval_protocol)
     start = time.time()
