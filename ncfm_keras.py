@@ -57,9 +57,7 @@ class NCFMError(ValueError):
     """A problem with the user's input: the message names it and says how to fix it."""
 
 
-# ------------------------------------------------------------------------------------------
-# Configuration: the settings of a distillation, its presets, the training protocols
-# ------------------------------------------------------------------------------------------
+# --- Configuration: the settings of a distillation, its presets, the training protocols -------
 
 CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
                frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
@@ -158,9 +156,7 @@ PROTOCOLS = {
 }
 
 
-# ------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------
+# --- Data -------------------------------------------------------------------------------------
 
 MNIST_FAMILY = {"mnist": [str(d) for d in range(10)],
                 "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
@@ -511,9 +507,7 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
                                                deterministic=True).prefetch(2)
 
 
-# ------------------------------------------------------------------------------------------
-# Differentiable siamese augmentation (DSA, Zhao & Bilen 2021)
-# ------------------------------------------------------------------------------------------
+# --- Differentiable siamese augmentation (DSA, Zhao & Bilen 2021) -----------------------------
 # Draw i of `dsa_parameters` transforms all of row i: in matching a class (its real and
 # synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel.
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
@@ -660,9 +654,7 @@ def cutmix(images, labels, seed):
     return mixed, labels * (1.0 - area) + tf.gather(labels, perm) * area
 
 
-# ------------------------------------------------------------------------------------------
-# Networks
-# ------------------------------------------------------------------------------------------
+# --- Networks ---------------------------------------------------------------------------------
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 
 
@@ -757,9 +749,7 @@ def with_features(model):
     return keras.Model(model.input, [model.get_layer("features").output, model.output])
 
 
-# ------------------------------------------------------------------------------------------
-# Training a network: the protocols of evaluation and of the pool's pretraining
-# ------------------------------------------------------------------------------------------
+# --- Training a network: the protocols of evaluation and of the pool's pretraining ------------
 
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with the weight decay `wd` (`coupled_weight_decay`) inside the momentum, as in
@@ -867,9 +857,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     return model
 
 
-# ------------------------------------------------------------------------------------------
-# The method, from here to `NCFM`. First, the pretrained pool
-# ------------------------------------------------------------------------------------------
+# --- The method, from here to `NCFM`. First, the pretrained pool ------------------------------
 # NCFM extracts features with ConvNets blended between their initial and trained weights,
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
@@ -927,9 +915,7 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     return [initial for initial, _ in members], [trained for _, trained in members]
 
 
-# ------------------------------------------------------------------------------------------
-# The synthetic set: multi-formation (IDC, Kim et al. 2022, as NCFM uses it) and initialisation
-# ------------------------------------------------------------------------------------------
+# --- The synthetic set: multi-formation (IDC, Kim et al. 2022) and initialisation -------------
 
 def decode(images, factor):
     """Multi-formation decoding: every stored image holds a factor x factor mosaic whose cells
@@ -974,9 +960,7 @@ def initial_images(data, ipc, factor, init="mix", seed=0):
                    0, 1).astype(np.float32)
 
 
-# ------------------------------------------------------------------------------------------
-# The characteristic-function discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2)
-# ------------------------------------------------------------------------------------------
+# --- The CF discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2) -------------------
 
 def empirical_cf(features, t):
     """Real and imaginary parts `[..., M]` of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq. 6),
@@ -1053,9 +1037,7 @@ class SamplingNet(keras.Model):
         return tf.reshape(scales[:, None, :] * eps, [self.num_freqs, self.feature_dim])
 
 
-# ------------------------------------------------------------------------------------------
-# NCFM: the min-max model
-# ------------------------------------------------------------------------------------------
+# --- NCFM: the min-max model ------------------------------------------------------------------
 # Its multi-device and non-finite mechanics are named helpers in run support: on one device
 # `replica_classes` is all classes, `sum_over_replicas` the identity, `repeat` a
 # `tf.while_loop`, `apply_if_finite` an `optimizer.apply` that skips non-finite steps.
@@ -1358,9 +1340,7 @@ class NCFM(keras.Model):
         learning_rate.assign(tf.where(reduce, 0.5 * learning_rate, learning_rate))
 
 
-# ------------------------------------------------------------------------------------------
-# Evaluation
-# ------------------------------------------------------------------------------------------
+# --- Evaluation -------------------------------------------------------------------------------
 
 LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "hard": "the class labels",
@@ -1465,10 +1445,7 @@ def summarize(runs):
             for key in ("final", "best_seen")}
 
 
-# ------------------------------------------------------------------------------------------
-# Run support: building a distiller, precision and devices, non-finite steps, the resumable
-# state, files, the run writer (CSV, plots, checkpoints, signals)
-# ------------------------------------------------------------------------------------------
+# --- Run support: the distiller, devices, non-finite steps, state, files, run writer ----------
 
 def set_precision(precision="auto"):
     """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
