@@ -509,7 +509,8 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0):
 
 # --- Differentiable siamese augmentation (DSA, Zhao & Bilen 2021) -----------------------------
 # Draw i of `dsa_parameters` transforms all of row i: in matching a class (its real and
-# synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel.
+# synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel
+# (TF's ImageProjectiveTransformV3 has none, hence the hand-written `_bilinear_warp`).
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
