@@ -1827,11 +1827,16 @@ class RunWriter(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         row = {"iteration": self.epoch * self.params["steps"] + batch + 1, "learning_rate":
                float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
-        for key in CSV_COLUMNS[1:-2]:  # Keras logs running means m_k: x_k = k*m_k - (k-1)*m_{k-1}
-            if key in logs:
-                running = float(logs[key])
-                row[key] = (batch + 1) * running - batch * self.previous.get(key, 0.0)
-                self.previous[key] = running
+        # Each iteration's value is what its step added to the epoch's running sums; a step that
+        # loss scaling skipped adds no weight to image_grad_norm and gets no value.
+        for key in CSV_COLUMNS[1:-2]:
+            if key in self.model.trackers:
+                tracker = self.model.trackers[key]
+                total, count = float(tracker.total.numpy()), float(tracker.count.numpy())
+                last_total, last_count = self.previous.get(key, (0.0, 0.0))
+                if count > last_count:
+                    row[key] = (total - last_total) / (count - last_count)
+                self.previous[key] = total, count
         self.rows.append(row)
         if (not self.skipped_ok and float(logs.get("nonfinite_steps", 0)) > 0
                 and self.nonfinite_at is None):

@@ -77,6 +77,16 @@ def check_flags():
     given = {f.name: FLAGS[f.name].value for f in dataclasses.fields(config)
              if f.name != "ipc" and FLAGS[f.name].value is not None}
     config = dataclasses.replace(config, **given)  # validated as it is made
+    if config.loss == "mmd":  # settings the chosen method never reads: said, not dropped
+        unused, why = ("sampling_net", "sampler_", "frequency_draw", "num_freqs", "alpha",
+                       "beta"), "--loss=mmd"
+    elif config.sampling_net:
+        unused, why = ("frequency_draw",), "--sampling_net=true (psi draws the frequencies)"
+    else:
+        unused, why = ("sampler_",), "--sampling_net=false (no psi)"
+    ignored = [f"--{name}" for name in given if name.startswith(unused)]
+    if ignored:
+        print(f"warning: {why} ignores {', '.join(ignored)}", file=sys.stderr)
     cli.require(config.iterations % FLAGS.log_every == 0 or config.iterations < FLAGS.log_every,
                 f"--iterations={config.iterations} must be a multiple of --log_every="
                 f"{FLAGS.log_every}")

@@ -143,6 +143,19 @@ def test_train_bad_input(tmp_path, args, fragments):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_train_names_settings_the_method_never_reads(tmp_path):
+    """psi's settings without psi, or CF settings with the MMD loss, were silently dropped."""
+    common = ["--dataset=fashion_mnist", "--data_dir=/nonexistent", f"--output_dir={tmp_path}"]
+    no_psi = run("train.py", *common, "--sampling_net=false", "--sampler_lr=0.1",
+                 "--frequency_draw=per_iteration")
+    assert "warning: --sampling_net=false (no psi) ignores --sampler_lr" in no_psi.stderr
+    assert "--frequency_draw" not in no_psi.stderr  # plain CF matching reads it
+    mmd = run("train.py", *common, "--loss=mmd", "--num_freqs=256", "--alpha=0.2")
+    assert "warning: --loss=mmd ignores --num_freqs, --alpha" in mmd.stderr
+    for result in (no_psi, mmd):  # the run itself goes on to the next check
+        assert result.returncode != 0 and "error: data_dir /nonexistent" in result.stderr
+
+
 def test_train_stops_on_a_nonfinite_loss(tmp_path):
     out = tmp_path / "out"
     result = run("train.py", *FMNIST, "--ipc=1", "--iterations=4", "--log_every=2",

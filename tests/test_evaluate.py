@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import keras
 import numpy as np
@@ -126,6 +127,27 @@ def test_loss_curves_are_drawn_from_the_csv(tmp_path):
     image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
     assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
     assert image.std() > 5  # not blank
+
+
+def test_csv_rows_hold_each_iterations_values_after_a_skipped_step(tmp_path):
+    """Under mixed float16 loss scaling skips overflowing steps: the image-gradient norm of such
+    a step gets weight 0 in the epoch's mean. Its row must stay empty and the next rows must
+    still hold their own iterations' values (backing them out of the running means assumed
+    equal weights: 2, 2, 6.5 here)."""
+    trackers = {name: keras.metrics.Mean(name) for name in ("matching_loss", "image_grad_norm")}
+    model = types.SimpleNamespace(trackers=trackers, stop_training=False,
+                                  optimizer=types.SimpleNamespace(learning_rate=1e-3))
+    writer = nk.RunWriter(None, str(tmp_path), {})
+    writer.set_model(model)
+    writer.set_params({"steps": 3, "epochs": 1})
+    writer.on_epoch_begin(0)
+    for batch, (loss, norm) in enumerate([(30.0, 2.0), (20.0, None), (10.0, 5.0)]):
+        trackers["matching_loss"].update_state(loss)
+        trackers["image_grad_norm"].update_state(0.0 if norm is None else norm,
+                                                 sample_weight=float(norm is not None))
+        writer.on_train_batch_end(batch, {k: float(m.result()) for k, m in trackers.items()})
+    assert [row["matching_loss"] for row in writer.rows] == [30.0, 20.0, 10.0]
+    assert [row.get("image_grad_norm") for row in writer.rows] == [2.0, None, 5.0]
 
 
 def test_pool_key_changes_with_the_pretraining_recipe(monkeypatch):
