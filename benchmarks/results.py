@@ -66,8 +66,9 @@ LABELS = {"random": "Random real subset", "dm": "DM (`--loss=mmd`)",
           "ncfm": "NCFM (ψ on, scales bounded by 2)"}
 SHORT = {"random": "random", "dm": "DM", "ncfm_nopsi": "NCFM without ψ", "ncfm": "NCFM"}
 CROSS_ARCHS = ["alexnet", "vgg11", "resnet18"]
-# ../shared/NCFM_METHOD.md section 8: published ConvNet-3 accuracies at IPC 1 / 10 / 50
-# (None: not reported), and the whole-dataset accuracy.
+# Published ConvNet-3 accuracies at IPC 1 / 10 / 50 (None: not reported) and the whole-dataset
+# accuracy: CIFAR from the NCFM paper's main results table (Random and DM as it quotes them),
+# Fashion-MNIST as the DSA, IDC and KIP papers report it (NCFM reports none).
 PUBLISHED = {
     "fashion_mnist": dict(methods={"DSA": (70.6, 84.6, 88.7), "IDC": (81.0, 86.0, 86.2),
                                    "KIP → ConvNet": (73.8, 86.8, 87.8),

@@ -9,7 +9,7 @@ import ncfm_keras as nk
 # ---- cf_loss against an independent numpy reference (paper Eq. 6-8) ----
 
 def reference_cf_loss(a, b, t, alpha=0.5, beta=0.5):
-    """Spec section 3 written with complex numbers, in float64."""
+    """The paper's Eq. 6-8 written with complex numbers, in float64."""
     phi_a = np.exp(1j * (a.astype(np.float64) @ t.T)).mean(0)  # [M]
     phi_b = np.exp(1j * (b.astype(np.float64) @ t.T)).mean(0)
     amplitude = (np.abs(phi_a) - np.abs(phi_b)) ** 2
