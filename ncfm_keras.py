@@ -236,31 +236,36 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
 
 
 def _load_idx(data_dir, name):
-    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`, None if it holds none;
-    each is `00 00 08 ndim`, big-endian uint32 dimensions, then the uint8 values."""
+    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`, None if it holds none."""
     paths = [[os.path.join(data_dir, stem + ext) for ext in (".gz", "")] for stem in IDX_FILES]
     if not any(os.path.lexists(p) for pair in paths for p in pair):
         return None
-    arrays, fix = [], "re-install the dataset files"
+    arrays = []
     for stem, pair in zip(IDX_FILES, paths):
         path = next((p for p in pair if os.path.exists(p)), None)
         if path is None:
             raise NCFMError(f"{data_dir} has no {stem}[.gz]; pass the folder of the 4 IDX files")
-        try:
-            with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-                data = f.read()
-        except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
-            raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
-        if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
-            raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
-        dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
-        values = np.frombuffer(data, np.uint8, offset=4 + 4 * data[3])
-        if values.size != math.prod(dims):
-            raise NCFMError(f"{path} is truncated ({values.size}/{math.prod(dims)} values); {fix}")
-        arrays.append(values.reshape(dims))
-        if len(arrays) % 2 == 0 and len(arrays[-2]) != len(arrays[-1]):
-            raise NCFMError(f"{path} and its images differ in count; {fix}")
+        arrays.append(_read_idx(path))
+        if len(arrays) % 2 == 0 and len(arrays[-2]) != len(arrays[-1]):  # a split's labels
+            raise NCFMError(f"{path} and its images differ in count; re-install the dataset files")
     return (*arrays, MNIST_FAMILY[name])
+
+
+def _read_idx(path):
+    """One IDX file: `00 00 08 ndim`, big-endian uint32 dimensions, then the uint8 values."""
+    fix = "re-install the dataset files"
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
+        raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
+        raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
+    dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
+    values = np.frombuffer(data, np.uint8, offset=4 + 4 * data[3])
+    if values.size != math.prod(dims):
+        raise NCFMError(f"{path} is truncated ({values.size}/{math.prod(dims)} values); {fix}")
+    return values.reshape(dims)
 
 
 def _load_tfds(name, data_dir):
@@ -318,25 +323,33 @@ def _found(directory):
     """What `directory` holds, for error messages: `images/, wnids.txt and 3 more`."""
     names = sorted(n + "/" * os.path.isdir(os.path.join(directory, n))
                    for n in os.listdir(directory) if _visible(n))
-    return ", ".join(names[:4]) + f" and {len(names) - 4} more" * (len(names) > 4) or "nothing"
+    if not names:
+        return "nothing"
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def _image_files(directory):
+    """Image paths under `directory` at any depth (Tiny ImageNet: `<class>/images/`), sorted;
+    hidden entries skipped, links followed (a link back up the tree is read once)."""
+    found, seen = [], set()
+    for here, dirs, files in os.walk(directory, followlinks=True):
+        if os.path.realpath(here) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(here))
+        dirs[:] = [d for d in dirs if _visible(d)]
+        found += [os.path.join(here, f) for f in files
+                  if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def _read_folder(root, class_names, size):
     """`root/<class>/**/<image>` as uint8 `[N, size, size, 3]` (Pillow's RGB, resized bilinearly)
-    and labels, in class then path order; links followed, undecodable files skipped (warned)."""
+    and labels, in class then path order; undecodable files are skipped with one warning."""
     from PIL import Image
-    files = []  # (path, label)
-    for label, name in enumerate(class_names):
-        found, seen = [], set()
-        for here, dirs, names in os.walk(os.path.join(root, name), followlinks=True):
-            if os.path.realpath(here) in seen:  # a link back up the tree
-                dirs[:] = []
-                continue
-            seen.add(os.path.realpath(here))
-            dirs[:] = [d for d in dirs if _visible(d)]
-            found += [os.path.join(here, f) for f in names
-                      if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
-        files += [(path, label) for path in sorted(found)]
+
+    files = [(path, label) for label, name in enumerate(class_names)
+             for path in _image_files(os.path.join(root, name))]
     if not files:
         raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any "
                         f"depth of its class sub-directories ({class_names[0]}/ holds "
@@ -542,6 +555,7 @@ def dsa_parameters(seed, count, image_size, ops):
 
     def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
         return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
+
     params = {}
     if "flip" in ops:
         params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
@@ -631,8 +645,8 @@ def dsa_apply(images, params, mean=None, std=None):
 
 def augment(images, seed, ops, mean=None, std=None):
     """Per-sample DSA of `[N, H, W, C]` images (as evaluation trains); see `dsa_apply`."""
-    return dsa_apply(images, dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops),
-                     mean, std)
+    params = dsa_parameters(seed, tf.shape(images)[0], images.shape[1:3], ops)
+    return dsa_apply(images, params, mean, std)
 
 
 def cutmix(images, labels, seed):
@@ -794,6 +808,7 @@ def _training_stream(x, y, protocol, seed, mean, std):
             use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < protocol.cutmix_prob
             images, labels = tf.where(use, mixed, images), tf.where(use, mixed_labels, labels)
         return images, labels
+
     data = (tf.data.Dataset.from_tensor_slices((x, y))
             .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
             .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
@@ -1131,9 +1146,7 @@ class NCFM(keras.Model):
         # psi: maximise the discrepancy (ascent, written as minimising its negative), like a
         # GAN's critic. The features do not depend on psi: computed once.
         if self.sampler is not None:
-            syn_features = self._map_groups(  # [k, S, D]
-                lambda x: self._features(blended, self._decoded(x[0]), x[1]),
-                (self._stored_synthetic(classes), params), tf.float32)
+            syn_features = self._synthetic_features(blended, params, classes)  # [k, S, D]
             variables = self.sampler.trainable_variables
             for _ in range(self.config.sampler_steps):
                 with tf.GradientTape() as tape:
@@ -1238,7 +1251,7 @@ class NCFM(keras.Model):
             for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
                 images = augment(decoded[i], tf.random.experimental.stateless_fold_in(
                     seed, c, RNG), self.config.augment, *self.dsa_statistics)
-                (_, logits), _ = self.extractor.stateless_call([], trained, images)
+                _, logits = self._extract(trained, images)
                 per_class.append(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
                     tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32),
                     from_logits=True)))
@@ -1291,11 +1304,15 @@ class NCFM(keras.Model):
             shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
             for c in tf.unstack(classes, num=classes.shape[0])])
 
+    def _extract(self, weights, images):
+        """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
+        (features, logits), _ = self.extractor.stateless_call([], weights, images)
+        return features, logits
+
     def _features(self, weights, images, params):
         """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]` after DSA."""
         images = dsa_apply(images, params, *self.dsa_statistics)
-        (features, _), _ = self.extractor.stateless_call(
-            [], weights, tf.reshape(images, [-1, *self.image_shape]))
+        features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
         features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
         return tf.math.l2_normalize(features, -1)
 
@@ -1303,6 +1320,11 @@ class NCFM(keras.Model):
         """Features `[k, B, D]` of the augmented real batch (constants for the tapes)."""
         return tf.stop_gradient(self._map_groups(
             lambda x: self._features(weights, to_float(x[0]), x[1]), (real, params), tf.float32))
+
+    def _synthetic_features(self, weights, params, classes):
+        """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
+        return self._map_groups(lambda x: self._features(weights, self._decoded(x[0]), x[1]),
+                                (self._stored_synthetic(classes), params), tf.float32)
 
     def _stored_synthetic(self, classes):
         """The stored images of `classes` as `[k, ipc, H, W, C]`."""
@@ -1478,11 +1500,12 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
     with (strategy or tf.distribute.get_strategy()).scope():
         model = NCFM(data, config, pool)
         model.pool_dir = os.path.abspath(pool_dir)
-        model.compile(keras.optimizers.AdamW(config.image_lr,
-                                             weight_decay=config.image_weight_decay),
-                      keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
-                                           weight_decay=config.sampler_weight_decay),
-                      jit_compile=jit_compile)
+        model.compile(
+            image_optimizer=keras.optimizers.AdamW(config.image_lr,
+                                                   weight_decay=config.image_weight_decay),
+            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                                   weight_decay=config.sampler_weight_decay),
+            jit_compile=jit_compile)
     return model
 
 
@@ -1742,6 +1765,45 @@ def save_grid(path, images, rows):
                  "wb")
 
 
+class SignalWatcher:
+    """Catches SIGINT / SIGTERM for a `RunWriter`: the first sets its `interrupted` (the signal
+    number; it then saves at the end of the epoch and stops `fit`), a second ends the process
+    at once with status 128 + its number, after any `atomic_write` in progress. A thread reads
+    them (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        read, self.wakeup = os.pipe()
+        os.set_blocking(self.wakeup, False)
+        self.handlers = {signum: signal.signal(signum, lambda *_: None)  # the thread acts
+                         for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup)
+        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
+
+    def _watch(self, read):
+        with os.fdopen(read, "rb", buffering=0) as pipe:  # until `close` closes the other end
+            while byte := pipe.read(1):
+                if byte[0] in self.handlers and self.writer.interrupted is None:
+                    self.writer.interrupted = byte[0]
+                    print(f"\n{signal.Signals(byte[0]).name}: finishing this epoch to save a "
+                          "checkpoint (send it again to stop at once)")
+                elif byte[0] in self.handlers:
+                    with WRITING:  # held until the process ends: no file is left half-written
+                        sys.stdout.flush()
+                        print(f"\n{signal.Signals(byte[0]).name} again: stopped at once; "
+                              f"{self.writer.status()}", file=sys.stderr, flush=True)
+                        os._exit(128 + byte[0])
+
+    def close(self):
+        """Restores the handlers; the thread reads the end of the pipe and returns."""
+        if self.wakeup is not None:
+            for signum, handler in self.handlers.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(self.previous_wakeup)
+            os.close(self.wakeup)
+            self.wakeup = None
+
+
 class RunWriter(keras.callbacks.Callback):
     """Writes a `fit` run to `output_dir` in the one order that keeps a killed run resumable:
     per iteration a `metrics.csv` row; per epoch, once the state is checked finite,
@@ -1749,13 +1811,12 @@ class RunWriter(keras.callbacks.Callback):
     every `eval_every` iterations, at least an epoch, and after the last; into `evaluations` as
     `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and last `checkpoint.npz`
     (state, epochs done and `meta`, the settings a resume must share; not after a stop
-    mid-epoch); at the end `images/`. `restore` (a `load_checkpoint`) is applied at the start,
-    dropping the CSV rows past it and a torn last one (the one write not atomic). Non-finite
+    mid-epoch); at the end `images/`. At the start the temporaries of a killed run are removed
+    and `restore` (a `load_checkpoint`) is applied, dropping the CSV rows past it and a torn last
+    one (the one write not atomic). Non-finite
     state raises an `NCFMError` naming the likely learning rate; a skipped non-finite update
     (unless `skipped_ok`: loss scaling skips routinely) stops `fit`, leaving that error in
-    `error` for the caller. A first SIGINT / SIGTERM sets `interrupted` (its number) and stops
-    `fit` once the epoch is saved; a second exits at once (status 128 + its number), after any
-    `atomic_write` in progress."""
+    `error` for the caller. Signals: `SignalWatcher`."""
 
     def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
                  eval_epochs=0, protocol="ncfm"):
@@ -1764,10 +1825,6 @@ class RunWriter(keras.callbacks.Callback):
         self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
         self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
         self.evaluations, self.nonfinite_at, self.interrupted, self.error = [], None, None, None
-        for parent, _, names in os.walk(output_dir):  # what `atomic_write` left when killed
-            for name in names:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(parent, name))
 
     def path(self, name):
         return os.path.join(self.output_dir, name)
@@ -1780,6 +1837,10 @@ class RunWriter(keras.callbacks.Callback):
                 f"{self.saved * self.params['steps']}) is intact")
 
     def on_train_begin(self, logs=None):
+        for parent, _, names in os.walk(self.output_dir):  # what `atomic_write` left when killed
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.remove(os.path.join(parent, name))
         if self.restore is not None:
             set_state(self.model, self.restore["state"])
         start, lines = self.saved * self.params["steps"], [",".join(CSV_COLUMNS)]
@@ -1788,38 +1849,7 @@ class RunWriter(keras.callbacks.Callback):
                 lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
                           len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
         atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
-        self.distilled = None
-        # Signals wake a thread that acts on them (`signal.set_wakeup_fd`): Python-level handlers
-        # (these only return) would run only between TensorFlow calls.
-        read, self.wakeup = os.pipe()
-        os.set_blocking(self.wakeup, False)
-        self.handlers = {signum: signal.signal(signum, lambda *_: None)
-                         for signum in (signal.SIGINT, signal.SIGTERM)}
-        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup)
-        threading.Thread(target=self._watch_signals, args=(read,), daemon=True).start()
-
-    def _watch_signals(self, read):
-        with os.fdopen(read, "rb", buffering=0) as pipe:  # until the other end is closed
-            while byte := pipe.read(1):
-                if byte[0] in self.handlers and self.interrupted is None:
-                    self.interrupted = byte[0]
-                    print(f"\n{signal.Signals(byte[0]).name}: finishing this epoch to save a "
-                          "checkpoint (send it again to stop at once)")
-                elif byte[0] in self.handlers:
-                    with WRITING:  # held until the process ends: no file is left half-written
-                        sys.stdout.flush()
-                        print(f"\n{signal.Signals(byte[0]).name} again: stopped at once; "
-                              f"{self.status()}", file=sys.stderr, flush=True)
-                        os._exit(128 + byte[0])
-
-    def _release_signals(self):
-        """Restores the handlers; `_watch_signals` reads the end of the pipe and returns."""
-        if self.wakeup is not None:
-            for signum, handler in self.handlers.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(self.previous_wakeup)
-            os.close(self.wakeup)
-            self.wakeup = None
+        self.signals, self.distilled = SignalWatcher(self), None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch, self.rows, self.previous = epoch, [], {}
@@ -1846,17 +1876,8 @@ class RunWriter(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         steps, epochs, done = self.params["steps"], self.params["epochs"], epoch + 1
         state, complete = get_state(self.model), len(self.rows) == steps
-        # Skipped updates do not catch every non-finite state: psi's batch-norm variance,
-        # updated outside the optimizer, overflows once a too high --sampler_lr blew up psi.
-        checked = state if complete else {"synthetic": state["synthetic"]}
-        bad = sorted({name.split("/")[0] for name, v in checked.items()
-                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
-        if bad:
-            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
-            self._release_signals()  # `on_train_end` will not run
-            raise self._failure(f"after iteration {self.nonfinite_at or done * steps}, {parts} "
-                                "are not finite, so the run cannot be saved",
-                                STATE_PARTS[bad[0]][1])
+        self._check_finite(state if complete else {"synthetic": state["synthetic"]},
+                           self.nonfinite_at or done * steps)
         self._write_set()
         every = max(1, self.eval_every // steps) if self.eval_every else epochs
         if (self.eval_every or self.eval_epochs) and (done % every == 0 or done == epochs):
@@ -1892,12 +1913,24 @@ class RunWriter(keras.callbacks.Callback):
             name = "".join(c if c.isalnum() or c in "-_." else "_"
                            for c in self.data.class_names[label])
             save_grid(self.path(f"images/{label:03d}_{name}/{i:05d}.png"), image[None], 1)
-        self._release_signals()
+        self.signals.close()
         if self.nonfinite_at is not None:  # raised after `fit`: TensorBoard still ends cleanly
             self.error = self._failure(
                 f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; the "
                 "update was skipped, so nothing non-finite reached the images",
                 "a learning rate", " (--image_lr, --sampler_lr)")
+
+    def _check_finite(self, state, iteration):
+        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped updates do
+        not catch every case: psi's batch-norm variance, updated outside the optimizer,
+        overflows once a too high --sampler_lr has blown up psi's weights."""
+        bad = sorted({name.split("/")[0] for name, v in state.items()
+                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
+        if bad:
+            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
+            self.signals.close()  # `on_train_end` will not run
+            raise self._failure(f"after iteration {iteration}, {parts} are not finite, so the "
+                                "run cannot be saved", STATE_PARTS[bad[0]][1])
 
     def _failure(self, problem, cause, flags=""):
         again = " (with --noresume)" if self.saved else ""  # a checkpoint refuses another lr

@@ -158,7 +158,7 @@ def test_blending_endpoints_reproduce_init_and_trained(small_fashion_mnist):
     x = nk.to_float(d.x_test[:4])
     for lam, weights in ((1.0, initial[1]), (0.0, trained[1])):
         blended, _ = model.blend(1, lam)
-        (features, logits), _ = model.extractor.stateless_call([], blended, x)
+        features, logits = model._extract(blended, x)
         net = nk.build_network("convnet", d.image_shape, d.num_classes, d.mean, d.std)
         net.set_weights(weights)
         np.testing.assert_allclose(logits, net(x), rtol=1e-4, atol=1e-4)
@@ -324,7 +324,7 @@ def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist
     for c in range(10):
         images = nk.augment(decoded[c], tf.random.experimental.stateless_fold_in(
             calibration_seed, c, nk.RNG), model.config.augment, *model.dsa_statistics)
-        (_, logits), _ = model.extractor.stateless_call([], trained, images)
+        _, logits = model._extract(trained, images)
         expected += 2.0 * float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
             tf.fill([decoded.shape[1]], c), logits, from_logits=True)))
     np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
