@@ -89,6 +89,13 @@ def main(argv):
                 f"{FLAGS.hard_label_epochs} would train on the hard labels throughout; pass "
                 f"--hard_label_epochs below {epochs} (the official recipe keeps the last 5 % "
                 "of its 2000 epochs hard)")
+    unused = {"--distilled": ("baseline", "ipc") if FLAGS.distilled else (),  # as train.py says
+              "--labels=hard": ("teacher_of", "pool_dir", "hard_label_epochs")
+              if FLAGS.labels == "hard" else ()}
+    for why, names in unused.items():
+        ignored = [f"--{name}" for name in names if FLAGS[name].present]
+        if ignored:
+            print(f"warning: {why} ignores {', '.join(ignored)}", file=sys.stderr)
     distilled = None
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)
