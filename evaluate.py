@@ -69,7 +69,9 @@ def find_teacher(data, distilled):
     cli.require(path, f"--labels={FLAGS.labels} with a --baseline needs "
                 "--teacher_of=<a distilled.npz of this dataset>: member 0 of its pool teaches")
     owner = distilled if path == FLAGS.distilled else nk.load_distilled(path)
-    cli.require(owner.comes_from(data),
+    same = (owner.data_digest == data.digest if owner.data_digest else  # any spelling of it
+            owner.dataset == data.name and owner.class_names == data.class_names)
+    cli.require(same,
                 f"--teacher_of={path} was distilled from {owner.dataset}, not {data.name}; "
                 "pass a distilled set of this dataset")
     return nk.distilled_teacher(owner, data, FLAGS.pool_dir, path), os.path.abspath(path)
@@ -117,7 +119,7 @@ def main(argv):
                     data.image_shape == distilled.images.shape[1:],
                     f"{FLAGS.distilled} does not match {where} (classes or image shape differ); "
                     "pass the data it was distilled from (--dataset, --data_dir)")
-        cli.require(distilled.comes_from(data),  # files without a digest: name checked above
+        cli.require(distilled.data_digest in (None, data.digest),
                     f"{where} is not the data {FLAGS.distilled} was distilled from "
                     f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir
                                                else "") + "): the same classes and image size "

@@ -1657,13 +1657,6 @@ class DistilledSet:
     data_digest: str = None
     pool: dict = dataclasses.field(default_factory=dict)
 
-    def comes_from(self, data):
-        """Whether it was distilled from the `Dataset` `data`: by content digest, whatever its
-        path or spelling; older files without one by name and classes."""
-        if self.data_digest:
-            return self.data_digest == data.digest
-        return self.dataset == data.name and self.class_names == data.class_names
-
     def decoded(self):
         """Training images and labels after multi-formation decoding."""
         x = decode(tf.constant(self.images, tf.float32), self.factor).numpy()
