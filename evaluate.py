@@ -115,6 +115,11 @@ def main(argv):
                       distilled.images.shape[1])
         data = nk.load_dataset(name, data_dir, image_size)
         where = data.name + (f" in {data.data_dir}" if data.data_dir else "")
+        padded = (data.image_shape[:2] == nk.MNIST_SIZE
+                  and distilled.images.shape[1:3] == (32, 32))
+        cli.require(not padded, f"{FLAGS.distilled} holds 32x32 images of {where}'s 28x28 "
+                    "ones: an ncfm-keras before 2026-12 padded 28x28 data to 32x32 with "
+                    "black pixels; re-distil it with train.py")
         cli.require(data.class_names == distilled.class_names and
                     data.image_shape == distilled.images.shape[1:],
                     f"{FLAGS.distilled} does not match {where} (classes or image shape differ); "

@@ -59,8 +59,10 @@ class NCFMError(ValueError):
 
 # --- Configuration: the settings of a distillation, its presets, the training protocols -------
 
-CHOICES = dict(init=("real", "mix", "noise"), loss=("cf", "mmd"),
+CHOICES = dict(init=("real", "mix", "noise"), init_from=("first", "random"),
+               init_resize=("nearest", "area"), loss=("cf", "mmd"),
                frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
+               calibration_augment=("per_class", "per_sample"), real_batch=("shuffled", "first"),
                dsa_space=("normalized", "pixel"))  # DistillConfig's enumerated settings
 
 
@@ -71,8 +73,13 @@ class DistillConfig:
     ipc: int = 10                 # stored images per class
     factor: int = 2               # multi-formation: each stored image holds factor^2 images
     init: str = "mix"             # real | mix | noise
+    init_from: str = "first"      # the real images init copies: each class's first (official)
+    #                               | random ones (ours until the ablation of results/)
+    init_resize: str = "nearest"  # mix: cells downsampled nearest-neighbour (official) | area
     iterations: int = 20000       # official
     batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
+    real_batch: str = "shuffled"  # a fresh random batch per class each iteration (ours) | the
+    #                               same first batch_real images of each class (official)
     num_freqs: int = 4096         # M, frequencies per iteration (official)
     sampling_net: bool = True     # psi, the min-max (paper; ours); False: t ~ N(0, I) (official)
     sampler_steps: int = 1        # psi ascent steps per iteration
@@ -82,6 +89,7 @@ class DistillConfig:
     beta: float = 0.5             # phase weight (official)
     match_scale: float = 300.0    # official scale of the matching loss of a class
     calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
+    calibration_augment: str = "per_class"  # one DSA draw per class (official) | per_sample
     image_lr: float = 1e-3        # AdamW on the pixels (official)
     image_weight_decay: float = 5e-4
     image_steps: str = "per_class"  # one AdamW step per class (official) | summed (one step)
@@ -168,6 +176,14 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 # Never data, at any depth of a folder: hidden entries (.ipynb_checkpoints, .DS_Store, ._*) and:
 OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
                "system volume information", "lost+found"}
+# The official code's normalisation constants (mean, std per channel), by TFDS name; other
+# datasets and folders are normalised with their own training statistics (`normalization`).
+CIFAR_STATISTICS = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+IMAGENET_STATISTICS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+NORMALIZATION = {"cifar10": CIFAR_STATISTICS, "cifar100": CIFAR_STATISTICS,
+                 "svhn_cropped": ([0.4377, 0.4438, 0.4728], [0.1980, 0.2010, 0.1970]),
+                 "mnist": ([0.1307], [0.3081]), "fashion_mnist": ([0.2861], [0.3530]),
+                 "imagenette": IMAGENET_STATISTICS}
 TRAIN_SPLITS = ("train", "training")  # split folders, in any case, in order of preference
 TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
@@ -210,8 +226,10 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
     `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds them (offline);
     or `folder:PATH`, one sub-directory of images per class resized to `image_size` (see
-    `_load_folder`). 28x28 images are zero-padded to 32x32 so the ConvNet features are CIFAR's
-    (the classic DC/DSA/NCFM treatment). Raises NCFMError when the data cannot be found or read."""
+    `_load_folder`). Images keep their size (28x28 stays 28x28: the networks pad it, see
+    `build_network`). `mean`, `std` are the official code's constants for the datasets of
+    `NORMALIZATION`, else the training pixels' statistics. Raises NCFMError when the data cannot
+    be found or read."""
     if name.startswith("folder:"):
         root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
         name, data_dir = "folder:" + root, None
@@ -225,14 +243,24 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     x_train, y_train, x_test, y_test, class_names = loaded
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
-    pixels = x_train.reshape(-1, x_train.shape[-1]).astype(np.float64) / 255.0
-    mean, std = pixels.mean(axis=0), pixels.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    if x_train.shape[1:3] == (28, 28):
-        x_train, x_test = (np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0))) for x in (x_train, x_test))
+    mean, std = normalization(name, x_train)
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
                    list(class_names), mean.astype(np.float32), std.astype(np.float32),
                    os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+
+
+def normalization(name, x_train):
+    """The per-channel `(mean, std)` `[C]` that networks normalise `name`'s images with: the
+    official code's table (`NORMALIZATION`, by the name before any `/`; its `dataset_statistics`)
+    where it lists the dataset and the images have its channels, else the statistics of the
+    uint8 training images `x_train` `[N, H, W, C]` (a constant channel gets std 1)."""
+    channels = x_train.shape[-1]
+    known = NORMALIZATION.get(name.split("/")[0])
+    if known is not None and len(known[0]) == channels:
+        return np.float32(known[0]), np.float32(known[1])
+    pixels = x_train.reshape(-1, channels).astype(np.float64) / 255.0
+    std = pixels.std(axis=0)
+    return pixels.mean(axis=0), np.where(std > 0, std, 1.0)
 
 
 def _load_idx(data_dir, name):
@@ -497,20 +525,28 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
     return data.x_train[chosen].astype(np.float32) / 255.0, data.y_train[chosen]
 
 
-def class_balanced_batches(data, batch_per_class, seed=0, start=0):
+def class_balanced_batches(data, batch_per_class, seed=0, start=0, order="shuffled"):
     """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every class in
-    every batch, as NCFM's per-class matching needs. Each class is read in a random order redrawn
-    on every pass over it; batch `i` is a pure function of `(seed, i)` (a stateless index
-    shuffle), so a resumed run restarts the stream at its batch `start`."""
+    every batch, as NCFM's per-class matching needs. `order="shuffled"` (ours): each class is read
+    in a random order redrawn on every pass over it; batch `i` is a pure function of `(seed, i)`
+    (a stateless index shuffle), so a resumed run restarts the stream at its batch `start`.
+    `order="first"`: every batch holds each class's first `batch_per_class` training images (in
+    the data's order, cycled if the class is smaller), as the official loader's `class_sample`
+    takes `[:n]` at every iteration. `NCFMError` for another `order`."""
+    if order not in CHOICES["real_batch"]:
+        raise NCFMError(f"order={order!r}: use shuffled or first")
     k, b = data.num_classes, batch_per_class
     images = tf.constant(data.x_train[np.argsort(data.y_train, kind="stable")])  # class-sorted
     counts = data.class_counts().astype(np.int64)
     slot_class = np.repeat(np.arange(k, dtype=np.int64), b)  # [K*b], a batch's slots flattened
     size, first = counts[slot_class], (np.cumsum(counts) - counts)[slot_class]
     seed_class = np.stack([np.full(k * b, seed, np.int64), slot_class], -1)  # [K*b, 2]
+    slot = np.tile(np.arange(b, dtype=np.int64), k)  # a slot's place in its class's batch
 
     def batch(i):
-        position = i * b + tf.tile(tf.range(b, dtype=tf.int64), [k])  # in its class's stream
+        if order == "first":
+            return tf.gather(images, np.reshape(slot % size + first, [k, b]))
+        position = i * b + slot  # in its class's stream
         shuffled = tf.raw_ops.RandomIndexShuffle(  # one permutation per (seed, class, pass)
             index=position % size, seed=tf.concat([seed_class, (position // size)[:, None]], -1),
             max_index=size - 1)
@@ -671,6 +707,7 @@ def cutmix(images, labels, seed):
 
 # --- Networks ---------------------------------------------------------------------------------
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
+MNIST_SIZE, MNIST_PAD = (28, 28), 2  # 28x28 inputs are padded to 32x32 inside the networks
 
 
 def convnet_depth(image_size):
@@ -701,14 +738,19 @@ def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
 def build_network(arch, image_shape, num_classes, mean, std):
     """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`), to
     logits; its layer "features" is the flattened penultimate activation (2048-d for ConvNet-3 on
-    32x32). `arch`: `convnet` (D x [conv3x3(128), instance norm, ReLU, avg-pool 2]), `alexnet`,
-    `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with instance norm); else `NCFMError`."""
+    32x32 and on 28x28). `arch`: `convnet` (D x [conv3x3(128), instance norm, ReLU, avg-pool 2]),
+    `alexnet`, `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with instance norm); else
+    `NCFMError`. 28x28 images (the MNIST family) are padded by 2 after normalisation, so with the
+    mean colour, and the rest of the network sees CIFAR's 32x32 shapes: DC's and the official
+    code's first convolution pads by 3 (AlexNet's by 4) for them; ResNet-18 takes 28x28 as is."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
     x = layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
+    if tuple(image_shape[:2]) == MNIST_SIZE and arch != "resnet18":
+        x = layers.ZeroPadding2D(MNIST_PAD)(x)  # the first convolution's extra padding
     if arch == "convnet":
-        for _ in range(convnet_depth(image_shape[0])):
+        for _ in range(convnet_depth(x.shape[1])):
             x = layers.AveragePooling2D(2)(_conv_norm(x, 128))
     elif arch == "alexnet":
         for spec in ((128, 5), "M", (192, 5), "M", (256, 3), (192, 3), (192, 3), "M"):
@@ -878,7 +920,8 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
 
-POOL_RECIPE = 2  # raise when the pretraining or the initialisation changes: old caches go unused
+POOL_RECIPE = 3  # raise when the pretraining, the networks or the normalisation change: old
+#                 caches go unused (3: 28x28 kept and padded in the network, official constants)
 
 
 def pool_key(data, arch, epochs, seed):
@@ -951,13 +994,34 @@ def decode_labels(labels, factor):
     return np.repeat(np.asarray(labels), factor * factor, axis=0)
 
 
-def initial_images(data, ipc, factor, init="mix", seed=0):
-    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted: `real` copies random real
-    images; `mix` fills each mosaic cell with another real image of the class, area-downsampled
-    (decoding returns blurred real images); `noise` is N(0.5, 0.25^2), clamped. NCFMError for an
-    unknown `init`, a `factor` not dividing the image size, or classes too small for the images."""
-    if init not in ("real", "mix", "noise"):
-        raise NCFMError(f"unknown init '{init}'; use real, mix or noise")
+def first_subset(data, ipc):
+    """Each class's first `ipc` training images (in the data's order), shaped as
+    `random_subset`: the official code's selection (its loader's `class_sample` takes `[:n]`)."""
+    check_ipc(data, ipc)
+    idx = np.concatenate([np.flatnonzero(data.y_train == c)[:ipc] for c in range(data.num_classes)])
+    return data.x_train[idx].astype(np.float32) / 255.0, data.y_train[idx]
+
+
+def nearest_resize(images, height, width):
+    """`[N, H, W, C]` images resized to `height x width` as torch's `F.interpolate` default
+    (legacy nearest-neighbour: output pixel j reads input pixel floor(j * H / height))."""
+    rows = np.arange(height) * images.shape[1] // height
+    cols = np.arange(width) * images.shape[2] // width
+    return images[:, rows][:, :, cols]
+
+
+def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", resize="nearest"):
+    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted. `real` copies real images;
+    `mix` fills the factor x factor cells of each stored image with real images of its class,
+    downsampled (`resize`: "nearest", as the official code's `F.interpolate`, or "area"): cell k
+    (row-major) of the class's i-th stored image holds its (k * ipc + i)-th chosen image, as the
+    official `mix` init lays them out; `noise` is N(0.5, 0.25^2), clamped. The real images are
+    each class's first ones (`init_from="first"`, the official selection) or a random draw
+    (`"random"`, from `seed`). NCFMError for an unknown setting, a `factor` not dividing the image
+    size, or classes too small for the images."""
+    for name, value in (("init", init), ("init_from", init_from), ("init_resize", resize)):
+        if value not in CHOICES[name]:
+            raise NCFMError(f"unknown {name} '{value}'; use {' or '.join(CHOICES[name])}")
     height, width, channels = data.image_shape
     if factor < 1 or height % factor or width % factor:
         raise NCFMError(f"factor={factor} must be >= 1 and divide the image size {height}x{width}")
@@ -966,14 +1030,21 @@ def initial_images(data, ipc, factor, init="mix", seed=0):
         return np.clip(np.random.default_rng(seed).normal(0.5, 0.25, shape), 0, 1).astype(
             np.float32)
     cells = ipc * factor * factor if init == "mix" else ipc
-    check_ipc(data, cells)
-    x, _ = random_subset(data, cells, seed)  # [K*cells, H, W, C]
+    if init_from == "first":
+        x, _ = first_subset(data, cells)  # [K*cells, H, W, C]
+    else:
+        x, _ = random_subset(data, cells, seed)
     if init == "real":
         return x
-    small = tf.image.resize(x, [height // factor, width // factor], method="area").numpy()
-    mosaic = small.reshape(-1, factor, factor, height // factor, width // factor, channels)
-    return np.clip(mosaic.transpose(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels),
-                   0, 1).astype(np.float32)
+    cell_height, cell_width = height // factor, width // factor
+    if resize == "nearest":
+        small = nearest_resize(x, cell_height, cell_width)
+    else:
+        small = tf.image.resize(x, [cell_height, cell_width], method="area").numpy()
+    # [K, factor (row), factor (column), ipc, h, w, C] -> [K, ipc, factor, h, factor, w, C]
+    cells = small.reshape(data.num_classes, factor, factor, ipc, cell_height, cell_width, channels)
+    mosaic = cells.transpose(0, 3, 1, 4, 2, 5, 6).reshape(-1, height, width, channels)
+    return np.clip(mosaic, 0, 1).astype(np.float32)
 
 
 # --- The CF discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2) -------------------
@@ -1084,7 +1155,8 @@ class NCFM(keras.Model):
         self.pool_trained = [tf.constant(np.stack([m[j] for m in trained])) for j in order]
         self.pool_size = len(initial)
         if init_images is None:
-            init_images = initial_images(data, config.ipc, config.factor, config.init, config.seed)
+            init_images = initial_images(data, config.ipc, config.factor, config.init,
+                                         config.seed, config.init_from, config.init_resize)
         # Replicas update these identically; `only_first_replica` keeps one copy.
         state = functools.partial(self.add_weight, aggregation="only_first_replica")
         self.synthetic = state(shape=init_images.shape, initializer="zeros", dtype="float32",
@@ -1243,14 +1315,22 @@ class NCFM(keras.Model):
 
     def _calibration(self, trained, seed):
         """A class group's `loss(stored, (classes,))`: `calibration` x the trained member's mean
-        cross-entropy on each class's images, augmented per sample, as the official code does."""
+        cross-entropy on each class's images after DSA: one draw for all the images of a class,
+        as the official code augments the class's batch (`calibration_augment="per_class"`), or
+        one per image."""
         def loss(stored, inputs):
             (classes,) = inputs
             decoded = self._decoded(stored)
             per_class = []
             for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
-                images = augment(decoded[i], tf.random.experimental.stateless_fold_in(
-                    seed, c, RNG), self.config.augment, *self.dsa_statistics)
+                class_seed = tf.random.experimental.stateless_fold_in(seed, c, RNG)
+                if self.config.calibration_augment == "per_class":
+                    params = dsa_parameters(class_seed, 1, self.image_shape[:2],
+                                            self.config.augment)
+                    images = dsa_apply(decoded[i][None], params, *self.dsa_statistics)[0]
+                else:
+                    images = augment(decoded[i], class_seed, self.config.augment,
+                                     *self.dsa_statistics)
                 _, logits = self._extract(trained, images)
                 per_class.append(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
                     tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32),

@@ -162,7 +162,7 @@ def main(argv):
                           FLAGS.eval_every, FLAGS.eval_epochs, FLAGS.eval_protocol)
     start = time.time()
     model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                        start=initial_epoch * steps),
+                                        start=initial_epoch * steps, order=config.real_batch),
               steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch, verbose=progress,
               callbacks=[writer, keras.callbacks.TensorBoard(  # it logs the writer's test_accuracy
                   os.path.join(output_dir, "tensorboard"))], shuffle=False)

@@ -60,7 +60,7 @@ def write_split(directory):
     if os.path.exists(os.path.join(directory, "t10k-labels-idx1-ubyte.gz")):
         return
     full = nk.load_dataset("fashion_mnist", FLAGS.data_dir)
-    x, y = full.x_train[:, 2:30, 2:30, 0], full.y_train  # the loader pads 28 -> 32
+    x, y = full.x_train[..., 0], full.y_train  # 28x28
     os.makedirs(directory, exist_ok=True)
     for name, (lo, hi) in (("train", (0, 1000)), ("t10k", (1000, 2000))):
         idx = np.concatenate([np.flatnonzero(y == c)[lo:hi] for c in range(10)])
@@ -86,7 +86,8 @@ def init_set(data_dir, path):
 
     data = nk.load_dataset("fashion_mnist", data_dir)
     config = nk.DistillConfig(ipc=10, num_pretrained=2, pretrain_epochs=2, sampling_net=False)
-    images = nk.initial_images(data, config.ipc, config.factor, config.init, config.seed)
+    images = nk.initial_images(data, config.ipc, config.factor, config.init, config.seed,
+                               config.init_from, config.init_resize)
     nk.save_distilled(path, nk.DistilledSet(
         images, np.repeat(np.arange(10), 10).astype(np.int32), 10, config.factor, data.name,
         data.class_names, data.mean, data.std, dataclasses.asdict(config),

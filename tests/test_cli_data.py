@@ -120,7 +120,7 @@ def test_idx_distilled_sets_find_their_data_dir(tmp_path, fashion_mnist):
     d = fashion_mnist
     for name, digest in (("same.npz", d.digest), ("other.npz", "0123456789abcdef")):
         nk.save_distilled(str(tmp_path / name), nk.DistilledSet(
-            np.full((10, 32, 32, 1), 0.5, np.float32), np.arange(10), 1, 1, d.name,
+            np.full((10, 28, 28, 1), 0.5, np.float32), np.arange(10), 1, 1, d.name,
             d.class_names, d.mean, d.std, {}, data_dir=d.data_dir, data_digest=digest))
     result = run("evaluate.py", f"--distilled={tmp_path / 'same.npz'}", *PAST_THE_CHECKS)
     assert_clean_error(result, "validation size 100000 is out of range")  # no --data_dir needed

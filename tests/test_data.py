@@ -13,15 +13,33 @@ from conftest import FASHION_MNIST_DIR, write_image_folder
 
 def test_fashion_mnist_from_idx_files(fashion_mnist):
     d = fashion_mnist
-    assert d.x_train.shape == (60000, 32, 32, 1) and d.x_test.shape == (10000, 32, 32, 1)
+    # 28x28 kept as it is (the networks pad it after normalisation, as the official code does)
+    assert d.x_train.shape == (60000, 28, 28, 1) and d.x_test.shape == (10000, 28, 28, 1)
     assert d.x_train.dtype == np.uint8
     assert np.all(d.class_counts() == 6000)
     assert d.class_names[0] == "T-shirt/top" and d.num_classes == 10
-    # 28 -> 32 zero padding (as DC/DSA/NCFM do); statistics of the unpadded images.
-    assert d.x_train[:, :2].max() == 0 and d.x_train[:, :, -2:].max() == 0
-    assert d.x_train[:, 2:30, 2:30].max() == 255
-    np.testing.assert_allclose(d.mean, [0.2860], atol=1e-3)
-    np.testing.assert_allclose(d.std, [0.3530], atol=1e-3)
+    # The official code's constants for Fashion-MNIST, close to the data's own statistics.
+    np.testing.assert_array_equal(d.mean, np.float32([0.2861]))
+    np.testing.assert_array_equal(d.std, np.float32([0.3530]))
+    pixels = d.x_train.astype(np.float64) / 255.0
+    np.testing.assert_allclose([pixels.mean(), pixels.std()], [0.2861, 0.3530], atol=2e-4)
+
+
+def test_normalisation_is_the_official_table_for_known_datasets_else_the_data():
+    x = np.full((4, 8, 8, 3), 51, np.uint8)  # every pixel 0.2
+    x[0, 0, 0] = 255
+    mean, std = nk.normalization("cifar10", x)
+    np.testing.assert_array_equal(mean, np.float32([0.4914, 0.4822, 0.4465]))
+    np.testing.assert_array_equal(std, np.float32([0.2023, 0.1994, 0.2010]))
+    np.testing.assert_array_equal(nk.normalization("imagenette/320px", x)[0],
+                                  np.float32([0.485, 0.456, 0.406]))
+    mean, std = nk.normalization("folder:/data/cifar10", x)  # a folder: its own statistics
+    pixels = x.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(0), rtol=1e-6)
+    # One channel where the table has three (a grayscale copy): the data's statistics.
+    np.testing.assert_allclose(nk.normalization("cifar10", x[..., :1])[0], pixels[:, 0].mean())
+    assert nk.normalization("toy", np.zeros((2, 4, 4, 1), np.uint8))[1] == 1.0  # constant
 
 
 def test_idx_errors(tmp_path):
@@ -150,9 +168,24 @@ def test_class_balanced_batches():
             assert np.all(b[c].numpy() == c)
 
 
+def test_first_real_batches_repeat_each_class_first_images():
+    """The official loader's real batch: each class's first images, the same every iteration."""
+    d = _labelled_by_pixels(num_classes=3, per_class=4)
+    d.x_train = d.x_train.copy()
+    d.x_train[:, 0, 0, 0] = np.arange(len(d.x_train))  # each image's index, in data order
+    batches = list(nk.class_balanced_batches(d, 6, seed=1, order="first").take(3))
+    for c in range(3):
+        mine = np.flatnonzero(d.y_train == c)
+        expected = mine[[0, 1, 2, 3, 0, 1]]  # the first 6 of 4: cycled
+        for b in batches:
+            np.testing.assert_array_equal(b[c, :, 0, 0, 0].numpy(), expected)
+    with pytest.raises(nk.NCFMError, match="order='sorted': use shuffled or first"):
+        nk.class_balanced_batches(d, 2, order="sorted")
+
+
 def test_random_subset_and_ipc_checks(fashion_mnist):
     x, y = nk.random_subset(fashion_mnist, ipc=10, seed=3)
-    assert x.shape == (100, 32, 32, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
+    assert x.shape == (100, 28, 28, 1) and x.dtype == np.float32 and 0 <= x.min() <= x.max() <= 1
     assert np.all(np.bincount(y) == 10)
     assert len(np.unique(x.reshape(100, -1), axis=0)) == 100
     x2, _ = nk.random_subset(fashion_mnist, ipc=10, seed=3)
@@ -164,7 +197,7 @@ def test_random_subset_and_ipc_checks(fashion_mnist):
 
 def test_validation_split_tests_on_held_out_training_images(fashion_mnist):
     val = nk.validation_split(fashion_mnist, 500)
-    assert val.x_test.shape == (500, 32, 32, 1) and len(val.y_test) == 500
+    assert val.x_test.shape == (500, 28, 28, 1) and len(val.y_test) == 500
     train_rows = {row.tobytes() for row in fashion_mnist.x_train.reshape(60000, -1)}
     assert all(row.tobytes() in train_rows for row in val.x_test.reshape(500, -1))
     assert len(np.unique(val.x_test.reshape(500, -1), axis=0)) == 500  # no repeats

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 
 import ncfm_keras as nk
-from conftest import write_image_folder
+from conftest import FASHION_MNIST_DIR, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -373,3 +373,26 @@ def test_finished_networks_survive_a_later_failure(tmp_path, exception):
         assert result.stderr.strip().splitlines() == [
             f"interrupted: {tmp_path / 'out' / 'evaluation.json'} keeps the 1 finished "
             "network(s)"]
+
+
+def test_sets_of_the_old_32x32_fashion_mnist_are_refused_naming_the_cause(tmp_path):
+    """ncfm-keras before 2026-12 stored zero-padded 32x32 Fashion-MNIST sets; 28x28 stays 28x28
+    now, and such a set is refused in one line, while a set from another tool in the documented
+    format (factor 1, images at the data's shape) evaluates."""
+    names = nk.MNIST_FAMILY["fashion_mnist"]
+    labels = np.repeat(np.arange(10), 1).astype(np.int32)
+    old = tmp_path / "old.npz"
+    nk.save_distilled(str(old), nk.DistilledSet(
+        np.full((10, 32, 32, 1), 0.5, np.float32), labels, 1, 2, "fashion_mnist", names,
+        np.float32([0.286]), np.float32([0.353]), {}))
+    _one_line_error(_run(f"--distilled={old}", f"--data_dir={FASHION_MNIST_DIR}", "--epochs=1",
+                         f"--output_dir={tmp_path / 'out'}"),
+                    "holds 32x32 images", "28x28", "re-distil it with train.py")
+    other = tmp_path / "other.npz"
+    nk.save_distilled(str(other), nk.DistilledSet(
+        np.full((10, 28, 28, 1), 0.5, np.float32), labels, 1, 1, "fashion_mnist", names,
+        np.float32([0.286]), np.float32([0.353]), {}))
+    result = _run(f"--distilled={other}", f"--data_dir={FASHION_MNIST_DIR}", "--epochs=1",
+                  "--repeats=1", f"--output_dir={tmp_path / 'other_eval'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "convnet: final " in result.stdout

@@ -109,19 +109,43 @@ def test_sampling_net_ascent_cannot_widen_frequencies_past_its_bound():
 
 def test_mix_init_holds_downsampled_real_images_of_each_class(small_fashion_mnist):
     d = small_fashion_mnist
-    images = nk.initial_images(d, ipc=2, factor=2, init="mix", seed=0)
-    assert images.shape == (20, 32, 32, 1) and 0 <= images.min() and images.max() <= 1
+    images = nk.initial_images(d, ipc=2, factor=2, init="mix", seed=0, init_from="random",
+                               resize="area")
+    assert images.shape == (20, 28, 28, 1) and 0 <= images.min() and images.max() <= 1
     decoded = nk.decode(tf.constant(images), 2).numpy()
-    assert decoded.shape == (80, 32, 32, 1)
+    assert decoded.shape == (80, 28, 28, 1)
     real, _ = nk.random_subset(d, 8, seed=0)  # the same draw the init used
-    # Each decoded cell is the real image, down- then up-sampled: close, not equal.
-    error = np.abs(decoded - real).mean(axis=(1, 2, 3))
+    # Decoded cell k of stored image i (of a class) is its chosen image k*ipc + i, down- then
+    # up-sampled: close, not equal.
+    order = [c * 8 + k * 2 + i for c in range(10) for i in range(2) for k in range(4)]
+    error = np.abs(decoded - real[order]).mean(axis=(1, 2, 3))
     assert np.all(error < 0.12), error.max()
-    assert nk.initial_images(d, 3, 1, "real").shape == (30, 32, 32, 1)
+    assert nk.initial_images(d, 3, 1, "real").shape == (30, 28, 28, 1)
     noise = nk.initial_images(d, 1, 2, "noise")
     assert 0.4 < noise.mean() < 0.6
     with pytest.raises(nk.NCFMError, match="factor=3 must"):
         nk.initial_images(d, 1, 3, "mix")
+    with pytest.raises(nk.NCFMError, match="unknown init_from 'last'; use first or random"):
+        nk.initial_images(d, 1, 2, "mix", init_from="last")
+
+
+def test_official_mix_init_by_hand(small_fashion_mnist):
+    """The official `mix` init: each class's first ipc*factor^2 images, cell (r, c) of stored
+    image i holding image (r*factor + c)*ipc + i downsampled as torch's nearest (every second
+    pixel for 28 -> 14)."""
+    d = small_fashion_mnist
+    images = nk.initial_images(d, ipc=2, factor=2, init="mix")  # the defaults: first, nearest
+    for c in range(10):
+        first = d.x_train[np.flatnonzero(d.y_train == c)[:8]].astype(np.float32) / 255.0
+        for i in range(2):
+            stored = images[c * 2 + i]
+            for r in range(2):
+                for col in range(2):
+                    cell = stored[14 * r:14 * (r + 1), 14 * col:14 * (col + 1)]
+                    np.testing.assert_array_equal(cell, first[(r * 2 + col) * 2 + i][::2, ::2])
+    real = nk.initial_images(d, ipc=3, factor=2, init="real")
+    first = d.x_train[np.flatnonzero(d.y_train == 0)[:3]].astype(np.float32) / 255.0
+    np.testing.assert_array_equal(real[:3], first)
 
 
 def _pool(data, members=2, distinct=True):
@@ -314,20 +338,28 @@ def test_per_class_step_is_k_sequential_optimizer_steps(small_fashion_mnist, rea
 
 def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist, real_batch):
     """Calibration loss = calibration x sum over classes of the class's mean cross-entropy
-    (the official per-class loss); image_lr ~ 0 so the pixels stay put across the loop."""
-    model = _model(small_fashion_mnist, sampling_net=False, calibration=2.0, image_lr=1e-12)
-    seed = tf.constant([1, 2])
-    logs = model.train_step(real_batch, seed)
-    _, trained, _, _, calibration_seed = model._draw(seed, tf.range(10))
-    decoded = model._decoded(model._stored_synthetic(tf.range(10)))
-    expected = 0.0
-    for c in range(10):
-        images = nk.augment(decoded[c], tf.random.experimental.stateless_fold_in(
-            calibration_seed, c, nk.RNG), model.config.augment, *model.dsa_statistics)
-        _, logits = model._extract(trained, images)
-        expected += 2.0 * float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-            tf.fill([decoded.shape[1]], c), logits, from_logits=True)))
-    np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
+    (the official per-class loss), its DSA one draw for all of a class's images (official) or
+    one per image; image_lr ~ 0 so the pixels stay put across the loop."""
+    for augment in ("per_class", "per_sample"):
+        model = _model(small_fashion_mnist, sampling_net=False, calibration=2.0,
+                       image_lr=1e-12, calibration_augment=augment)
+        seed = tf.constant([1, 2])
+        logs = model.train_step(real_batch, seed)
+        _, trained, _, _, calibration_seed = model._draw(seed, tf.range(10))
+        decoded = model._decoded(model._stored_synthetic(tf.range(10)))
+        expected = 0.0
+        for c in range(10):
+            class_seed = tf.random.experimental.stateless_fold_in(calibration_seed, c, nk.RNG)
+            draws = 1 if augment == "per_class" else decoded.shape[1]
+            params = nk.dsa_parameters(class_seed, draws, (28, 28), model.config.augment)
+            if augment == "per_class":  # one row: every image of the class
+                images = nk.dsa_apply(decoded[c][None], params, *model.dsa_statistics)[0]
+            else:
+                images = nk.dsa_apply(decoded[c], params, *model.dsa_statistics)
+            _, logits = model._extract(trained, images)
+            expected += 2.0 * float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                tf.fill([decoded.shape[1]], c), logits, from_logits=True)))
+        np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
 
 
 def test_frequencies_are_drawn_per_class_or_per_iteration(small_fashion_mnist):

@@ -88,3 +88,22 @@ def test_sgd_protocols_use_coupled_weight_decay():
         optimizer = nk._evaluation_optimizer(nk.PROTOCOLS[name], 100)
         assert isinstance(optimizer, nk.CoupledSGD) and optimizer.weight_decay is None
         assert optimizer.coupled_weight_decay == nk.PROTOCOLS[name].weight_decay == 5e-4
+
+
+def test_28x28_networks_pad_with_the_mean_colour_inside():
+    """A 28x28 network is the 32x32 one (same weights) on the image framed by 2 mean-coloured
+    pixels: the official first convolution's padding of 3 after normalisation."""
+    mean, std = [0.3], [0.2]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (3, 28, 28, 1)).astype(np.float32)
+    framed = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=0.3)
+    for arch in ("convnet", "alexnet", "vgg11"):
+        small = nk.build_network(arch, (28, 28, 1), 10, mean, std)
+        large = nk.build_network(arch, (32, 32, 1), 10, mean, std)
+        large.set_weights(small.get_weights())
+        np.testing.assert_allclose(small(x), large(framed), rtol=1e-4, atol=1e-5)
+    assert nk.with_features(small).outputs[0].shape[-1] == 512  # VGG's 512 x 1 x 1
+    convnet = nk.build_network("convnet", (28, 28, 1), 10, mean, std)
+    assert nk.with_features(convnet).outputs[0].shape[-1] == 2048  # CIFAR's 128 x 4 x 4
+    resnet = nk.build_network("resnet18", (28, 28, 1), 10, mean, std)  # takes 28x28 as is
+    assert not any(isinstance(layer, keras.layers.ZeroPadding2D) for layer in resnet.layers)
