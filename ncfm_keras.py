@@ -1,25 +1,32 @@
 """ncfm-keras: dataset distillation with Neural Characteristic Functions, in Keras 3.
 
-NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax Perspective",
-CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class (IPC) whose *features*, under a
-pool of pretrained ConvNets, have the real data's characteristic function (CF) at the frequencies
-that a small sampling network psi picks to tell them apart: the images minimise the CF discrepancy
-while psi maximises it, one round of this min-max game per `NCFM.train_step`.
+NCFM (Wang et al., "Dataset Distillation with Neural Characteristic Function: A Minmax
+Perspective", CVPR 2025, arXiv 2502.20653) learns a few synthetic images per class (IPC) whose
+*features*, under a pool of pretrained ConvNets, have the real data's characteristic function
+(CF) at the frequencies that a small sampling network psi picks to tell them apart: the images
+minimise the CF discrepancy while psi maximises it, one round of this min-max game per
+`NCFM.train_step`.
 
 The module reads top to bottom in the order the data flows:
 
     configuration  DistillConfig, PRESETS, EvalProtocol, PROTOCOLS
-    data           load_dataset (TFDS, IDX files, image folders), baselines, class_balanced_batches
+    data           load_dataset (TFDS, IDX files, image folders), baselines,
+                   class_balanced_batches
     augmentation   siamese DSA (dsa_parameters, dsa_apply), CutMix
     networks       ConvNet, AlexNet, VGG-11, ResNet-18
     training       train_network: the evaluation and pretraining protocols
-    the method     pretrained pool -> synthetic set -> CF loss (Eq. 6-8) -> psi (Sec. 4.2.2) -> NCFM
+    the method     pretrained pool -> synthetic set -> CF loss (Eq. 6-8) -> psi (Sec. 4.2.2) ->
+                   (several devices, non-finite steps) -> NCFM, whose train_step is one
+                   iteration
     evaluation     evaluate_images, soft-label teachers
-    run support    build_distiller, devices, non-finite steps, resumable state, the distilled-set
-                   file, atomic writes, CSV and plots, checkpoints, signals
+    files          the distilled-set file, atomic writes
+    the distiller  build_distiller: the pool, then a compiled NCFM
 
-Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings; the library never
-reads command-line flags, `train.py` and `evaluate.py` do)::
+What a run of train.py needs around `fit()` (checkpoints, metrics.csv, plots, signals) is in
+runs.py beside it.
+
+Distil, then evaluate (Fashion-MNIST from its IDX files, offline; tiny settings; the library
+never reads command-line flags, `train.py` and `evaluate.py` do)::
 
     import ncfm_keras as nk
     data = nk.load_dataset("fashion_mnist", "/usr/share/datasets/fashion-mnist")
@@ -39,11 +46,11 @@ import hashlib
 import json
 import math
 import os
-import signal
 import struct
 import sys
 import tempfile
 import threading
+import typing
 import zipfile
 import zlib
 
@@ -57,52 +64,75 @@ class NCFMError(ValueError):
     """A problem with the user's input: the message names it and says how to fix it."""
 
 
-# --- Configuration: the settings of a distillation, its presets, the training protocols -------
+# --- Configuration: the settings of a distillation, its presets, the training protocols ------
 
-CHOICES = dict(init=("real", "mix", "noise"), init_from=("first", "random"),
-               init_resize=("nearest", "area"), loss=("cf", "mmd"),
-               frequency_draw=("per_class", "per_iteration"), image_steps=("per_class", "summed"),
-               calibration_augment=("per_class", "per_sample"), real_batch=("shuffled", "first"),
-               dsa_space=("normalized", "pixel"))  # DistillConfig's enumerated settings
+# DistillConfig's enumerated settings.
+CHOICES = dict(init=("real", "mix", "noise"),
+               init_from=("first", "random"),
+               init_resize=("nearest", "area"),
+               real_batch=("shuffled", "first"),
+               loss=("cf", "mmd"),
+               frequency_draw=("per_class", "per_iteration"),
+               calibration_augment=("per_class", "per_sample"),
+               image_steps=("per_class", "summed"),
+               dsa_space=("normalized", "pixel"))
+
+
+def setting(default, help):
+    """A `DistillConfig` field whose `help` is the one text of its meaning (train.py's
+    --help)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass
 class DistillConfig:
     """Every setting of a distillation, checked whenever one is made (NCFMError names the first
-    invalid one); defaults are the official CIFAR-10 config's unless a comment says "ours"."""
-    ipc: int = 10                 # stored images per class
-    factor: int = 2               # multi-formation: each stored image holds factor^2 images
-    init: str = "mix"             # real | mix | noise
-    init_from: str = "first"      # the real images init copies: each class's first (official)
-    #                               | random ones (ours until the ablation of results/)
-    init_resize: str = "nearest"  # mix: cells downsampled nearest-neighbour (official) | area
-    iterations: int = 20000       # official
-    batch_real: int = 1024        # real images per class per iteration (official CIFAR-10)
-    real_batch: str = "shuffled"  # a fresh random batch per class each iteration (ours) | the
-    #                               same first batch_real images of each class (official)
-    num_freqs: int = 4096         # M, frequencies per iteration (official)
-    sampling_net: bool = True     # psi, the min-max (paper; ours); False: t ~ N(0, I) (official)
-    sampler_steps: int = 1        # psi ascent steps per iteration
-    frequency_draw: str = "per_class"  # psi off: t ~ N(0, I) per class (official) | per_iteration
-    loss: str = "cf"              # cf (NCFM) | mmd (DM's mean-feature loss, the baseline)
-    alpha: float = 0.5            # amplitude weight (official)
-    beta: float = 0.5             # phase weight (official)
-    match_scale: float = 300.0    # official scale of the matching loss of a class
-    calibration: float = 1.0      # weight of the calibration cross-entropy; 0 turns it off
-    calibration_augment: str = "per_class"  # one DSA draw per class (official) | per_sample
-    image_lr: float = 1e-3        # AdamW on the pixels (official)
-    image_weight_decay: float = 5e-4
-    image_steps: str = "per_class"  # one AdamW step per class (official) | summed (one step)
-    lr_patience: int = 500        # halve the image lr after this many iterations w/o progress
-    sampler_lr: float = 1e-3      # SGD on psi (official), momentum 0.5
-    sampler_max_scale: float = 2.0  # bound on psi's scales (ours, see SamplingNet)
-    sampler_weight_decay: float = 5e-4
-    augment: str = "color_crop_cutout"  # siamese DSA for matching (official)
-    dsa_space: str = "normalized"  # DSA on mean/std-normalised images (official) | pixel
-    num_pretrained: int = 20      # pool size P
-    pretrain_epochs: int = 60     # official
-    class_group: int = 1          # classes per network pass (real, psi, summed; per-class: 1)
-    seed: int = 0
+    invalid one); defaults are the official CIFAR-10 config's unless the help says "ours"."""
+    ipc: int = setting(10, "Stored synthetic images per class.")
+    factor: int = setting(2, "Multi-formation: each stored image holds factor^2 images.")
+    init: str = setting("mix", "Initial images: real, mix (factor^2 real images per stored "
+                        "image, official) or noise.")
+    init_from: str = setting("first", "The real images the init copies: each class's first "
+                             "(official) or random ones.")
+    init_resize: str = setting("nearest", "How mix downsamples its cells: nearest (torch's "
+                               "interpolate, official) or area.")
+    iterations: int = setting(20000, "Distillation iterations (official).")
+    batch_real: int = setting(1024, "Real images per class per iteration (official CIFAR-10).")
+    real_batch: str = setting("shuffled", "The real batch of a class: shuffled, a fresh "
+                              "random one every iteration (ours), or first, the same first "
+                              "batch_real images every iteration (the official loader).")
+    num_freqs: int = setting(4096, "M, frequencies of the CF per iteration (official).")
+    sampling_net: bool = setting(True, "psi, the min-max sampling network (paper; a psi that "
+                                 "trains is ours); false: t ~ N(0, I) (the official configs).")
+    sampler_steps: int = setting(1, "psi's ascent steps per iteration.")
+    frequency_draw: str = setting("per_class", "Without psi: t ~ N(0, I) drawn per class "
+                                  "(official) or per_iteration.")
+    loss: str = setting("cf", "cf (NCFM) or mmd (DM's mean-feature loss, the baseline).")
+    alpha: float = setting(0.5, "Weight of the CF amplitude term (official).")
+    beta: float = setting(0.5, "Weight of the CF phase term (official).")
+    match_scale: float = setting(300.0, "Scale of a class's matching loss (official).")
+    calibration: float = setting(1.0, "Weight of the calibration cross-entropy; 0 turns it "
+                                 "off (official: 1).")
+    calibration_augment: str = setting("per_class", "Calibration's DSA: one draw per class "
+                                       "(official) or per_sample.")
+    image_lr: float = setting(1e-3, "AdamW learning rate of the pixels (official).")
+    image_weight_decay: float = setting(5e-4, "AdamW weight decay of the pixels (official).")
+    image_steps: str = setting("per_class", "Image updates: one AdamW step per class "
+                               "(official) or summed (one step on the summed loss).")
+    lr_patience: int = setting(500, "Halve the image learning rate after this many iterations "
+                               "without progress (official).")
+    sampler_lr: float = setting(1e-3, "SGD learning rate of psi, momentum 0.5 (official).")
+    sampler_max_scale: float = setting(2.0, "Bound on psi's scales (ours, see SamplingNet).")
+    sampler_weight_decay: float = setting(5e-4, "Weight decay of psi's SGD (official).")
+    augment: str = setting("color_crop_cutout", "Siamese DSA ops of matching, '_'-joined "
+                           "(official).")
+    dsa_space: str = setting("normalized", "DSA on mean/std-normalised images (official) or "
+                             "on [0, 1] pixels (pixel).")
+    num_pretrained: int = setting(20, "Pool size P: pretrained ConvNets (official).")
+    pretrain_epochs: int = setting(60, "Pretraining epochs of each pool member (official).")
+    class_group: int = setting(1, "Classes sent through the network at once (memory and "
+                               "speed; ours).")
+    seed: int = setting(0, "Seed of the pool, the init and every draw of the distillation.")
 
     def __post_init__(self):  # also runs in `dataclasses.replace`
         at_least = dict(ipc=1, factor=1, iterations=1, batch_real=1, sampler_steps=1,
@@ -122,12 +152,14 @@ class DistillConfig:
 
 
 # What differs from DistillConfig's defaults per dataset: cifar100's is ours (100 classes x 1024
-# real images is too much for one GPU per iteration), tiny_imagenet's the official config's.
+# real images are too many for one GPU per iteration), tiny_imagenet's that of some official
+# commits (see docs/faithfulness.md).
 PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
 
 
 def preset(dataset, ipc):
-    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the defaults)."""
+    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the
+    defaults)."""
     return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
 
 
@@ -149,7 +181,8 @@ class EvalProtocol:
 
     def __post_init__(self):
         if self.dsa_space not in CHOICES["dsa_space"]:
-            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or pixel")
+            raise NCFMError(f"dsa_space='{self.dsa_space}' is unknown; use normalized or "
+                            "pixel")
 
 
 # NCFM's official evaluation (AdamW, lr halved at 20/40/60/80 %, DSA + CutMix); DM's (Zhao & Bilen
@@ -164,7 +197,7 @@ PROTOCOLS = {
 }
 
 
-# --- Data -------------------------------------------------------------------------------------
+# --- Data ------------------------------------------------------------------------------------
 
 MNIST_FAMILY = {"mnist": [str(d) for d in range(10)],
                 "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
@@ -556,7 +589,7 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0, order="shuffl
                                                deterministic=True).prefetch(2)
 
 
-# --- Differentiable siamese augmentation (DSA, Zhao & Bilen 2021) -----------------------------
+# --- Differentiable siamese augmentation (DSA, Zhao & Bilen 2021) ----------------------------
 # Draw i of `dsa_parameters` transforms all of row i: in matching a class (its real and
 # synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel
 # (TF's ImageProjectiveTransformV3 has none, hence the hand-written `_bilinear_warp`).
@@ -584,8 +617,8 @@ def parse_augment(ops):
 
 def dsa_parameters(seed, count, image_size, ops):
     """`count` draws (a dict of `[count, ...]` tensors) from the int `[2]` `seed` for `(H, W)`
-    images; as the official code does, flip, colour and cutout apply whenever in `ops`, and a draw
-    picks *one* of crop / scale / rotate."""
+    images; as the official code does, flip, colour and cutout apply whenever in `ops`, and a
+    draw picks *one* of crop / scale / rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
@@ -646,10 +679,10 @@ def _bilinear_warp(images, theta):
 
 
 def dsa_apply(images, params, mean=None, std=None):
-    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]` (one
-    image per row), in [0, 1]. With the dataset's `mean`, `std` (`[C]`) it augments normalised
-    images, as the official code does (mean-colour fill, jitter in std units), else the pixels
-    (black fill). `NCFMError` if only one of `mean` and `std` is given."""
+    """Draw i of `params` applied to row i of `images`, `[R, B, H, W, C]` or `[R, H, W, C]`
+    (one image per row), in [0, 1]. With the dataset's `mean`, `std` (`[C]`) it augments
+    normalised images, as the official code does (mean-colour fill, jitter in std units), else
+    the pixels (black fill). `NCFMError` if only one of `mean` and `std` is given."""
     if (mean is None) != (std is None):
         raise NCFMError("dsa_apply got only one of mean and std; pass both or neither")
     rows = images.shape.rank == 5
@@ -700,12 +733,13 @@ def cutmix(images, labels, seed):
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
     box = tf.cast((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1), images.dtype)
     perm = tf.random.experimental.stateless_shuffle(tf.range(n), s[4], alg=RNG)
-    mixed = images * (1.0 - box[None, :, :, None]) + tf.gather(images, perm) * box[None, :, :, None]
+    box = box[None, :, :, None]
+    mixed = images * (1.0 - box) + tf.gather(images, perm) * box
     area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / float(height * width)
     return mixed, labels * (1.0 - area) + tf.gather(labels, perm) * area
 
 
-# --- Networks ---------------------------------------------------------------------------------
+# --- Networks --------------------------------------------------------------------------------
 ARCHITECTURES = ("convnet", "alexnet", "vgg11", "resnet18")
 MNIST_SIZE, MNIST_PAD = (28, 28), 2  # 28x28 inputs are padded to 32x32 inside the networks
 
@@ -716,8 +750,8 @@ def convnet_depth(image_size):
 
 
 def _torch_init(fan_in):
-    """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which set
-    the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
+    """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which
+    set the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
     return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
                 bias_initializer=keras.initializers.RandomUniform(-bound, bound))
@@ -736,13 +770,14 @@ def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
 
 
 def build_network(arch, image_shape, num_classes, mean, std):
-    """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`), to
-    logits; its layer "features" is the flattened penultimate activation (2048-d for ConvNet-3 on
-    32x32 and on 28x28). `arch`: `convnet` (D x [conv3x3(128), instance norm, ReLU, avg-pool 2]),
-    `alexnet`, `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with instance norm); else
-    `NCFMError`. 28x28 images (the MNIST family) are padded by 2 after normalisation, so with the
-    mean colour, and the rest of the network sees CIFAR's 32x32 shapes: DC's and the official
-    code's first convolution pads by 3 (AlexNet's by 4) for them; ResNet-18 takes 28x28 as is."""
+    """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`),
+    to logits; its layer "features" is the flattened penultimate activation (2048-d for
+    ConvNet-3 on 32x32 and on 28x28). `arch`: `convnet` (D x [conv3x3(128), instance norm,
+    ReLU, avg-pool 2]), `alexnet`, `vgg11` or `resnet18` (Zhao et al.'s CIFAR variants, with
+    instance norm); else `NCFMError`. 28x28 images (the MNIST family) are padded by 2 after
+    normalisation, so with the mean colour, and the rest of the network sees CIFAR's 32x32
+    shapes: DC's and the official code's first convolution pads by 3 (AlexNet's by 4) for them;
+    ResNet-18 takes 28x28 as is."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
@@ -806,12 +841,16 @@ def with_features(model):
     return keras.Model(model.input, [model.get_layer("features").output, model.output])
 
 
-# --- Training a network: the protocols of evaluation and of the pool's pretraining ------------
+# --- Training a network: the protocols of evaluation and of the pool's pretraining -----------
 
 class CoupledSGD(keras.optimizers.SGD):
     """SGD with the weight decay `wd` (`coupled_weight_decay`) inside the momentum, as in
-    `torch.optim.SGD`, the official code's optimizer: `v <- momentum·v + g + wd·w; w <- w - lr·v`.
-    Keras' velocity holds the learning rate: after a drop the momentum fades at the old rate."""
+    `torch.optim.SGD`, the official code's optimizer:
+
+        v <- momentum·v + g + wd·w;  w <- w - lr·v
+
+    Keras' velocity holds the learning rate: after a drop the momentum fades at the old rate,
+    about 1/(1 - momentum) times weaker than torch's for a while."""
 
     def __init__(self, learning_rate=0.01, momentum=0.0, coupled_weight_decay=0.0, **kwargs):
         super().__init__(learning_rate, momentum=momentum, **kwargs)
@@ -830,7 +869,8 @@ def _evaluation_optimizer(protocol, steps):
     """AdamW (decoupled weight decay, as torch's) or `CoupledSGD` (momentum 0.9), stepped."""
     boundaries = [max(1, int(f * steps)) for f in protocol.lr_milestones]
     boundaries = sorted(set(min(b, max(steps - 1, 1)) for b in boundaries))
-    values = [protocol.learning_rate * protocol.lr_factor ** i for i in range(len(boundaries) + 1)]
+    values = [protocol.learning_rate * protocol.lr_factor ** i
+              for i in range(len(boundaries) + 1)]
     schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
     if protocol.optimizer == "adamw":
         return keras.optimizers.AdamW(schedule, weight_decay=protocol.weight_decay)
@@ -859,14 +899,16 @@ def _training_stream(x, y, protocol, seed, mean, std):
 
 
 class SoftLabelStudent(keras.Model):
-    """Trains `student` (whose `call` it is) on soft targets for `soft_steps` steps, then on the
-    hard labels: targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix mixes both, as
-    the official code mixes its two losses), or a frozen `teacher`'s softmax (T = 1) on the
-    augmented, mixed batch is the soft one ("per-batch" labels, as SRe2L and RDED use)."""
+    """Trains `student` (whose `call` it is) on soft targets for `soft_steps` steps, then on
+    the hard labels: targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix mixes
+    both, as the official code mixes its two losses), or a frozen `teacher`'s softmax (T = 1)
+    on the augmented, mixed batch is the soft one ("per-batch" labels, as SRe2L and RDED use)."""
 
     def __init__(self, student, teacher, soft_steps):
         super().__init__()
-        self.student, self.teacher, self.soft_steps = student, teacher, soft_steps
+        self.student = student
+        self.teacher = teacher
+        self.soft_steps = soft_steps
         if teacher is not None:
             teacher.trainable = False
         # Its own count: a loss-scaled optimizer's `iterations` skips overflowing steps.
@@ -879,9 +921,16 @@ class SoftLabelStudent(keras.Model):
     def train_step(self, data):
         images, targets = data
         k = targets.shape[-1] // 2
-        soft = ((lambda: tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32)))
-                if self.teacher is not None else lambda: targets[:, k:])
-        labels = tf.cond(self.batches_seen < self.soft_steps, soft, lambda: targets[:, :k])
+
+        def soft():
+            if self.teacher is None:
+                return targets[:, k:]
+            return tf.nn.softmax(tf.cast(self.teacher(images, training=False), tf.float32))
+
+        def hard():
+            return targets[:, :k]
+
+        labels = tf.cond(self.batches_seen < self.soft_steps, soft, hard)
         self.batches_seen.assign_add(1)
         return super().train_step((images, labels))
 
@@ -891,9 +940,10 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
                   test_data=None, test_epochs=()):
     """Trains and returns `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int
     `[N]`, or soft `[N, K]`) as `protocol` says; `mean`, `std`: the dataset's `[C]` statistics,
-    needed for normalised DSA (else `NCFMError`). `soft` (`[N, K]`) or a `teacher` give the targets
-    but in the last `hard_label_epochs` epochs (`SoftLabelStudent`). `test_data` (batches of
-    images, one-hot labels) is tested after the 1-based `test_epochs`, into `callbacks`' History."""
+    needed for normalised DSA (else `NCFMError`). `soft` (`[N, K]`) or a `teacher` give the
+    targets but in the last `hard_label_epochs` epochs (`SoftLabelStudent`). `test_data`
+    (batches of images, one-hot labels) is tested after the 1-based `test_epochs`, into
+    `callbacks`' History."""
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
@@ -915,7 +965,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     return model
 
 
-# --- The method, from here to `NCFM`. First, the pretrained pool ------------------------------
+# --- The method, from here to `NCFM`. First, the pretrained pool -----------------------------
 # NCFM extracts features with ConvNets blended between their initial and trained weights,
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
@@ -950,7 +1000,8 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     finishes (an interrupted pool resumes). Returns `(initial, trained)`: per member, the numpy
     weights in the order of `with_features(build_network(...)).weights`."""
     if num_models < 1 or epochs < 0:
-        raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0, not {num_models}, {epochs}")
+        raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0, not {num_models}, "
+                        f"{epochs}")
     key = pool_key(data, arch, epochs, seed)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
     bar = keras.utils.Progbar(num_models * epochs, verbose=verbose) if epochs else None
@@ -974,7 +1025,7 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     return [initial for initial, _ in members], [trained for _, trained in members]
 
 
-# --- The synthetic set: multi-formation (IDC, Kim et al. 2022) and initialisation -------------
+# --- The synthetic set: multi-formation (IDC, Kim et al. 2022) and initialisation ------------
 
 def decode(images, factor):
     """Multi-formation decoding: every stored image holds a factor x factor mosaic whose cells
@@ -983,7 +1034,8 @@ def decode(images, factor):
     if factor == 1:
         return images
     n, height, width, channels = (tf.shape(images)[0],) + tuple(images.shape[1:])
-    cells = tf.reshape(images, [n, factor, height // factor, factor, width // factor, channels])
+    cell_height, cell_width = height // factor, width // factor
+    cells = tf.reshape(images, [n, factor, cell_height, factor, cell_width, channels])
     cells = tf.reshape(tf.transpose(cells, [0, 1, 3, 2, 4, 5]),
                        [-1, height // factor, width // factor, channels])
     return tf.image.resize(cells, [height, width], method="bilinear")
@@ -998,7 +1050,8 @@ def first_subset(data, ipc):
     """Each class's first `ipc` training images (in the data's order), shaped as
     `random_subset`: the official code's selection (its loader's `class_sample` takes `[:n]`)."""
     check_ipc(data, ipc)
-    idx = np.concatenate([np.flatnonzero(data.y_train == c)[:ipc] for c in range(data.num_classes)])
+    idx = np.concatenate([np.flatnonzero(data.y_train == c)[:ipc]
+                          for c in range(data.num_classes)])
     return data.x_train[idx].astype(np.float32) / 255.0, data.y_train[idx]
 
 
@@ -1011,20 +1064,21 @@ def nearest_resize(images, height, width):
 
 
 def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", resize="nearest"):
-    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted. `real` copies real images;
-    `mix` fills the factor x factor cells of each stored image with real images of its class,
-    downsampled (`resize`: "nearest", as the official code's `F.interpolate`, or "area"): cell k
-    (row-major) of the class's i-th stored image holds its (k * ipc + i)-th chosen image, as the
-    official `mix` init lays them out; `noise` is N(0.5, 0.25^2), clamped. The real images are
-    each class's first ones (`init_from="first"`, the official selection) or a random draw
-    (`"random"`, from `seed`). NCFMError for an unknown setting, a `factor` not dividing the image
-    size, or classes too small for the images."""
+    """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted. `real` copies real
+    images; `mix` fills the factor x factor cells of each stored image with real images of its
+    class, downsampled (`resize`: "nearest", as the official code's `F.interpolate`, or
+    "area"): cell k (row-major) of the class's i-th stored image holds its (k * ipc + i)-th
+    chosen image, as the official `mix` init lays them out; `noise` is N(0.5, 0.25^2), clamped.
+    The real images are each class's first ones (`init_from="first"`, the official selection)
+    or a random draw (`"random"`, from `seed`). NCFMError for an unknown setting, a `factor`
+    not dividing the image size, or classes too small for the images."""
     for name, value in (("init", init), ("init_from", init_from), ("init_resize", resize)):
         if value not in CHOICES[name]:
             raise NCFMError(f"unknown {name} '{value}'; use {' or '.join(CHOICES[name])}")
     height, width, channels = data.image_shape
     if factor < 1 or height % factor or width % factor:
-        raise NCFMError(f"factor={factor} must be >= 1 and divide the image size {height}x{width}")
+        raise NCFMError(f"factor={factor} must be >= 1 and divide the image size "
+                        f"{height}x{width}")
     if init == "noise":
         shape = (data.num_classes * ipc, height, width, channels)
         return np.clip(np.random.default_rng(seed).normal(0.5, 0.25, shape), 0, 1).astype(
@@ -1042,17 +1096,18 @@ def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", res
     else:
         small = tf.image.resize(x, [cell_height, cell_width], method="area").numpy()
     # [K, factor (row), factor (column), ipc, h, w, C] -> [K, ipc, factor, h, factor, w, C]
-    cells = small.reshape(data.num_classes, factor, factor, ipc, cell_height, cell_width, channels)
+    cells = small.reshape(data.num_classes, factor, factor, ipc, cell_height, cell_width,
+                          channels)
     mosaic = cells.transpose(0, 3, 1, 4, 2, 5, 6).reshape(-1, height, width, channels)
     return np.clip(mosaic, 0, 1).astype(np.float32)
 
 
-# --- The CF discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2) -------------------
+# --- The CF discrepancy (Eq. 6-8) and the sampling network psi (Sec. 4.2.2) ------------------
 
 def empirical_cf(features, t):
-    """Real and imaginary parts `[..., M]` of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq. 6),
-    of features `[..., B, D]` at frequencies `t`: `[M, D]` shared by every leading entry, or
-    `[g, M, D]`, one set per entry of `[g, B, D]` features."""
+    """Real and imaginary parts `[..., M]` of the empirical CF, mean_i exp(j <t_m, x_i>) (Eq.
+    6), of features `[..., B, D]` at frequencies `t`: `[M, D]` shared by every leading entry,
+    or `[g, M, D]`, one set per entry of `[g, B, D]` features."""
     if t.shape.rank == 3:
         projection = tf.matmul(features, t, transpose_b=True)  # [g, B, M]
     else:  # one [N, D] x [D, M] product: a batched one would make t's gradient [..., M, D]
@@ -1064,8 +1119,8 @@ def empirical_cf(features, t):
 
 def cf_loss(feat_real, feat_syn, t, alpha=0.5, beta=0.5):
     """NCFM's CF discrepancy (Eq. 7-8) `[...]` of features `[..., B1, D]` and `[..., B2, D]` at
-    frequencies `t` (as `empirical_cf` takes them), in float32 whatever the dtype policy, linear
-    in the batch sizes and the number of frequencies (no B1 x B2 kernel):
+    frequencies `t` (as `empirical_cf` takes them), in float32 whatever the dtype policy,
+    linear in the batch sizes and the number of frequencies (no B1 x B2 kernel):
 
         amplitude_m = (|Phi_a| - |Phi_b|)^2                         # Eq. 7, amplitude
         phase_m = 2 (|Phi_a||Phi_b| - re_a re_b - im_a im_b)        # Eq. 7, phase (>= 1e-12)
@@ -1117,17 +1172,120 @@ class SamplingNet(keras.Model):
     def call(self, seed, training=False):
         """Draws `[num_freqs, D]` frequencies from the int seed `[2]`."""
         noise_seed, eps_seed = split_seed(seed, 2)
-        noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed, alg=RNG)
+        noise = tf.random.stateless_normal([self.components, self.feature_dim], noise_seed,
+                                           alg=RNG)
         scales = self.max_scale * tf.cast(self.mlp(noise, training=training), tf.float32)
         eps = tf.random.stateless_normal([self.components, self.per_component, self.feature_dim],
                                          eps_seed, alg=RNG)
         return tf.reshape(scales[:, None, :] * eps, [self.num_freqs, self.feature_dim])
 
 
-# --- NCFM: the min-max model ------------------------------------------------------------------
-# Its multi-device and non-finite mechanics are named helpers in run support: on one device
-# `replica_classes` is all classes, `sum_over_replicas` the identity, `repeat` a
-# `tf.while_loop`, `apply_if_finite` an `optimizer.apply` that skips non-finite steps.
+# --- Several devices and non-finite steps: what `NCFM` needs of them -------------------------
+# On one device `replica_classes` is all K classes, `for_each_class` a `tf.while_loop`,
+# `sum_over_replicas` the identity and `apply_if_finite` an `optimizer.apply` that skips a
+# non-finite update.
+
+def classes_per_replica(num_classes, replicas=None):
+    """K/R, the classes each of R replicas (default: the strategy's) matches; NCFMError unless
+    R divides K."""
+    if replicas is None:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    if num_classes % replicas:
+        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
+                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
+    return num_classes // replicas
+
+
+def replica_classes(count):
+    """The `count` classes (int32 `[count]`) this replica matches: all K without a strategy."""
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.cast(replica, tf.int32) * count + tf.range(count)
+
+
+def for_each_class(count, step, state):
+    """`state = step(j, state)` for the classes j = 0 .. count-1 in turn: a `tf.while_loop`,
+    whose graph does not grow with the count, or unrolled under a strategy (replicas cannot
+    synchronise inside a `tf.while_loop`)."""
+    if tf.distribute.has_strategy():
+        for j in range(count):
+            state = step(j, state)
+        return state
+
+    def body(j, state):
+        return j + 1, step(j, state)
+
+    def more(j, state):
+        return j < count
+
+    return tf.while_loop(more, body, (0, state))[1]
+
+
+def sum_over_replicas(value):
+    """`value` summed over the replicas (`value` itself without a strategy)."""
+    return tf.distribute.get_replica_context().all_reduce("sum", value)
+
+
+def apply_if_finite(optimizer, loss, grads, variables, counter):
+    """Applies `grads` unless the loss or a gradient is not finite on a replica (as a
+    LossScaleOptimizer does itself), counting skips in the metric `counter`.
+
+    Returns `done`, a bool tensor for later reads of the variables to depend on: an update
+    inside a `tf.cond` is not ordered before them otherwise. `train_step` threads it through
+    every update of an iteration, so each step reads what the previous one left."""
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in [loss, *grads]])
+    finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
+        done = tf.identity(finite)
+    else:
+        # Decided once, in cross-replica context: an update synchronises the replicas, which
+        # a per-replica `tf.cond` branch may not do.
+        def update(strategy, finite, grads):
+            def apply():
+                strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+                return tf.constant(True)
+
+            def skip():
+                return tf.constant(False)
+
+            return tf.cond(strategy.experimental_local_results(finite)[0], apply, skip)
+
+        done = tf.distribute.get_replica_context().merge_call(update, args=(finite, grads))
+    first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+    counter.update_state(tf.cast(first & ~finite, tf.float32))  # once: metrics sum replicas
+    return done
+
+
+def unscaled(optimizer, grad):
+    """`grad` without the loss scale of a `LossScaleOptimizer`."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return grad / tf.cast(optimizer.dynamic_scale, grad.dtype)
+    return grad
+
+
+# --- NCFM: the min-max model -----------------------------------------------------------------
+
+class Draw(typing.NamedTuple):
+    """An iteration's randomness (`NCFM._draw`), the same on every replica."""
+    blended: list            # the blended extractor's weights, lam*init + (1-lam)*trained
+    trained: list            # the same member's trained weights (calibration)
+    dsa: dict                # a siamese DSA draw per class of this replica, `[k, ...]` each
+    frequency_seed: tf.Tensor    # int [2]: psi's noise, or t ~ N(0, I) per class without psi
+    calibration_seed: tf.Tensor  # int [2]: calibration's DSA
+
+
+class ImageSteps(typing.NamedTuple):
+    """What a phase of image updates did: its summed loss, the squared norm of its gradients
+    (without loss scaling) and `done`, ready once its last update is applied."""
+    loss: tf.Tensor
+    grad_square: tf.Tensor
+    done: tf.Tensor
+
+    def then(self, step):
+        """These steps followed by `step`."""
+        return ImageSteps(loss=self.loss + step.loss,
+                          grad_square=self.grad_square + step.grad_square, done=step.done)
+
 
 class NCFM(keras.Model):
     """NCFM distillation as a `keras.Model`: each `fit()` step, on class-balanced uint8 real
@@ -1137,16 +1295,25 @@ class NCFM(keras.Model):
 
     def __init__(self, data, config, pool, init_images=None, **kwargs):
         super().__init__(**kwargs)
-        self.config, self.num_classes, self.image_shape = config, data.num_classes, data.image_shape
+        self.config = config
+        self.num_classes = data.num_classes
+        self.image_shape = data.image_shape
         self.local_classes = classes_per_replica(self.num_classes)
         # DSA's space: normalised with the dataset's statistics (official), or [0, 1] pixels.
-        self.dsa_statistics = ((np.float32(data.mean), np.float32(data.std))
-                               if config.dsa_space == "normalized" else ())
-        # Classes through the network at once (peak memory): the largest divisor <= class_group.
+        self.dsa_mean = None
+        self.dsa_std = None
+        if config.dsa_space == "normalized":
+            self.dsa_mean = np.float32(data.mean)
+            self.dsa_std = np.float32(data.std)
+        # Classes through the network at once (peak memory): the largest divisor of the
+        # replica's classes up to class_group.
         limit = min(config.class_group, self.local_classes)
         self.class_group = max(g for g in range(1, limit + 1) if self.local_classes % g == 0)
-        network = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
-        network.trainable = False  # its variables are placeholders: weights are fed per step
+
+        # The pool: one network whose placeholder weights are replaced by a member's each step.
+        network = build_network("convnet", data.image_shape, data.num_classes, data.mean,
+                                data.std)
+        network.trainable = False
         self.extractor = with_features(network)  # (features, logits)
         position = {id(w): i for i, w in enumerate(network.weights)}
         order = [position[id(w)] for w in self.extractor.non_trainable_variables]
@@ -1154,33 +1321,44 @@ class NCFM(keras.Model):
         self.pool_initial = [tf.constant(np.stack([m[j] for m in initial])) for j in order]
         self.pool_trained = [tf.constant(np.stack([m[j] for m in trained])) for j in order]
         self.pool_size = len(initial)
+
+        # The synthetic set. Replicas update it identically (`only_first_replica`: one copy).
         if init_images is None:
             init_images = initial_images(data, config.ipc, config.factor, config.init,
                                          config.seed, config.init_from, config.init_resize)
-        # Replicas update these identically; `only_first_replica` keeps one copy.
-        state = functools.partial(self.add_weight, aggregation="only_first_replica")
-        self.synthetic = state(shape=init_images.shape, initializer="zeros", dtype="float32",
-                               name="synthetic_images")
+        self.synthetic = self.add_weight(shape=init_images.shape, initializer="zeros",
+                                         dtype="float32", name="synthetic",
+                                         aggregation="only_first_replica")
         self.synthetic.assign(init_images)
         self.labels = np.repeat(np.arange(data.num_classes), config.ipc).astype(np.int32)
-        feature_dim = self.extractor.outputs[0].shape[-1]
-        self.sampler = (SamplingNet(feature_dim, config.num_freqs,
-                                    max_scale=config.sampler_max_scale, name="sampler")
-                        if config.sampling_net and config.loss == "cf" else None)
-        # The completed iterations; the plateau's best loss and iterations since (`_plateau`).
-        counter = functools.partial(state, shape=(), trainable=False)
-        self.iteration = counter(initializer="zeros", dtype="int64", name="iteration")
-        self.plateau_best = counter(initializer=keras.initializers.Constant(math.inf),
-                                    name="plateau_best")
-        self.plateau_wait = counter(initializer="zeros", dtype="int32", name="plateau_wait")
-        names = ("matching_loss", "calibration_loss", "image_grad_norm") + (
-            ("sampler_loss", "frequency_norm") if self.sampler is not None else ())
+
+        # psi, when on (it draws the frequencies of CF matching).
+        self.sampler = None
+        if config.sampling_net and config.loss == "cf":
+            feature_dim = self.extractor.outputs[0].shape[-1]
+            self.sampler = SamplingNet(feature_dim, config.num_freqs,
+                                       max_scale=config.sampler_max_scale, name="sampler")
+
+        # The completed iterations (they seed the randomness); the plateau's best loss and the
+        # iterations since it (`_plateau`).
+        self.iteration = self._counter("iteration", "int64", "zeros")
+        self.plateau_best = self._counter("plateau_best", "float32",
+                                          keras.initializers.Constant(math.inf))
+        self.plateau_wait = self._counter("plateau_wait", "int32", "zeros")
+        names = ["matching_loss", "calibration_loss", "image_grad_norm"]
+        if self.sampler is not None:
+            names += ["sampler_loss", "frequency_norm"]
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
         self.trackers["nonfinite_steps"] = keras.metrics.Sum("nonfinite_steps")  # per epoch
         self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
+    def _counter(self, name, dtype, initializer):
+        return self.add_weight(shape=(), initializer=initializer, dtype=dtype, name=name,
+                               trainable=False, aggregation="only_first_replica")
+
     def compile(self, image_optimizer, sampler_optimizer=None, **kwargs):
-        """`image_optimizer` updates the pixels (as `self.optimizer`), `sampler_optimizer` psi."""
+        """`image_optimizer` updates the pixels (as `self.optimizer`), `sampler_optimizer`
+        psi."""
         super().compile(optimizer=image_optimizer, **kwargs)
         if self.sampler is not None:
             if sampler_optimizer is None:
@@ -1188,9 +1366,11 @@ class NCFM(keras.Model):
             if keras.config.dtype_policy().name == "mixed_float16":
                 sampler_optimizer = keras.optimizers.LossScaleOptimizer(sampler_optimizer)
         self.sampler_optimizer = sampler_optimizer
-        self._build_optimizers()  # before tracing: updates run inside a tf.cond
+        self.build_optimizers()  # before tracing: updates run inside a tf.cond
 
-    def _build_optimizers(self):
+    def build_optimizers(self):
+        """Creates both optimizers' variables (and psi's), as a resumed run must before it
+        restores them."""
         if not self.optimizer.built:
             self.optimizer.build([self.synthetic])
         if self.sampler is not None:
@@ -1210,19 +1390,21 @@ class NCFM(keras.Model):
     def train_step(self, real, seed=None):
         """One NCFM iteration on `real`, uint8 `[k, batch_real, H, W, C]` (this replica's k
         classes), with `seed` int `[2]` (default: `_draw`'s). Returns the metrics (of all K)."""
-        classes = replica_classes(self.local_classes)
-        blended, trained, params, frequency_seed, calibration_seed = self._draw(seed, classes)
-        real_features = self._real_features(real, blended, params)  # [k, B, D]
-        done, t, logs = tf.constant(True), None, {}
+        classes = replica_classes(self.local_classes)  # [k]: all K classes on one device
+        draw = self._draw(seed, classes)
+        real_features = self._real_features(real, draw)  # [k, B, D], constants for the tapes
+        done = tf.constant(True)  # each update's `done` (see `apply_if_finite`)
+        logs = {}
 
-        # psi: maximise the discrepancy (ascent, written as minimising its negative), like a
-        # GAN's critic. The features do not depend on psi: computed once.
+        # 1. psi: maximise the discrepancy (ascent, written as minimising its negative), like a
+        #    GAN's critic. The features do not depend on psi: computed once.
+        t = None
         if self.sampler is not None:
-            syn_features = self._synthetic_features(blended, params, classes)  # [k, S, D]
+            syn_features = self._synthetic_features(draw, classes)  # [k, S, D]
             variables = self.sampler.trainable_variables
             for _ in range(self.config.sampler_steps):
                 with tf.GradientTape() as tape:
-                    t = self.sampler(frequency_seed, training=True)  # [M, D]
+                    t = self.sampler(draw.frequency_seed, training=True)  # [M, D]
                     ascent = -self._discrepancy(real_features, syn_features, t)
                     scaled = self.sampler_optimizer.scale_loss(ascent)  # identity unless fp16
                 done = apply_if_finite(self.sampler_optimizer, ascent,
@@ -1230,145 +1412,186 @@ class NCFM(keras.Model):
                                        self.trackers["nonfinite_steps"])
             logs["sampler_loss"] = sum_over_replicas(-ascent)  # what psi saw before its step
             with tf.control_dependencies([done]):
-                t = tf.stop_gradient(self.sampler(frequency_seed, training=True))
+                t = tf.stop_gradient(self.sampler(draw.frequency_seed, training=True))
             logs["frequency_norm"] = tf.reduce_mean(tf.norm(t, axis=-1))  # N(0, I): ~sqrt(D)
 
-        # images: minimise the discrepancy under the updated psi, an AdamW step per class.
-        matching, square, done = self.descend(self._matching(blended, frequency_seed, t),
-                                              (real_features, params, classes), classes, done)
-        logs["matching_loss"] = total = sum_over_replicas(matching)
-        norm = tf.sqrt(sum_over_replicas(square))
+        # 2. images: minimise the discrepancy under the updated psi (`_image_steps`: one AdamW
+        #    step per class, as the official code does).
+        matching = self._image_steps(
+            self._matching_loss, classes, after=done,
+            per_class=dict(real_features=real_features, dsa=draw.dsa),
+            shared=dict(weights=draw.blended, frequency_seed=draw.frequency_seed,
+                        frequencies=t))
+        logs["matching_loss"] = total = sum_over_replicas(matching.loss)
+        norm = tf.sqrt(sum_over_replicas(matching.grad_square))
         finite = tf.math.is_finite(norm)  # not, when loss scaling skips an overflowing step
+        done = matching.done
 
-        # calibration, a second pass of steps: the trained member must classify the images.
+        # 3. calibration, a second pass of steps: the trained member must classify the images.
         if self.config.calibration > 0:
-            calibration, _, done = self.descend(self._calibration(trained, calibration_seed),
-                                                (classes,), classes, done)
-            logs["calibration_loss"] = sum_over_replicas(calibration)
+            calibration = self._image_steps(
+                self._calibration_loss, classes, after=done, per_class={},
+                shared=dict(trained=draw.trained, seed=draw.calibration_seed))
+            logs["calibration_loss"] = sum_over_replicas(calibration.loss)
             total += logs["calibration_loss"]
+            done = calibration.done
 
-        # clamp, once after all the steps; the learning-rate plateau sees the iteration's loss.
+        # 4. clamp, once after all the steps; the learning-rate plateau sees the total loss.
         with tf.control_dependencies([done]):
             self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
             self.iteration.assign_add(1)
             self._plateau(total)
         for name, value in logs.items():
             self.trackers[name].update_state(value)
+        weight = tf.cast(finite, tf.float32)  # a skipped step's norm does not count
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
-                                                      sample_weight=tf.cast(finite, tf.float32))
+                                                      sample_weight=weight)
         return {name: m.result() for name, m in self.trackers.items()}
 
-    def descend(self, loss_fn, inputs, classes, after):
-        """Image descent on `loss_fn(stored [g, ipc, H, W, C], inputs)`, a class group's loss,
-        for `classes` (whose `inputs` are `[k, ...]`) once the update `after` is done: one step
-        per class (`image_steps="per_class"`, as the official code does), each on the pixels the
-        previous left (the gradient is zero outside the class, but Adam's momentum and the weight
-        decay move every pixel), or one on the summed loss. Under a strategy each replica steps
-        its own K/R classes, as the official data parallelism does. Returns the summed loss, its
-        gradient's squared norm and a tensor ready once the last update is done."""
-        def gradient(stored, inputs):  # the images' tape
+    def _image_steps(self, loss, classes, after, per_class, shared):
+        """The images descend on `loss(stored, classes, **per_class, **shared)`, a class
+        group's loss of its stored images `[g, ipc, H, W, C]` (`per_class` holds `[k, ...]`
+        inputs, cut to the group; `shared` is passed as it is), once the update `after` is
+        done.
+
+        `image_steps="per_class"` (the official code's loop): one AdamW step per class, each on
+        the pixels the previous one left; the gradient is zero outside the class, but Adam's
+        momentum and the weight decay move every pixel. `"summed"`: one step on the loss summed
+        over the classes (`_summed_step`). Under a strategy each replica steps its own K/R
+        classes, as the official data parallelism does. Returns `ImageSteps`."""
+        if self.config.image_steps == "summed":
+            return self._summed_step(loss, classes, after, per_class, shared)
+        def class_step(j, steps):  # class j's update, on what the previous one left
+            inputs = tf.nest.map_structure(lambda v: v[j][None], per_class)
+            step = self._image_step(loss, classes[j][None], steps.done, inputs, shared)
+            return steps.then(step)
+
+        start = ImageSteps(tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
+        return for_each_class(self.local_classes, class_step, start)
+
+    def _image_step(self, loss, one, after, inputs, shared):
+        """One update of the images on `loss` of the class `one` (int `[1]`) once `after` is
+        done; its `ImageSteps`."""
+        with tf.control_dependencies([after]):  # read the pixels the previous step left
+            stored = self._stored_synthetic(one)
             with tf.GradientTape() as tape:
                 tape.watch(stored)
-                loss = loss_fn(stored, inputs)
-                scaled = self.optimizer.scale_loss(loss)
-            return loss, tape.gradient(scaled, stored)
+                value = loss(stored, one, **inputs, **shared)
+                scaled = self.optimizer.scale_loss(value)  # identity unless mixed float16
+            grad = tape.gradient(scaled, stored)
+        done = apply_if_finite(self.optimizer, value, [self._full_gradient(grad, one)],
+                               [self.synthetic], self.trackers["nonfinite_steps"])
+        square = tf.reduce_sum(tf.square(unscaled(self.optimizer, grad)))
+        return ImageSteps(value, square, done)
 
-        def update(loss, grad):
-            return apply_if_finite(self.optimizer, loss, [grad], [self.synthetic],
-                                   self.trackers["nonfinite_steps"])
+    def _summed_step(self, loss, classes, after, per_class, shared):
+        """One update of the images on `loss` summed over `classes`, computed a class group at
+        a time (`class_group`): the group gradients together are the summed loss's gradient."""
+        def group_gradient(group):
+            stored, group_classes, inputs = group
+            with tf.GradientTape() as tape:
+                tape.watch(stored)
+                value = loss(stored, group_classes, **inputs, **shared)
+                scaled = self.optimizer.scale_loss(value)
+            return value, tape.gradient(scaled, stored)
 
-        if self.config.image_steps == "summed":
-            with tf.control_dependencies([after]):
-                losses, grads = self._map_groups(lambda x: gradient(x[0], x[1:]),
-                                                 (self._stored_synthetic(classes), *inputs),
-                                                 (tf.float32, tf.float32))
-            loss, grad = tf.reduce_sum(losses), self._full_gradient(grads, classes)
-            done = update(loss, grad)
-            return loss, tf.reduce_sum(tf.square(unscaled(self.optimizer, grad))), done
-
-        def step(j, loss, square, done):
-            with tf.control_dependencies([done]):  # read the pixels the last step left
-                one = classes[j][None]
-                step_loss, grad = gradient(self._stored_synthetic(one),
-                                           tf.nest.map_structure(lambda v: v[j][None], inputs))
-            done = update(step_loss, self._full_gradient(grad, one))
-            return (j + 1, loss + step_loss,
-                    square + tf.reduce_sum(tf.square(unscaled(self.optimizer, grad))), done)
-
-        state = (0, tf.constant(0.0), tf.constant(0.0), tf.cast(after, tf.bool))
-        return repeat(self.local_classes, step, state)[1:]
+        with tf.control_dependencies([after]):
+            losses, grads = self._map_groups(
+                group_gradient, (self._stored_synthetic(classes), classes, per_class),
+                (tf.float32, tf.float32))
+        value = tf.reduce_sum(losses)
+        grad = self._full_gradient(grads, classes)
+        done = apply_if_finite(self.optimizer, value, [grad], [self.synthetic],
+                               self.trackers["nonfinite_steps"])
+        square = tf.reduce_sum(tf.square(unscaled(self.optimizer, grad)))
+        return ImageSteps(value, square, done)
 
     def _discrepancy(self, real_features, syn_features, t):
         """`match_scale` x the loss summed over the classes of features `[g, B, D]`."""
-        per_class = (mmd_loss(real_features, syn_features) if self.config.loss == "mmd" else
-                     cf_loss(real_features, syn_features, t, self.config.alpha, self.config.beta))
+        if self.config.loss == "mmd":
+            per_class = mmd_loss(real_features, syn_features)
+        else:
+            per_class = cf_loss(real_features, syn_features, t, self.config.alpha,
+                                self.config.beta)
         return self.config.match_scale * tf.reduce_sum(per_class)
 
-    def _matching(self, weights, seed, t):
-        """A class group's matching loss `loss(stored, (real features, DSA params, classes))`."""
-        def loss(stored, inputs):
-            real_features, params, classes = inputs
-            freqs = self._class_frequencies(seed, classes) if t is None else t
-            syn_features = self._features(weights, self._decoded(stored), params)
-            return self._discrepancy(real_features, syn_features, freqs)
-        return loss
+    def _matching_loss(self, stored, classes, real_features, dsa, weights, frequency_seed,
+                       frequencies):
+        """A class group's matching loss: its stored images `[g, ipc, H, W, C]` decoded, after
+        the group's `dsa` draw, through the extractor `weights`, against its `real_features`
+        `[g, B, D]`, at psi's `frequencies` `[M, D]` or, without psi, at t ~ N(0, I) drawn
+        afresh per class from `frequency_seed` (the official configs)."""
+        if self.sampler is None:
+            frequencies = self._class_frequencies(frequency_seed, classes)
+        syn_features = self._features(weights, self._decoded(stored), dsa)
+        return self._discrepancy(real_features, syn_features, frequencies)
 
-    def _calibration(self, trained, seed):
-        """A class group's `loss(stored, (classes,))`: `calibration` x the trained member's mean
-        cross-entropy on each class's images after DSA: one draw for all the images of a class,
-        as the official code augments the class's batch (`calibration_augment="per_class"`), or
-        one per image."""
-        def loss(stored, inputs):
-            (classes,) = inputs
-            decoded = self._decoded(stored)
-            per_class = []
-            for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
-                class_seed = tf.random.experimental.stateless_fold_in(seed, c, RNG)
-                if self.config.calibration_augment == "per_class":
-                    params = dsa_parameters(class_seed, 1, self.image_shape[:2],
-                                            self.config.augment)
-                    images = dsa_apply(decoded[i][None], params, *self.dsa_statistics)[0]
-                else:
-                    images = augment(decoded[i], class_seed, self.config.augment,
-                                     *self.dsa_statistics)
-                _, logits = self._extract(trained, images)
-                per_class.append(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                    tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32),
-                    from_logits=True)))
-            return self.config.calibration * tf.add_n(per_class)
-        return loss
+    def _calibration_loss(self, stored, classes, trained, seed):
+        """A class group's calibration loss: `calibration` x the `trained` member's mean
+        cross-entropy on each class's decoded images after DSA: one draw for all the images of
+        a class, as the official code augments the class's batch (`calibration_augment=
+        "per_class"`), or one per image."""
+        decoded = self._decoded(stored)
+        per_class = []
+        for i, c in enumerate(tf.unstack(classes, num=classes.shape[0])):
+            class_seed = tf.random.experimental.stateless_fold_in(seed, c, RNG)
+            if self.config.calibration_augment == "per_class":
+                params = dsa_parameters(class_seed, 1, self.image_shape[:2],
+                                        self.config.augment)
+                images = dsa_apply(decoded[i][None], params, mean=self.dsa_mean,
+                                   std=self.dsa_std)[0]
+            else:
+                images = augment(decoded[i], class_seed, self.config.augment,
+                                 mean=self.dsa_mean, std=self.dsa_std)
+            _, logits = self._extract(trained, images)
+            cross_entropy = keras.losses.sparse_categorical_crossentropy(
+                tf.fill([decoded.shape[1]], c), tf.cast(logits, tf.float32), from_logits=True)
+            per_class.append(tf.reduce_mean(cross_entropy))
+        return self.config.calibration * tf.add_n(per_class)
 
     def matching_loss(self, real, seed):
         """For tests: the summed matching loss `train_step(real, seed)` sees before its first
         image step, without optimizer steps (psi's batch-norm statistics do move)."""
         classes = tf.range(self.num_classes)
-        blended, _, params, frequency_seed, _ = self._draw(seed, classes)
-        t = self.sampler(frequency_seed, training=True) if self.sampler is not None else None
-        loss = self._matching(blended, frequency_seed, t)
-        inputs = (self._real_features(real, blended, params), params, classes)
+        draw = self._draw(seed, classes)
+        t = None
+        if self.sampler is not None:
+            t = self.sampler(draw.frequency_seed, training=True)
+        real_features = self._real_features(real, draw)
+
+        def group_loss(group):
+            stored, group_classes, group_features, dsa = group
+            return self._matching_loss(stored, group_classes, group_features, dsa, draw.blended,
+                                       draw.frequency_seed, t)
+
         stored = self._stored_synthetic(classes)
-        return tf.reduce_sum(self._map_groups(lambda x: loss(x[0], x[1:]), (stored, *inputs),
-                                              tf.float32))
+        losses = self._map_groups(group_loss, (stored, classes, real_features, draw.dsa),
+                                  tf.float32)
+        return tf.reduce_sum(losses)
 
     def _draw(self, seed, classes):
-        """An iteration's randomness, the same on every replica, from `seed` (default: a function
-        of the config's seed and the iteration only): the blended extractor and its member's
-        trained weights, a siamese DSA draw per class of `classes`, the frequency and calibration
-        seeds."""
+        """An iteration's randomness as a `Draw` for `classes`, from the int `[2]` `seed` or by
+        default from the config's seed and the iteration only, so that iteration i draws the
+        same numbers in a run that was interrupted and resumed."""
         if seed is None:
             start = tf.stack([self.config.seed, tf.cast(self.iteration, tf.int32)])
-            seed = tf.random.stateless_uniform([2], start, minval=0, maxval=2 ** 30, dtype=tf.int32)
+            seed = tf.random.stateless_uniform([2], start, minval=0, maxval=2 ** 30,
+                                               dtype=tf.int32)
         blend_seed, dsa_seed, frequency_seed, calibration_seed = split_seed(seed, 4)
         member_seed, lam_seed = split_seed(blend_seed, 2)  # a pool member, lam ~ U(0, 1)
-        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32, alg=RNG)
-        blended, trained = self.blend(member, tf.random.stateless_uniform([], lam_seed, alg=RNG))
+        member = tf.random.stateless_uniform([], member_seed, 0, self.pool_size, tf.int32,
+                                             alg=RNG)
+        lam = tf.random.stateless_uniform([], lam_seed, alg=RNG)
+        blended, trained = self.blend(member, lam)
         params = dsa_parameters(dsa_seed, self.num_classes, self.image_shape[:2],
                                 self.config.augment)
-        params = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
-        return blended, trained, params, frequency_seed, calibration_seed
+        dsa = tf.nest.map_structure(lambda p: tf.gather(p, classes), params)
+        return Draw(blended=blended, trained=trained, dsa=dsa, frequency_seed=frequency_seed,
+                    calibration_seed=calibration_seed)
 
     def blend(self, member, lam):
-        """The weights `lam * init + (1 - lam) * trained` of pool `member`, and its trained ones."""
+        """The weights `lam * init + (1 - lam) * trained` of pool `member`, and its trained
+        ones."""
         trained = [tf.gather(w, member) for w in self.pool_trained]
         blended = [lam * tf.gather(w0, member) + (1.0 - lam) * w1
                    for w0, w1 in zip(self.pool_initial, trained)]
@@ -1380,9 +1603,11 @@ class NCFM(keras.Model):
         shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
         if self.config.frequency_draw == "per_iteration":
             return tf.random.stateless_normal(shape, seed, alg=RNG)
-        return tf.stack([tf.random.stateless_normal(
-            shape, tf.random.experimental.stateless_fold_in(seed, c, RNG), alg=RNG)
-            for c in tf.unstack(classes, num=classes.shape[0])])
+        draws = []
+        for c in tf.unstack(classes, num=classes.shape[0]):
+            class_seed = tf.random.experimental.stateless_fold_in(seed, c, RNG)
+            draws.append(tf.random.stateless_normal(shape, class_seed, alg=RNG))
+        return tf.stack(draws)
 
     def _extract(self, weights, images):
         """`(features, logits)` of the extractor with the given weights on `[N, H, W, C]`."""
@@ -1391,20 +1616,27 @@ class NCFM(keras.Model):
 
     def _features(self, weights, images, params):
         """L2-normalised float32 features `[g, N, D]` of images `[g, N, H, W, C]` after DSA."""
-        images = dsa_apply(images, params, *self.dsa_statistics)
+        images = dsa_apply(images, params, mean=self.dsa_mean, std=self.dsa_std)
         features, _ = self._extract(weights, tf.reshape(images, [-1, *self.image_shape]))
         features = tf.reshape(tf.cast(features, tf.float32), [*images.shape[:2], -1])
         return tf.math.l2_normalize(features, -1)
 
-    def _real_features(self, real, weights, params):
+    def _real_features(self, real, draw):
         """Features `[k, B, D]` of the augmented real batch (constants for the tapes)."""
-        return tf.stop_gradient(self._map_groups(
-            lambda x: self._features(weights, to_float(x[0]), x[1]), (real, params), tf.float32))
+        def group_features(group):
+            images, dsa = group
+            return self._features(draw.blended, to_float(images), dsa)
 
-    def _synthetic_features(self, weights, params, classes):
+        return tf.stop_gradient(self._map_groups(group_features, (real, draw.dsa), tf.float32))
+
+    def _synthetic_features(self, draw, classes):
         """Features `[k, S, D]` of the augmented decoded synthetic images of `classes`."""
-        return self._map_groups(lambda x: self._features(weights, self._decoded(x[0]), x[1]),
-                                (self._stored_synthetic(classes), params), tf.float32)
+        def group_features(group):
+            stored, dsa = group
+            return self._features(draw.blended, self._decoded(stored), dsa)
+
+        return self._map_groups(group_features, (self._stored_synthetic(classes), draw.dsa),
+                                tf.float32)
 
     def _stored_synthetic(self, classes):
         """The stored images of `classes` as `[k, ipc, H, W, C]`."""
@@ -1424,12 +1656,20 @@ class NCFM(keras.Model):
     def _map_groups(self, fn, elems, output_signature):
         """`fn` on one class group `[g, ...]` of `elems` `[k, ...]` at a time; outputs are
         `[k, ...]` again, or one value per group for scalar outputs."""
-        k, g = tf.nest.flatten(elems)[0].shape[0], self.class_group
-        grouped = tf.nest.map_structure(lambda v: tf.reshape(v, [k // g, g, *v.shape[1:]]), elems)
-        outputs = tf.map_fn(fn, grouped, fn_output_signature=output_signature,
-                            parallel_iterations=1)
-        return tf.nest.map_structure(
-            lambda v: v if v.shape.rank == 1 else tf.reshape(v, [k, *v.shape[2:]]), outputs)
+        k = tf.nest.flatten(elems)[0].shape[0]
+        g = self.class_group
+
+        def to_groups(v):
+            return tf.reshape(v, [k // g, g, *v.shape[1:]])
+
+        def from_groups(v):
+            if v.shape.rank == 1:
+                return v
+            return tf.reshape(v, [k, *v.shape[2:]])
+
+        outputs = tf.map_fn(fn, tf.nest.map_structure(to_groups, elems),
+                            fn_output_signature=output_signature, parallel_iterations=1)
+        return tf.nest.map_structure(from_groups, outputs)
 
     def _plateau(self, loss):
         """Halves the image learning rate after more than `lr_patience` iterations without a
@@ -1443,7 +1683,7 @@ class NCFM(keras.Model):
         learning_rate.assign(tf.where(reduce, 0.5 * learning_rate, learning_rate))
 
 
-# --- Evaluation -------------------------------------------------------------------------------
+# --- Evaluation ------------------------------------------------------------------------------
 
 LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "hard": "the class labels",
@@ -1453,8 +1693,10 @@ LABEL_MODES = {  # evaluation labels: name -> what trains the network
     "teacher_per_batch": "the teacher's softmax on every augmented batch; hard labels in the "
                          "last epochs",
 }
-OFFICIAL_TEST_EVERY = 100  # the official code tests every 100 epochs and after the last,
-OFFICIAL_HARD_LABEL_EPOCHS = 101  # and trains on soft labels while epoch < epochs - 100 (1-based)
+# The official code tests every 100 epochs and after the last, and trains on soft labels while
+# its 1-based epoch < epochs - 100: the last 101 epochs are hard.
+OFFICIAL_TEST_EVERY = 100
+OFFICIAL_HARD_LABEL_EPOCHS = 101
 
 
 def load_teacher(data, cache_dir, key, arch="convnet"):
@@ -1476,10 +1718,11 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
 
 
 def teacher_targets(teacher, x, y, misclassified="official"):
-    """Soft targets `[N, K]` from the teacher's logits on un-augmented float images `x` `[N, H, W,
-    C]` in [0, 1] with int labels `y` `[N]`, as the official code does (`get_softlabel`, then
-    `SoftCrossEntropy` at T = 1): softmax(logits) if correctly classified, else softmax(onehot),
-    e / (e + K - 1) on its class; `misclassified="onehot"` gives the one-hot label instead."""
+    """Soft targets `[N, K]` from the teacher's logits on un-augmented float images `x` `[N, H,
+    W, C]` in [0, 1] with int labels `y` `[N]`, as the official code does (`get_softlabel`,
+    then `SoftCrossEntropy` at T = 1): softmax(logits) if correctly classified, else
+    softmax(onehot), e / (e + K - 1) on its class; `misclassified="onehot"` gives the one-hot
+    label instead."""
     if misclassified not in ("official", "onehot"):
         raise NCFMError(f"misclassified={misclassified!r}: use official or onehot")
     logits = teacher.predict(np.asarray(x, np.float32), batch_size=256, verbose=0)
@@ -1495,11 +1738,11 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
                     hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
     """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1], int labels
     `y` `[N]` (or soft `[N, K]`), by `protocol` (PROTOCOLS key or `EvalProtocol`; `epochs`
-    overrides its count), testing on `data`'s test split every `test_every` epochs and after the
-    last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`) and train on `y`
-    in the last `hard_label_epochs` epochs. Returns a dict of the settings, the `history` of
-    `(epoch, accuracy in %)`, `final` (the last test, the headline) and `best_seen` (selected on
-    the test set: the official statistic)."""
+    overrides its count), testing on `data`'s test split every `test_every` epochs and after
+    the last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`) and train
+    on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings, the
+    `history` of `(epoch, accuracy in %)`, `final` (the last test, the headline) and
+    `best_seen` (selected on the test set: the official statistic)."""
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
     if labels != "hard" and teacher is None:
@@ -1517,9 +1760,11 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     epochs = protocol.epochs
     tested = [e for e in range(1, epochs + 1) if e % test_every == 0 or e == epochs]
     history = keras.callbacks.History()
-    train_network(model, x, y, data.num_classes, protocol, seed, [history], verbose, data.mean,
-                  data.std, soft, teacher if labels == "teacher_per_batch" else None,
-                  hard_label_epochs, test, tested)
+    batch_teacher = teacher if labels == "teacher_per_batch" else None
+    train_network(model, x, y, data.num_classes, protocol, seed=seed, callbacks=[history],
+                  verbose=verbose, mean=data.mean, std=data.std, soft=soft,
+                  teacher=batch_teacher, hard_label_epochs=hard_label_epochs, test_data=test,
+                  test_epochs=tested)
     accuracies = [100.0 * a for a in history.history["val_accuracy"]]
     result = {"final": accuracies[-1], "best_seen": max(accuracies),
               "history": list(zip(tested, accuracies)), "epochs": epochs,
@@ -1544,185 +1789,25 @@ def pretrained_feature_fn(data, seed=0, epochs=2):
 
 def summarize(runs):
     """`{"final": (mean, std), "best_seen": (mean, std)}` over repeated runs."""
-    return {key: (float(np.mean([r[key] for r in runs])), float(np.std([r[key] for r in runs])))
-            for key in ("final", "best_seen")}
+    summary = {}
+    for key in ("final", "best_seen"):
+        values = [r[key] for r in runs]
+        summary[key] = (float(np.mean(values)), float(np.std(values)))
+    return summary
 
 
-# --- Run support: the distiller, devices, non-finite steps, state, files, run writer ----------
-
-def set_precision(precision="auto"):
-    """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
-    float32 elsewhere (mixed_bfloat16 suits CPUs with bf16 units). Raises `NCFMError`."""
-    if precision == "auto":
-        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
-    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
-        raise NCFMError(f"unknown precision '{precision}'; use auto, float32, mixed_float16 "
-                        "or mixed_bfloat16")
-    keras.mixed_precision.set_global_policy(precision)
-    return precision
-
-
-def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
-    """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with the
-    official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on a GPU
-    only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras does)."""
-    check_ipc(data, config.ipc)
-    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
-    if config.init == "mix" and needed > smallest:
-        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
-                        f"{needed} real images per class, the smallest class holds "
-                        f"{smallest}; lower ipc or use init=real")
-    pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
-                         seed=config.seed, verbose=verbose)
-    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
-    if jit_compile == "auto":
-        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
-    with (strategy or tf.distribute.get_strategy()).scope():
-        model = NCFM(data, config, pool)
-        model.pool_dir = os.path.abspath(pool_dir)
-        model.compile(
-            image_optimizer=keras.optimizers.AdamW(config.image_lr,
-                                                   weight_decay=config.image_weight_decay),
-            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
-                                                   weight_decay=config.sampler_weight_decay),
-            jit_compile=jit_compile)
-    return model
-
-
-def mirrored_strategy():
-    """A `MirroredStrategy` over the visible GPUs, else over the logical CPUs (`split_cpu`)."""
-    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-    return tf.distribute.MirroredStrategy([d.name for d in devices])
-
-
-def split_cpu(count):
-    """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
-    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
-        tf.config.LogicalDeviceConfiguration() for _ in range(count)])
-
-
-def classes_per_replica(num_classes, replicas=None):
-    """K/R, the classes each of R replicas (default: the strategy's) matches; NCFMError unless
-    R divides K."""
-    replicas = replicas or tf.distribute.get_strategy().num_replicas_in_sync
-    if num_classes % replicas:
-        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
-                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
-    return num_classes // replicas
-
-
-def replica_classes(count):
-    """The `count` classes (int32 `[count]`) this replica matches: all K without a strategy."""
-    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-    return tf.cast(replica, tf.int32) * count + tf.range(count)
-
-
-def sum_over_replicas(value):
-    """`value` summed over the replicas (`value` itself without a strategy)."""
-    return tf.distribute.get_replica_context().all_reduce("sum", value)
-
-
-def repeat(count, body, state):
-    """`state = body(*state)`, `count` times (`state[0]` counts from 0): a `tf.while_loop`, whose
-    graph does not grow with `count`; unrolled under a strategy (replicas cannot sync in one)."""
-    if not tf.distribute.has_strategy():
-        return tf.while_loop(lambda j, *_: j < count, body, state)
-    for _ in range(count):
-        state = body(*state)
-    return state
-
-
-def apply_if_finite(optimizer, loss, grads, variables, counter):
-    """Applies `grads` unless the loss or a gradient is not finite on a replica (as a
-    LossScaleOptimizer does itself), counting skips in the metric `counter`. Returns a tensor for
-    later reads of the variables to depend on (else a `tf.cond` update is not ordered first)."""
-    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in [loss, *grads]])
-    finite = sum_over_replicas(1.0 - tf.cast(finite, tf.float32)) == 0.0
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        optimizer.apply([tf.where(finite, g, math.nan) for g in grads], variables)
-        done = tf.identity(finite)
-    else:
-        # Decided once, in cross-replica context: an update synchronises the replicas, which
-        # a per-replica `tf.cond` branch may not do.
-        def update(strategy, finite, grads):
-            def apply():
-                strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
-                return tf.constant(True)
-            return tf.cond(strategy.experimental_local_results(finite)[0], apply,
-                           lambda: tf.constant(False))
-        done = tf.distribute.get_replica_context().merge_call(update, args=(finite, grads))
-    first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
-    counter.update_state(tf.cast(first & ~finite, tf.float32))  # once: metrics sum replicas
-    return done
-
-
-def unscaled(optimizer, grad):
-    """`grad` without the loss scale of a `LossScaleOptimizer`."""
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return grad / tf.cast(optimizer.dynamic_scale, grad.dtype)
-    return grad
-
-
-def resumable_variables(model):
-    """The named variables a resumed `NCFM` needs: the images, psi (with its batch-norm
-    statistics), both optimizers, the plateau and the iteration (it seeds the randomness)."""
-    model._build_optimizers()
-    named = {"synthetic": model.synthetic, "iteration": model.iteration,
-             "plateau_best": model.plateau_best, "plateau_wait": model.plateau_wait}
-    groups = {"image_optimizer": model.optimizer.variables}
-    if model.sampler is not None:
-        groups.update(sampler=model.sampler.weights,
-                      sampler_optimizer=model.sampler_optimizer.variables)
-    for prefix, variables in groups.items():
-        named.update({f"{prefix}/{i:03d}": v for i, v in enumerate(variables)})
-    return named
-
-
-def get_state(model):
-    """The resumable state of an `NCFM` as numpy arrays, by name."""
-    return {name: np.array(v.numpy()) for name, v in resumable_variables(model).items()}
-
-
-def set_state(model, arrays):
-    """Restores `get_state` output; NCFMError for the state of a differently configured model."""
-    variables = resumable_variables(model)
-    mismatched = sorted(set(variables) ^ set(arrays)) + [
-        n for n in variables if n in arrays and arrays[n].shape != tuple(variables[n].shape)]
-    if mismatched:
-        raise NCFMError(f"the checkpoint does not fit this model ({', '.join(mismatched)})")
-    for name, variable in variables.items():
-        variable.assign(arrays[name])
-
-
-def distilled_set(model, data):
-    """An `NCFM`'s current synthetic images as a `DistilledSet` of `data`."""
-    key = pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed)
-    pool = {} if model.pool_dir is None else dict(dir=model.pool_dir, arch="convnet", key=key)
-    return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
-                        model.config.factor, data.name, data.class_names, data.mean, data.std,
-                        dataclasses.asdict(model.config), data_dir=data.data_dir,
-                        data_digest=data.digest, pool=pool)
-
+# --- The distilled-set file (docs/file-format.md) and atomic writes --------------------------
 
 FILE_FORMAT = "ncfm-keras distilled set v1"
 WRITING = threading.Lock()  # held by every write; a second signal exits only between them
-CSV_COLUMNS = ("iteration", "matching_loss", "sampler_loss", "calibration_loss",
-               "image_grad_norm", "frequency_norm", "learning_rate", "test_accuracy")
-STATE_PARTS = {"synthetic": ("the synthetic images", "--image_lr"),  # -> what, likely cause
-               "image_optimizer": ("the image optimizer's slots", "--image_lr"),
-               "sampler": ("psi's weights or batch-norm statistics", "--sampler_lr"),
-               "sampler_optimizer": ("psi's optimizer slots", "--sampler_lr")}
-PANELS = (("matching / psi", ("matching_loss", "sampler_loss")),  # title, CSV columns
-          ("calibration", ("calibration_loss",)), ("image gradient norm", ("image_grad_norm",)),
-          ("psi: mean |t|", ("frequency_norm",)), ("test accuracy (%)", ("test_accuracy",)))
 
 
 @dataclasses.dataclass
 class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
-    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`), `pool`
-    (`{"dir", "key", "arch"}`: files `dir/key/member-*.npz`) the pool whose member 0 teaches soft
-    labels. Older files lack the last three (None, {})."""
+    `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`),
+    `pool` (`{"dir", "key", "arch"}`: files `dir/key/member-*.npz`) the pool whose member 0
+    teaches soft labels. Older files lack the last three (None, {})."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -1743,32 +1828,14 @@ class DistilledSet:
         return x, decode_labels(self.labels, self.factor)
 
 
-def atomic_write(path, write, mode):
-    """Calls `write(file)` on a temporary file opened in `mode` beside `path`, syncs it and
-    renames it onto `path`: readers see the old complete file or the new one, never a part."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with WRITING:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
-                                   suffix=".tmp")
-        try:
-            with os.fdopen(fd, mode) as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2)), "w")
-
-
-def save_npz(path, **arrays):
-    """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
-    atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
+def distilled_set(model, data):
+    """An `NCFM`'s current synthetic images as a `DistilledSet` of `data`."""
+    key = pool_key(data, "convnet", model.config.pretrain_epochs, model.config.seed)
+    pool = {} if model.pool_dir is None else dict(dir=model.pool_dir, arch="convnet", key=key)
+    return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
+                        model.config.factor, data.name, data.class_names, data.mean, data.std,
+                        dataclasses.asdict(model.config), data_dir=data.data_dir,
+                        data_digest=data.digest, pool=pool)
 
 
 def save_distilled(path, distilled):
@@ -1807,20 +1874,6 @@ def load_distilled(path):
     return distilled
 
 
-def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
-    """The soft-label teacher (`load_teacher`) of a distilled set: member 0 of its recorded pool,
-    in `pool_dir` if given; older files without a record name their pool by their settings."""
-    key = distilled.pool.get("key")
-    if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
-        key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
-                       distilled.config["seed"])
-    directory = pool_dir or distilled.pool.get("dir")
-    if key is None or directory is None:
-        raise NCFMError(f"{path} does not record the pool it was distilled with; pass "
-                        "--pool_dir=<the --pool_dir of the train.py run that wrote it>")
-    return load_teacher(data, directory, key, distilled.pool.get("arch", "convnet"))
-
-
 def _validate_distilled(d, path):
     k, problems = len(d.class_names), []
     if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
@@ -1835,217 +1888,97 @@ def _validate_distilled(d, path):
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
 
 
-def save_grid(path, images, rows):
-    """Tiles `[rows*cols, H, W, C]` images in [0, 1] as a `[rows*H, cols*W, C]` PNG, atomically."""
-    n, height, width, channels = images.shape
-    grid = images.reshape(rows, n // rows, height, width, channels).transpose(0, 2, 1, 3, 4)
-    pixels = np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8).reshape(
-        rows * height, n // rows * width, channels)
-    atomic_write(path, lambda f: keras.utils.save_img(f, pixels, file_format="png", scale=False),
-                 "wb")
+def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
+    """The soft-label teacher (`load_teacher`) of a distilled set: member 0 of its recorded
+    pool, in `pool_dir` if given; older files without a record name their pool by their
+    settings."""
+    key = distilled.pool.get("key")
+    if key is None and {"pretrain_epochs", "seed"} <= distilled.config.keys():
+        key = pool_key(data, "convnet", distilled.config["pretrain_epochs"],
+                       distilled.config["seed"])
+    directory = pool_dir or distilled.pool.get("dir")
+    if key is None or directory is None:
+        raise NCFMError(f"{path} does not record the pool it was distilled with; pass "
+                        "--pool_dir=<the --pool_dir of the train.py run that wrote it>")
+    return load_teacher(data, directory, key, distilled.pool.get("arch", "convnet"))
 
 
-class SignalWatcher:
-    """Catches SIGINT / SIGTERM for a `RunWriter`: the first sets its `interrupted` (the signal
-    number; it then saves at the end of the epoch and stops `fit`), a second ends the process
-    at once with status 128 + its number, after any `atomic_write` in progress. A thread reads
-    them (`signal.set_wakeup_fd`): Python-level handlers run only between TensorFlow calls."""
-
-    def __init__(self, writer):
-        self.writer = writer
-        read, self.wakeup = os.pipe()
-        os.set_blocking(self.wakeup, False)
-        self.handlers = {signum: signal.signal(signum, lambda *_: None)  # the thread acts
-                         for signum in (signal.SIGINT, signal.SIGTERM)}
-        self.previous_wakeup = signal.set_wakeup_fd(self.wakeup)
-        threading.Thread(target=self._watch, args=(read,), daemon=True).start()
-
-    def _watch(self, read):
-        with os.fdopen(read, "rb", buffering=0) as pipe:  # until `close` closes the other end
-            while byte := pipe.read(1):
-                if byte[0] in self.handlers and self.writer.interrupted is None:
-                    self.writer.interrupted = byte[0]
-                    print(f"\n{signal.Signals(byte[0]).name}: finishing this epoch to save a "
-                          "checkpoint (send it again to stop at once)")
-                elif byte[0] in self.handlers:
-                    with WRITING:  # held until the process ends: no file is left half-written
-                        sys.stdout.flush()
-                        print(f"\n{signal.Signals(byte[0]).name} again: stopped at once; "
-                              f"{self.writer.status()}", file=sys.stderr, flush=True)
-                        os._exit(128 + byte[0])
-
-    def close(self):
-        """Restores the handlers; the thread reads the end of the pipe and returns."""
-        if self.wakeup is not None:
-            for signum, handler in self.handlers.items():
-                signal.signal(signum, handler)
-            signal.set_wakeup_fd(self.previous_wakeup)
-            os.close(self.wakeup)
-            self.wakeup = None
+def atomic_write(path, write, mode):
+    """Calls `write(file)` on a temporary file opened in `mode` beside `path`, syncs it and
+    renames it onto `path`: readers see the old complete file or the new one, never a part."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with WRITING:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path),
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
-class RunWriter(keras.callbacks.Callback):
-    """Writes a `fit` run to `output_dir` in the one order that keeps a killed run resumable:
-    per iteration a `metrics.csv` row; per epoch, once the state is checked finite,
-    `distilled.npz`, `grid.png`, an evaluation of that set (if `eval_every` or `eval_epochs`:
-    every `eval_every` iterations, at least an epoch, and after the last; into `evaluations` as
-    `(epoch, final, best_seen)`), the CSV rows, `loss_curves.png` and last `checkpoint.npz`
-    (state, epochs done and `meta`, the settings a resume must share; not after a stop
-    mid-epoch); at the end `images/`. At the start the temporaries of a killed run are removed
-    and `restore` (a `load_checkpoint`) is applied, dropping the CSV rows past it and a torn last
-    one (the one write not atomic). Non-finite
-    state raises an `NCFMError` naming the likely learning rate; a skipped non-finite update
-    (unless `skipped_ok`: loss scaling skips routinely) stops `fit`, leaving that error in
-    `error` for the caller. Signals: `SignalWatcher`."""
-
-    def __init__(self, data, output_dir, meta, restore=None, skipped_ok=False, eval_every=0,
-                 eval_epochs=0, protocol="ncfm"):
-        super().__init__()
-        self.data, self.output_dir, self.meta, self.restore = data, output_dir, meta, restore
-        self.skipped_ok, self.eval_every, self.eval_epochs = skipped_ok, eval_every, eval_epochs
-        self.protocol, self.saved = protocol, restore["epochs_done"] if restore else 0
-        self.evaluations, self.nonfinite_at, self.interrupted, self.error = [], None, None, None
-
-    def path(self, name):
-        return os.path.join(self.output_dir, name)
-
-    def status(self):
-        """One clause saying what the checkpoint file holds (for messages)."""
-        if not self.saved:
-            return "no checkpoint had been written yet"
-        return (f"the last checkpoint ({self.path('checkpoint.npz')}, iteration "
-                f"{self.saved * self.params['steps']}) is intact")
-
-    def on_train_begin(self, logs=None):
-        for parent, _, names in os.walk(self.output_dir):  # what `atomic_write` left when killed
-            for name in names:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    os.remove(os.path.join(parent, name))
-        if self.restore is not None:
-            set_state(self.model, self.restore["state"])
-        start, lines = self.saved * self.params["steps"], [",".join(CSV_COLUMNS)]
-        if start and os.path.exists(self.path("metrics.csv")):  # keep rows <= start, whole
-            with open(self.path("metrics.csv")) as f:
-                lines += [line for line in f.read().splitlines()[1:] if line.count(",") ==
-                          len(CSV_COLUMNS) - 1 and float(line.split(",")[0]) <= start]
-        atomic_write(self.path("metrics.csv"), lambda f: f.write("\n".join(lines) + "\n"), "w")
-        self.signals, self.distilled = SignalWatcher(self), None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch, self.rows, self.previous = epoch, [], {}
-
-    def on_train_batch_end(self, batch, logs=None):
-        row = {"iteration": self.epoch * self.params["steps"] + batch + 1, "learning_rate":
-               float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
-        # Each iteration's value is what its step added to the epoch's running sums; a step that
-        # loss scaling skipped adds no weight to image_grad_norm and gets no value.
-        for key in CSV_COLUMNS[1:-2]:
-            if key in self.model.trackers:
-                tracker = self.model.trackers[key]
-                total, count = float(tracker.total.numpy()), float(tracker.count.numpy())
-                last_total, last_count = self.previous.get(key, (0.0, 0.0))
-                if count > last_count:
-                    row[key] = (total - last_total) / (count - last_count)
-                self.previous[key] = total, count
-        self.rows.append(row)
-        if (not self.skipped_ok and float(logs.get("nonfinite_steps", 0)) > 0
-                and self.nonfinite_at is None):
-            self.nonfinite_at = row["iteration"]
-            self.model.stop_training = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        steps, epochs, done = self.params["steps"], self.params["epochs"], epoch + 1
-        state, complete = get_state(self.model), len(self.rows) == steps
-        self._check_finite(state if complete else {"synthetic": state["synthetic"]},
-                           self.nonfinite_at or done * steps)
-        self._write_set()
-        every = max(1, self.eval_every // steps) if self.eval_every else epochs
-        if (self.eval_every or self.eval_epochs) and (done % every == 0 or done == epochs):
-            x, y = self.distilled.decoded()
-            result = evaluate_images(x, y, self.data, "convnet", self.protocol,
-                                     self.eval_epochs or None)
-            self.evaluations.append((done, result["final"], result["best_seen"]))
-            self.rows[-1]["test_accuracy"] = logs["test_accuracy"] = result["final"]
-            print(f"evaluation after epoch {done}: final {result['final']:.2f}  "
-                  f"best-seen {result['best_seen']:.2f}")
-        with WRITING, open(self.path("metrics.csv"), "a") as f:
-            f.writelines(",".join("" if r.get(c) is None else f"{r[c]:.6g}" for c in CSV_COLUMNS)
-                         + "\n" for r in self.rows)
-        plot_metrics(self.path("metrics.csv"), self.path("loss_curves.png"))
-        if self.interrupted is not None:
-            self.model.stop_training = True
-        if complete:
-            save_npz(self.path("checkpoint.npz"),
-                     header=json.dumps(dict(meta=self.meta, epochs_done=done)),
-                     **{f"state/{k}": v for k, v in state.items()})
-            self.saved = done
-
-    def _write_set(self):
-        self.distilled = distilled_set(self.model, self.data)
-        save_distilled(self.path("distilled.npz"), self.distilled)
-        save_grid(self.path("grid.png"), self.distilled.images, self.data.num_classes)
-
-    def on_train_end(self, logs=None):
-        if self.distilled is None:  # no epoch ran (nothing to do): from the restored state
-            self._write_set()
-        x, y = self.distilled.decoded()
-        for i, (image, label) in enumerate(zip(x, y)):  # loadable again with folder:images
-            name = "".join(c if c.isalnum() or c in "-_." else "_"
-                           for c in self.data.class_names[label])
-            save_grid(self.path(f"images/{label:03d}_{name}/{i:05d}.png"), image[None], 1)
-        self.signals.close()
-        if self.nonfinite_at is not None:  # raised after `fit`: TensorBoard still ends cleanly
-            self.error = self._failure(
-                f"iteration {self.nonfinite_at}: the loss or a gradient is not finite; the "
-                "update was skipped, so nothing non-finite reached the images",
-                "a learning rate", " (--image_lr, --sampler_lr)")
-
-    def _check_finite(self, state, iteration):
-        """Stops on the parts of `state` (`get_state`) that are not finite. Skipped updates do
-        not catch every case: psi's batch-norm variance, updated outside the optimizer,
-        overflows once a too high --sampler_lr has blown up psi's weights."""
-        bad = sorted({name.split("/")[0] for name, v in state.items()
-                      if v.dtype.kind == "f" and not np.isfinite(v).all()})
-        if bad:
-            parts = " and ".join(STATE_PARTS[b][0] for b in bad)
-            self.signals.close()  # `on_train_end` will not run
-            raise self._failure(f"after iteration {iteration}, {parts} are not finite, so the "
-                                "run cannot be saved", STATE_PARTS[bad[0]][1])
-
-    def _failure(self, problem, cause, flags=""):
-        again = " (with --noresume)" if self.saved else ""  # a checkpoint refuses another lr
-        return NCFMError(f"{problem}; stopped, and {self.status()}. Likely cause: {cause} too "
-                         f"high for this data{flags}; lower it{again}")
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2)), "w")
 
 
-def plot_metrics(csv_path, png_path):
-    """Draws the `PANELS` that hold values in a `metrics.csv` side by side, as a PNG: the matching
-    loss with the loss psi saw before its step, and when evaluated the test accuracy."""
-    from matplotlib.figure import Figure  # no pyplot: no global figures, no GUI backend
-
-    table = np.atleast_1d(np.genfromtxt(csv_path, delimiter=",", names=True))
-    drawn = {c for c in table.dtype.names if np.isfinite(table[c]).any()}
-    panels = [(title, [c for c in columns if c in drawn]) for title, columns in PANELS
-              if drawn & set(columns)]
-    figure = Figure(figsize=(4 * len(panels), 3.2))
-    for axis, (title, columns) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
-        for column in columns:
-            valid = np.isfinite(table[column])
-            axis.plot(table["iteration"][valid], table[column][valid], label=column,
-                      marker="o" if valid.sum() < 20 else None)
-        axis.set(title=title, xlabel="iteration")
-        if len(columns) > 1:
-            axis.legend()
-    figure.tight_layout()
-    atomic_write(png_path, lambda f: figure.savefig(f, format="png", dpi=80), "wb")
+def save_npz(path, **arrays):
+    """`np.savez` of `arrays` to `path` (as named: savez would append `.npz`), atomically."""
+    atomic_write(path, lambda f: np.savez(f, **arrays), "wb")
 
 
-def load_checkpoint(path):
-    """Reads a `RunWriter` checkpoint: `{"meta", "epochs_done", "state"}`."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            header = json.loads(str(f["header"]))
-            header["state"] = {k[len("state/"):]: f[k] for k in f.files if k.startswith("state/")}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise NCFMError(f"{path} is not a readable checkpoint ({e}); delete it to start over")
-    return header
+# --- The distiller: the pool, then a compiled NCFM on the devices chosen ---------------------
+
+def set_precision(precision="auto"):
+    """Sets the Keras dtype policy and returns its name: `auto` is mixed_float16 on a GPU,
+    float32 elsewhere (mixed_bfloat16 suits CPUs with bf16 units). Raises `NCFMError`."""
+    if precision == "auto":
+        precision = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    if precision not in ("float32", "mixed_float16", "mixed_bfloat16"):
+        raise NCFMError(f"unknown precision '{precision}'; use auto, float32, mixed_float16 "
+                        "or mixed_bfloat16")
+    keras.mixed_precision.set_global_policy(precision)
+    return precision
+
+
+def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
+    """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with
+    the official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on
+    a GPU only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras does)."""
+    check_ipc(data, config.ipc)
+    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
+    if config.init == "mix" and needed > smallest:
+        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
+                        f"{needed} real images per class, the smallest class holds "
+                        f"{smallest}; lower ipc or use init=real")
+    pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
+                         seed=config.seed, verbose=verbose)
+    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
+    if jit_compile == "auto":
+        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = NCFM(data, config, pool)
+        model.pool_dir = os.path.abspath(pool_dir)
+        model.compile(
+            image_optimizer=keras.optimizers.AdamW(config.image_lr,
+                                                   weight_decay=config.image_weight_decay),
+            sampler_optimizer=keras.optimizers.SGD(config.sampler_lr, momentum=0.5,
+                                                   weight_decay=config.sampler_weight_decay),
+            jit_compile=jit_compile)
+    return model
+
+
+def mirrored_strategy():
+    """A `MirroredStrategy` over the visible GPUs, else over the logical CPUs (`split_cpu`)."""
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+
+
+def split_cpu(count):
+    """Splits the CPU into `count` logical devices (call before TensorFlow runs anything)."""
+    tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0], [
+        tf.config.LogicalDeviceConfiguration() for _ in range(count)])

@@ -13,7 +13,6 @@ checkpoint.npz (to resume) and, with --eval_every or --eval_epochs, evaluation.j
 
 import dataclasses
 import os
-import signal
 import sys
 import time
 
@@ -22,6 +21,7 @@ from absl import app, flags
 import cli  # first: it sets up TensorFlow's environment before TensorFlow loads
 import keras
 import ncfm_keras as nk
+import runs
 import tensorflow as tf
 
 flags.DEFINE_string("dataset", "cifar10", "TFDS name, MNIST-family name with IDX files in "
@@ -32,13 +32,13 @@ flags.DEFINE_integer("ipc", 10, "Stored synthetic images per class.")
 flags.DEFINE_string("output_dir", None, "Where outputs go (default runs/<dataset>_ipc<ipc>).")
 flags.DEFINE_string("pool_dir", os.path.join(os.path.expanduser("~"), ".cache", "ncfm_keras",
                                              "pools"), "Cache of pretrained pools.")
-for field in dataclasses.fields(nk.DistillConfig):
+for field in dataclasses.fields(nk.DistillConfig):  # every setting, its help from the config
     if field.name == "ipc":
         continue
     define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
               str: flags.DEFINE_string}[type(field.default)]
-    define(field.name, None, f"DistillConfig.{field.name} (default: the preset's, else "
-           f"{field.default!r}).")
+    define(field.name, None, f"{field.metadata['help']} Default: the preset's, else "
+           f"{field.default!r}.")
 flags.DEFINE_integer("log_every", 10, "Iterations per Keras epoch: after each, its CSV rows, "
                      "one progress-bar line, distilled.npz and checkpoint.npz are written.")
 flags.DEFINE_integer("eval_every", 0, "Evaluate the set every this many iterations (0: never "
@@ -97,28 +97,6 @@ def check_flags():
     return config
 
 
-def resume_point(checkpoint_path, meta, iterations):
-    """The checkpoint to continue from (None: start afresh); refuses one from other settings
-    or with more than `iterations` done."""
-    if not (FLAGS.resume and os.path.exists(checkpoint_path)):
-        return None
-    restore = nk.load_checkpoint(checkpoint_path)
-    saved = restore["meta"]
-    conflicts = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in meta.items()
-                 if k != "config" and k in saved and saved[k] != v]  # older files lack some
-    conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"
-                  for k, v in meta["config"].items() if saved["config"].get(k) != v]
-    cli.require(not conflicts, f"{checkpoint_path} is from a run with other settings ("
-                f"{'; '.join(conflicts)}); rerun with its settings, pass --noresume to start "
-                "over, or choose another --output_dir")
-    done = restore["epochs_done"] * meta["log_every"]
-    cli.require(done <= iterations, f"{checkpoint_path} already holds {done} iterations, more "
-                f"than --iterations={iterations}; a run cannot be shortened: pass --iterations="
-                f"{done} (or more, to continue), --noresume to start over, or another "
-                "--output_dir")
-    return restore
-
-
 def main(argv):
     del argv
     config = check_flags()
@@ -133,66 +111,41 @@ def main(argv):
     strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
     if strategy is not None:
         nk.classes_per_replica(data.num_classes, strategy.num_replicas_in_sync)  # before the pool
-    output_dir = FLAGS.output_dir or os.path.join(
-        "runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc{FLAGS.ipc}")
     steps = min(FLAGS.log_every, config.iterations)
-    epochs = config.iterations // steps
-    # What a resumed run must share with its checkpoint (--iterations may grow). Checked
-    # before the pool, which can take long to train.
-    meta = dict(data_digest=data.digest, image_size=FLAGS.image_size, log_every=steps,
-                precision=policy, config={k: v for k, v in dataclasses.asdict(config).items()
-                                          if k != "iterations"})
-    checkpoint_path = os.path.join(output_dir, "checkpoint.npz")
-    restore = resume_point(checkpoint_path, meta, config.iterations)
-    initial_epoch = restore["epochs_done"] if restore else 0
+    # What a resumed run must share with its checkpoint, checked before the pool trains.
+    run = runs.Run(data, output_dir(), runs.run_meta(data, config, steps, FLAGS.image_size, policy))
+    restore = None
+    if FLAGS.resume:
+        restore = runs.resume_point(run.path("checkpoint.npz"), run.meta, config.iterations)
     devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
     print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
           f"policy {policy}{devices}\n{config}", flush=True)
     start = time.time()
     jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
-    # Keras redraws its bar in place even into a log file; there, one line per epoch.
-    progress = 1 if sys.stdout.isatty() else 2
+    progress = 1 if sys.stdout.isatty() else 2  # in a log file: one line per epoch
     model = nk.build_distiller(data, config, FLAGS.pool_dir, jit, progress, strategy)
     print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
-    if restore:
-        print(f"resuming from iteration {initial_epoch * steps} ({checkpoint_path})",
-              flush=True)
-    os.makedirs(output_dir, exist_ok=True)
-    writer = nk.RunWriter(data, output_dir, meta, restore, policy == "mixed_float16",
-                          FLAGS.eval_every, FLAGS.eval_epochs, FLAGS.eval_protocol)
+    initial_epoch = runs.announce_resume(run, restore, steps)
+    os.makedirs(run.output_dir, exist_ok=True)
+    callbacks = runs.callbacks(run, restore, policy == "mixed_float16", FLAGS.eval_every,
+                               FLAGS.eval_epochs, FLAGS.eval_protocol)
+    callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard")))  # sees test_accuracy
     start = time.time()
-    model.fit(nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                        start=initial_epoch * steps, order=config.real_batch),
-              steps_per_epoch=steps, epochs=epochs, initial_epoch=initial_epoch, verbose=progress,
-              callbacks=[writer, keras.callbacks.TensorBoard(  # it logs the writer's test_accuracy
-                  os.path.join(output_dir, "tensorboard"))], shuffle=False)
-    if writer.error is not None:
-        raise writer.error
-    report(writer, model, data, config, output_dir, initial_epoch, epochs, steps,
-           time.time() - start)
+    real = nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                     start=initial_epoch * steps, order=config.real_batch)
+    model.fit(real, steps_per_epoch=steps, epochs=config.iterations // steps,
+              initial_epoch=initial_epoch, verbose=progress, callbacks=callbacks, shuffle=False)
+    if run.error is not None:
+        raise run.error
+    runs.report(run, model, initial_epoch, time.time() - start, FLAGS.eval_protocol)
 
 
-def report(writer, model, data, config, output_dir, initial_epoch, epochs, steps, seconds):
-    """What the run did, on stdout; an interrupted run exits 128 + the signal number."""
-    if writer.interrupted is not None:
-        done = (initial_epoch + len(model.history.epoch)) * steps
-        print(f"stopped by {signal.Signals(writer.interrupted).name} after iteration {done}; "
-              f"{writer.status()}. Re-run the same command to continue.", file=sys.stderr)
-        sys.exit(128 + writer.interrupted)
-    ran = (epochs - initial_epoch) * steps
-    if not ran:
-        print(f"nothing to do: {writer.path('checkpoint.npz')} already holds all "
-              f"{config.iterations} iterations; rewrote {output_dir}/distilled.npz and images/ "
-              "from it (pass a larger --iterations to continue)")
-        return
-    print(f"distilled {config.iterations} iterations ({ran} in this run, {seconds:.0f} s, "
-          f"{seconds / ran:.2f} s/iter); wrote {output_dir}/distilled.npz")
-    if writer.eval_every or writer.eval_epochs:
-        nk.write_json(os.path.join(output_dir, "evaluation.json"), {
-            "dataset": data.name, "protocol": FLAGS.eval_protocol,
-            "history": [dict(iteration=e * steps, final=f, best_seen=b)
-                        for e, f, b in writer.evaluations],
-            "distill_seconds": round(seconds, 1), "config": dataclasses.asdict(config)})
+def output_dir():
+    """--output_dir, by default runs/<dataset>_ipc<ipc>."""
+    if FLAGS.output_dir:
+        return FLAGS.output_dir
+    return os.path.join("runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc"
+                                f"{FLAGS.ipc}")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ def unreadable(directories):
     import numpy as np
 
     import ncfm_keras as nk
+    import runs
 
     bad = []
     for directory in directories:
@@ -81,7 +82,7 @@ def unreadable(directories):
                 path = os.path.join(parent, name)
                 try:
                     if name == "checkpoint.npz":
-                        nk.load_checkpoint(path)
+                        runs.load_checkpoint(path)
                     elif name == "distilled.npz":
                         nk.load_distilled(path)
                     elif name.endswith(".npz"):
@@ -146,6 +147,7 @@ def main(argv):
     import numpy as np
 
     import ncfm_keras as nk
+    import runs
 
     rng = random.Random(FLAGS.seed)
     shutil.rmtree(FLAGS.work_dir, ignore_errors=True)
@@ -183,7 +185,7 @@ def main(argv):
             resumes += "resuming from iteration" in f.read()
         bad = unreadable([out, pools])
         bad_count += len(bad)
-        done = (nk.load_checkpoint(os.path.join(out, "checkpoint.npz"))["epochs_done"] * 2
+        done = (runs.load_checkpoint(os.path.join(out, "checkpoint.npz"))["epochs_done"] * 2
                 if os.path.exists(os.path.join(out, "checkpoint.npz")) else 0)
         print(f"kill {i + 1}: {moment} -> {where} at {seconds:.1f} s; checkpoint at iteration "
               f"{done}; unreadable {len(bad)}{''.join(chr(10) + '  ' + b for b in bad)}",

@@ -10,6 +10,25 @@ import pytest  # noqa: E402
 import ncfm_keras as nk  # noqa: E402
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Tests that run train.py / evaluate.py / the notebook in subprocesses: marked `slow` (deselect
+# them with `-m "not slow"` while working; CI runs every test).
+SUBPROCESS_MODULES = {"test_cli", "test_cli_data", "test_distribute", "test_notebook",
+                      "test_resume"}
+SUBPROCESS_TESTS = {"test_soft_label_evaluation_end_to_end",
+                    "test_too_small_images_fail_before_any_training",
+                    "test_finished_networks_survive_a_later_failure",
+                    "test_sets_of_the_old_32x32_fashion_mnist_are_refused_naming_the_cause"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs the command lines in subprocesses")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if module in SUBPROCESS_MODULES or item.originalname in SUBPROCESS_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

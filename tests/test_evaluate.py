@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import ncfm_keras as nk
+import runs
 from conftest import FASHION_MNIST_DIR, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,7 +123,7 @@ def test_loss_curves_are_drawn_from_the_csv(tmp_path):
     rows += [f"{i},{30 - i},{31 - i},{2 / i},{0.5},{0.001},{'' if i < 40 else 70}"
              for i in range(1, 41)]
     csv.write_text("\n".join(rows) + "\n")
-    nk.plot_metrics(csv, tmp_path / "curves.png")
+    runs.plot_metrics(csv, tmp_path / "curves.png")
     from PIL import Image
     image = np.asarray(Image.open(tmp_path / "curves.png").convert("L"))
     assert image.shape[1] > 3 * image.shape[0]  # four panels side by side
@@ -137,7 +138,7 @@ def test_csv_rows_hold_each_iterations_values_after_a_skipped_step(tmp_path):
     trackers = {name: keras.metrics.Mean(name) for name in ("matching_loss", "image_grad_norm")}
     model = types.SimpleNamespace(trackers=trackers, stop_training=False,
                                   optimizer=types.SimpleNamespace(learning_rate=1e-3))
-    writer = nk.RunWriter(None, str(tmp_path), {})
+    writer = runs.MetricsCsv(runs.Run(None, str(tmp_path), {}))
     writer.set_model(model)
     writer.set_params({"steps": 3, "epochs": 1})
     writer.on_epoch_begin(0)

@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 import ncfm_keras as nk
+import runs
 
 
 # ---- cf_loss against an independent numpy reference (paper Eq. 6-8) ----
@@ -337,28 +338,40 @@ def test_per_class_step_is_k_sequential_optimizer_steps(small_fashion_mnist, rea
 
 
 def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist, real_batch):
-    """Calibration loss = calibration x sum over classes of the class's mean cross-entropy
-    (the official per-class loss), its DSA one draw for all of a class's images (official) or
-    one per image; image_lr ~ 0 so the pixels stay put across the loop."""
+    """Calibration loss = calibration x sum over classes of the trained member's mean
+    cross-entropy on the class's decoded images (the official per-class loss), its DSA one draw
+    for all of a class's images (official) or one per image. Computed here from the public
+    pieces only: a one-member pool (so the member is known), the stored images decoded with
+    `nk.decode`, the calibration seed as `_draw` documents it (the 4th of `split_seed(seed, 4)`),
+    and a Keras network holding the member's trained weights; image_lr ~ 0 so the pixels stay
+    put across the loop."""
+    d = small_fashion_mnist
+    initial, trained = _pool(d, members=1)
+    teacher = nk.build_network("convnet", d.image_shape, d.num_classes, d.mean, d.std)
+    teacher.set_weights(trained[0])
+    seed = tf.constant([1, 2])
+    calibration_seed = nk.split_seed(seed, 4)[3]
     for augment in ("per_class", "per_sample"):
-        model = _model(small_fashion_mnist, sampling_net=False, calibration=2.0,
-                       image_lr=1e-12, calibration_augment=augment)
-        seed = tf.constant([1, 2])
+        config = nk.DistillConfig(ipc=1, factor=2, batch_real=8, num_freqs=64, num_pretrained=1,
+                                  pretrain_epochs=0, sampling_net=False, calibration=2.0,
+                                  calibration_augment=augment)
+        model = nk.NCFM(d, config, (initial, trained))
+        model.compile(keras.optimizers.Adam(1e-12), jit_compile=False)
+        decoded = tf.reshape(nk.decode(tf.constant(model.synthetic.numpy()), 2),
+                             [10, 4, 28, 28, 1])
         logs = model.train_step(real_batch, seed)
-        _, trained, _, _, calibration_seed = model._draw(seed, tf.range(10))
-        decoded = model._decoded(model._stored_synthetic(tf.range(10)))
         expected = 0.0
         for c in range(10):
             class_seed = tf.random.experimental.stateless_fold_in(calibration_seed, c, nk.RNG)
-            draws = 1 if augment == "per_class" else decoded.shape[1]
-            params = nk.dsa_parameters(class_seed, draws, (28, 28), model.config.augment)
-            if augment == "per_class":  # one row: every image of the class
-                images = nk.dsa_apply(decoded[c][None], params, *model.dsa_statistics)[0]
+            if augment == "per_class":  # one draw, one row: all four images of the class
+                params = nk.dsa_parameters(class_seed, 1, (28, 28), config.augment)
+                images = nk.dsa_apply(decoded[c][None], params, mean=d.mean, std=d.std)[0]
             else:
-                images = nk.dsa_apply(decoded[c], params, *model.dsa_statistics)
-            _, logits = model._extract(trained, images)
-            expected += 2.0 * float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-                tf.fill([decoded.shape[1]], c), logits, from_logits=True)))
+                params = nk.dsa_parameters(class_seed, 4, (28, 28), config.augment)
+                images = nk.dsa_apply(decoded[c], params, mean=d.mean, std=d.std)
+            cross_entropy = keras.losses.sparse_categorical_crossentropy(
+                np.full(4, c), teacher(images), from_logits=True)
+            expected += 2.0 * float(tf.reduce_mean(cross_entropy))
         np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
 
 
@@ -384,7 +397,7 @@ def test_plateau_halves_the_learning_rate_and_resumes(small_fashion_mnist):
     # 9.9995 is not 1e-4 below 10: no improvement; the third such iteration halves.
     np.testing.assert_allclose(rates, [0.01, 0.01, 0.01, 0.005, 0.005, 0.005, 0.005, 0.0025])
     resumed = _model(small_fashion_mnist, lr_patience=2)
-    nk.set_state(resumed, nk.get_state(model))
+    runs.set_state(resumed, runs.get_state(model))
     np.testing.assert_allclose(float(resumed.optimizer.learning_rate.numpy()), 0.0025)
     assert int(resumed.plateau_wait.numpy()) == 0 and float(resumed.plateau_best.numpy()) == 9.0
 
@@ -393,18 +406,18 @@ def test_state_round_trip_continues_identically(small_fashion_mnist, real_batch)
     model = _model(small_fashion_mnist)
     for _ in range(2):
         model.train_step(real_batch)
-    state = nk.get_state(model)
-    assert {"synthetic", "iteration", "sampler/000", "sampler_optimizer/000",
-            "image_optimizer/000"} <= set(state)
+    state = runs.get_state(model)
+    assert {"synthetic", "iteration", "plateau_best", "plateau_wait", "sampler/000",
+            "sampler_optimizer/000", "image_optimizer/000"} <= set(state)
     resumed = _model(small_fashion_mnist)
-    nk.set_state(resumed, state)
+    runs.set_state(resumed, state)
     for m in (model, resumed):
         m.train_step(real_batch)
     np.testing.assert_array_equal(model.synthetic.numpy(), resumed.synthetic.numpy())
     for a, b in zip(model.sampler.weights, resumed.sampler.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(nk.NCFMError, match="does not fit"):
-        nk.set_state(_model(small_fashion_mnist, sampling_net=False), state)
+        runs.set_state(_model(small_fashion_mnist, sampling_net=False), state)
 
 
 def test_nonfinite_updates_never_reach_the_images(small_fashion_mnist, real_batch):
