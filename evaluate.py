@@ -77,6 +77,19 @@ def find_teacher(data, distilled):
     return nk.distilled_teacher(owner, data, FLAGS.pool_dir, path), os.path.abspath(path)
 
 
+def say_iterations(distilled):
+    """Prints the iterations the set has been through, with a warning when they are fewer than
+    its run asked for (a run stopped early)."""
+    done, asked = distilled.iterations, distilled.config.get("iterations")
+    if done is None:
+        return  # an older file, or another tool's
+    print(f"{FLAGS.distilled}: {done} distillation iterations", flush=True)
+    if asked is not None and done < asked:
+        print(f"warning: {FLAGS.distilled} holds {done} of the {asked} iterations its run asked "
+              "for (it was stopped early); re-run its train.py command to finish it",
+              file=sys.stderr, flush=True)
+
+
 def main(argv):
     del argv
     archs = cli.parse_archs(FLAGS.arch)
@@ -131,7 +144,9 @@ def main(argv):
                     "but other images; pass that data (--dataset, --data_dir)")
         x, y = distilled.decoded()
         source = {"distilled": os.path.abspath(FLAGS.distilled), "ipc": distilled.ipc,
-                  "factor": distilled.factor}
+                  "factor": distilled.factor, "iterations": distilled.iterations,
+                  "iterations_asked": distilled.config.get("iterations")}
+        say_iterations(distilled)
     else:
         cli.require(FLAGS.dataset, "give --dataset (with --baseline) or --distilled")
         data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
@@ -143,6 +158,7 @@ def main(argv):
     if FLAGS.labels != "hard":
         teacher, labels["teacher_of"] = find_teacher(data, distilled)
         labels["hard_label_epochs"] = FLAGS.hard_label_epochs
+    nk.check_writable(FLAGS.output_dir, "--output_dir")  # before any network trains
     if not FLAGS.distilled and FLAGS.baseline == "herding":
         x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
     if FLAGS.validation:

@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -62,6 +63,10 @@ from keras import layers
 
 class NCFMError(ValueError):
     """A problem with the user's input: the message names it and says how to fix it."""
+
+
+class WriteError(NCFMError):
+    """An output that could not be written: the message names the file and the cause."""
 
 
 # --- Configuration: the settings of a distillation, its presets, the training protocols ------
@@ -88,6 +93,7 @@ def setting(default, help):
 class DistillConfig:
     """Every setting of a distillation, checked whenever one is made (NCFMError names the first
     invalid one); defaults are the official CIFAR-10 config's unless the help says "ours"."""
+    # The synthetic set and where it starts.
     ipc: int = setting(10, "Stored synthetic images per class.")
     factor: int = setting(2, "Multi-formation: each stored image holds factor^2 images.")
     init: str = setting("mix", "Initial images: real, mix (factor^2 real images per stored "
@@ -96,17 +102,23 @@ class DistillConfig:
                              "(official) or random ones.")
     init_resize: str = setting("nearest", "How mix downsamples its cells: nearest (torch's "
                                "interpolate, official) or area.")
+
+    # An iteration's real data.
     iterations: int = setting(20000, "Distillation iterations (official).")
     batch_real: int = setting(1024, "Real images per class per iteration (official CIFAR-10).")
     real_batch: str = setting("shuffled", "The real batch of a class: shuffled, a fresh "
                               "random one every iteration (ours), or first, the same first "
                               "batch_real images every iteration (the official loader).")
+
+    # The frequencies: psi, or t ~ N(0, I).
     num_freqs: int = setting(4096, "M, frequencies of the CF per iteration (official).")
     sampling_net: bool = setting(True, "psi, the min-max sampling network (paper; a psi that "
                                  "trains is ours); false: t ~ N(0, I) (the official configs).")
     sampler_steps: int = setting(1, "psi's ascent steps per iteration.")
     frequency_draw: str = setting("per_class", "Without psi: t ~ N(0, I) drawn per class "
                                   "(official) or per_iteration.")
+
+    # The matching loss and calibration.
     loss: str = setting("cf", "cf (NCFM) or mmd (DM's mean-feature loss, the baseline).")
     alpha: float = setting(0.5, "Weight of the CF amplitude term (official).")
     beta: float = setting(0.5, "Weight of the CF phase term (official).")
@@ -115,6 +127,8 @@ class DistillConfig:
                                  "off (official: 1).")
     calibration_augment: str = setting("per_class", "Calibration's DSA: one draw per class "
                                        "(official) or per_sample.")
+
+    # The optimizers: AdamW on the pixels, SGD on psi.
     image_lr: float = setting(1e-3, "AdamW learning rate of the pixels (official).")
     image_weight_decay: float = setting(5e-4, "AdamW weight decay of the pixels (official).")
     image_steps: str = setting("per_class", "Image updates: one AdamW step per class "
@@ -124,10 +138,10 @@ class DistillConfig:
     sampler_lr: float = setting(1e-3, "SGD learning rate of psi, momentum 0.5 (official).")
     sampler_max_scale: float = setting(2.0, "Bound on psi's scales (ours, see SamplingNet).")
     sampler_weight_decay: float = setting(5e-4, "Weight decay of psi's SGD (official).")
-    augment: str = setting("color_crop_cutout", "Siamese DSA ops of matching, '_'-joined "
-                           "(official).")
-    dsa_space: str = setting("normalized", "DSA on mean/std-normalised images (official) or "
-                             "on [0, 1] pixels (pixel).")
+
+    # Augmentation, the pool, the rest.
+    augment: str = setting("color_crop_cutout", "Siamese DSA of matching (official).")
+    dsa_space: str = setting("normalized", "DSA on normalised images (official) or pixel.")
     num_pretrained: int = setting(20, "Pool size P: pretrained ConvNets (official).")
     pretrain_epochs: int = setting(60, "Pretraining epochs of each pool member (official).")
     class_group: int = setting(1, "Classes sent through the network at once (memory and "
@@ -1807,7 +1821,9 @@ class DistilledSet:
     """A distilled dataset as stored on disk: `images` `[K*ipc, H, W, C]` in [0, 1], `labels`
     `[K*ipc]`; `dataset`, `data_dir`, `data_digest` name its source data (see `Dataset`),
     `pool` (`{"dir", "key", "arch"}`: files `dir/key/member-*.npz`) the pool whose member 0
-    teaches soft labels. Older files lack the last three (None, {})."""
+    teaches soft labels; `iterations` the distillation iterations the images have been through
+    (what was done: `config["iterations"]` is what was asked). Older files lack the last four
+    (None, {}, None)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -1821,6 +1837,7 @@ class DistilledSet:
     data_dir: str = None
     data_digest: str = None
     pool: dict = dataclasses.field(default_factory=dict)
+    iterations: int = None
 
     def decoded(self):
         """Training images and labels after multi-formation decoding."""
@@ -1835,18 +1852,21 @@ def distilled_set(model, data):
     return DistilledSet(model.synthetic.numpy(), model.labels, model.config.ipc,
                         model.config.factor, data.name, data.class_names, data.mean, data.std,
                         dataclasses.asdict(model.config), data_dir=data.data_dir,
-                        data_digest=data.digest, pool=pool)
+                        data_digest=data.digest, pool=pool,
+                        iterations=int(model.iteration.numpy()))
 
 
 def save_distilled(path, distilled):
     """Validates a `DistilledSet` and writes it as an `.npz` file, atomically."""
     _validate_distilled(distilled, path)
     d = distilled
+    optional = {k: getattr(d, k) for k in ("data_dir", "data_digest", "iterations")
+                if getattr(d, k) is not None}
     save_npz(path, format=FILE_FORMAT, images=d.images.astype(np.float32),
              labels=d.labels.astype(np.int32), ipc=d.ipc, factor=d.factor, dataset=d.dataset,
              class_names=np.asarray(d.class_names, dtype=str), mean=d.mean.astype(np.float32),
              std=d.std.astype(np.float32), config=json.dumps(d.config), pool=json.dumps(d.pool),
-             **{k: getattr(d, k) for k in ("data_dir", "data_digest") if getattr(d, k) is not None})
+             **optional)
 
 
 def load_distilled(path):
@@ -1863,7 +1883,8 @@ def load_distilled(path):
                 [str(c) for c in f["class_names"]], f["mean"], f["std"],
                 json.loads(str(f["config"])),
                 **{k: str(f[k]) for k in ("data_dir", "data_digest") if k in f.files},
-                pool=json.loads(str(f["pool"])) if "pool" in f.files else {})
+                pool=json.loads(str(f["pool"])) if "pool" in f.files else {},
+                iterations=int(f["iterations"]) if "iterations" in f.files else None)
     except NCFMError:
         raise
     except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
@@ -1905,7 +1926,18 @@ def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
 
 def atomic_write(path, write, mode):
     """Calls `write(file)` on a temporary file opened in `mode` beside `path`, syncs it and
-    renames it onto `path`: readers see the old complete file or the new one, never a part."""
+    renames it onto `path`: readers see the old complete file or the new one, never a part. The
+    new file keeps the mode of the one it replaces, else gets the one the umask gives (not the
+    temporary file's 0600). `NCFMError` naming the file and the cause (the system's own words)
+    when it cannot be written; the previous version, if any, is then intact."""
+    try:
+        _replace_atomically(path, write, mode)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {e.strerror or e}; its previous version, if "
+                         "any, is intact") from None
+
+
+def _replace_atomically(path, write, mode):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with WRITING:
@@ -1916,10 +1948,34 @@ def atomic_write(path, write, mode):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+            os.chmod(tmp, _file_mode(path))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def _file_mode(path):
+    """The permission bits a new version of `path` gets: the old version's, else 0666 less the
+    process's umask."""
+    if os.path.exists(path):
+        return stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)  # reading the umask means setting it, then setting it back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_writable(directory, flag):
+    """Creates `directory` and writes (then removes) a file in it, so that a folder the run
+    cannot write fails before any long work: `NCFMError` naming `flag`, the folder and the
+    cause."""
+    probe = os.path.join(directory, ".ncfm-write-test")
+    try:
+        _replace_atomically(probe, lambda f: f.write("ok"), "w")
+        os.remove(probe)
+    except OSError as e:
+        raise NCFMError(f"{flag}={directory} cannot be written ({e.strerror or e}); choose "
+                        f"another {flag}") from None
 
 
 def write_json(path, obj):
@@ -1958,8 +2014,7 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
     pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
                          seed=config.seed, verbose=verbose)
     keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
-    if jit_compile == "auto":
-        jit_compile = bool(tf.config.list_physical_devices("GPU")) and strategy is None
+    jit_compile = use_xla(jit_compile, strategy)
     with (strategy or tf.distribute.get_strategy()).scope():
         model = NCFM(data, config, pool)
         model.pool_dir = os.path.abspath(pool_dir)
@@ -1970,6 +2025,14 @@ def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strat
                                                    weight_decay=config.sampler_weight_decay),
             jit_compile=jit_compile)
     return model
+
+
+def use_xla(jit_compile="auto", strategy=None):
+    """Whether the step is compiled with XLA: `jit_compile` (True, False or "auto": on a GPU
+    only, never under a strategy, as Keras does)."""
+    if jit_compile != "auto":
+        return bool(jit_compile)
+    return bool(tf.config.list_physical_devices("GPU")) and strategy is None
 
 
 def mirrored_strategy():

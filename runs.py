@@ -5,6 +5,7 @@ and evaluation during training, as small Keras callbacks (`callbacks` builds the
 `ncfm_keras` holds the method; nothing here changes what it computes.
 """
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -92,12 +93,16 @@ def load_checkpoint(path):
     return header
 
 
-def run_meta(data, config, steps, image_size, precision):
-    """What a resumed run must share with its checkpoint: the data (its digest), the settings
-    that change what is computed (all of `config` but `iterations`, which may grow)."""
+def run_meta(data, config, steps, image_size, precision, jit_compile, devices, deterministic):
+    """What a resumed run must share with its checkpoint: the data (its digest), every setting
+    of `config` but `iterations` (which may grow), and how the step computes — precision, XLA
+    (it draws other random numbers from a seed than TensorFlow's kernels do), the number of
+    devices (each steps its own classes) and deterministic mode (oneDNN off) — since a run
+    resumed otherwise would not be the run it continues."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "iterations"}
     return dict(data_digest=data.digest, image_size=image_size, log_every=steps,
-                precision=precision, config=settings)
+                precision=precision, jit_compile=jit_compile, devices=devices,
+                deterministic=deterministic, config=settings)
 
 
 def announce_resume(run, restore, steps):
@@ -176,6 +181,24 @@ def plot_metrics(csv_path, png_path):
         figure.savefig(f, format="png", dpi=80)
 
     nk.atomic_write(png_path, write, "wb")
+
+
+def file_name(text, limit=200):
+    """`text` as a file name: characters other than letters, digits, '-', '_' and '.' become
+    '_', and it is cut to at most `limit` bytes of UTF-8 (file systems take 255), so that a
+    name made from user text (a class, a dataset) can always be written."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return name.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+
+
+@contextlib.contextmanager
+def keeping(run, steps):
+    """Adds what is still intact (`Run.status`) to the `WriteError` of an output that could not
+    be written inside."""
+    try:
+        yield
+    except nk.WriteError as e:
+        raise nk.WriteError(f"{e}; stopped, and {run.status(steps)}") from None
 
 
 # --- The callbacks of a run ------------------------------------------------------------------
@@ -319,9 +342,8 @@ class SetWriter(keras.callbacks.Callback):
             self.write_set()
         x, y = self.run.distilled.decoded()
         for i, (image, label) in enumerate(zip(x, y)):
-            name = "".join(c if c.isalnum() or c in "-_." else "_"
-                           for c in self.run.data.class_names[label])
-            save_grid(self.run.path(f"images/{label:03d}_{name}/{i:05d}.png"), image[None], 1)
+            folder = file_name(f"{label:03d}_{self.run.data.class_names[label]}")
+            save_grid(self.run.path(f"images/{folder}/{i:05d}.png"), image[None], 1)
 
 
 class Evaluator(keras.callbacks.Callback):
@@ -406,10 +428,14 @@ class MetricsCsv(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if "test_accuracy" in logs:
             self.rows[-1]["test_accuracy"] = logs["test_accuracy"]
-        with nk.WRITING, open(self.run.path("metrics.csv"), "a", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            for row in self.rows:
-                writer.writerow([format_value(row.get(column)) for column in CSV_COLUMNS])
+        path = self.run.path("metrics.csv")
+        try:
+            with nk.WRITING, open(path, "a", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                for row in self.rows:
+                    writer.writerow([format_value(row.get(column)) for column in CSV_COLUMNS])
+        except OSError as e:  # its rows past the checkpoint are dropped when the run resumes
+            raise nk.WriteError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def format_value(value):

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sys
 import time
+import typing
 
 from absl import app, flags
 
@@ -97,55 +98,79 @@ def check_flags():
     return config
 
 
-def main(argv):
-    del argv
+def main(unused_argv):
     config = check_flags()
+    device = set_up_devices(config)
+    data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
+    nk.classes_per_replica(data.num_classes, device.count)  # before the pool
+    steps = min(FLAGS.log_every, config.iterations)
+    # What a resumed run must share with its checkpoint, checked before the pool trains.
+    meta = runs.run_meta(data, config, steps, FLAGS.image_size, device.policy, device.jit,
+                         device.count, FLAGS.deterministic)
+    run = runs.Run(data, output_dir(), meta)
+    nk.check_writable(run.output_dir, "--output_dir")  # before anything long
+    nk.check_writable(FLAGS.pool_dir, "--pool_dir")
+    restore = None
+    if FLAGS.resume:
+        restore = runs.resume_point(run.path("checkpoint.npz"), run.meta, config.iterations)
+    print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
+          f"{device}\n{config}",
+          flush=True)
+    start = time.time()
+    progress = 1 if sys.stdout.isatty() else 2  # in a log file: one line per epoch
+    model = nk.build_distiller(data, config, FLAGS.pool_dir, device.jit, progress,
+                               device.strategy)
+    print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
+    initial_epoch = runs.announce_resume(run, restore, steps)
+    callbacks = runs.callbacks(run, restore, device.policy == "mixed_float16", FLAGS.eval_every,
+                               FLAGS.eval_epochs, FLAGS.eval_protocol)
+    callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard")))  # sees test_accuracy
+    start = time.time()
+    real = nk.class_balanced_batches(data, config.batch_real, config.seed,
+                                     start=initial_epoch * steps, order=config.real_batch)
+    with runs.keeping(run, steps):  # a failing write says what is still intact
+        model.fit(real, steps_per_epoch=steps, epochs=config.iterations // steps,
+                  initial_epoch=initial_epoch, verbose=progress, callbacks=callbacks,
+                  shuffle=False)
+    if run.error is not None:
+        raise run.error
+    runs.report(run, model, initial_epoch, time.time() - start, FLAGS.eval_protocol)
+
+
+class Devices(typing.NamedTuple):
+    """How the run computes."""
+    policy: str       # the Keras dtype policy
+    strategy: object  # a tf.distribute strategy, or None for one device
+    count: int        # devices
+    jit: bool         # XLA
+
+    def __str__(self):
+        return f"policy {self.policy}, XLA {'on' if self.jit else 'off'}, devices {self.count}"
+
+
+def set_up_devices(config):
+    """Determinism, logical CPU devices and the dtype policy, before anything runs: `Devices`."""
     if FLAGS.deterministic:
         keras.utils.set_random_seed(config.seed)
         tf.config.experimental.enable_op_determinism()
     if FLAGS.cpu_devices > 1:
         nk.split_cpu(FLAGS.cpu_devices)
     policy = nk.set_precision(FLAGS.precision)
-    data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-    nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
-    strategy = nk.mirrored_strategy() if FLAGS.strategy == "mirrored" else None
-    if strategy is not None:
-        nk.classes_per_replica(data.num_classes, strategy.num_replicas_in_sync)  # before the pool
-    steps = min(FLAGS.log_every, config.iterations)
-    # What a resumed run must share with its checkpoint, checked before the pool trains.
-    run = runs.Run(data, output_dir(), runs.run_meta(data, config, steps, FLAGS.image_size, policy))
-    restore = None
-    if FLAGS.resume:
-        restore = runs.resume_point(run.path("checkpoint.npz"), run.meta, config.iterations)
-    devices = f", {strategy.num_replicas_in_sync} devices" if strategy else ""
-    print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
-          f"policy {policy}{devices}\n{config}", flush=True)
-    start = time.time()
-    jit = {"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile]
-    progress = 1 if sys.stdout.isatty() else 2  # in a log file: one line per epoch
-    model = nk.build_distiller(data, config, FLAGS.pool_dir, jit, progress, strategy)
-    print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
-    initial_epoch = runs.announce_resume(run, restore, steps)
-    os.makedirs(run.output_dir, exist_ok=True)
-    callbacks = runs.callbacks(run, restore, policy == "mixed_float16", FLAGS.eval_every,
-                               FLAGS.eval_epochs, FLAGS.eval_protocol)
-    callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard")))  # sees test_accuracy
-    start = time.time()
-    real = nk.class_balanced_batches(data, config.batch_real, config.seed,
-                                     start=initial_epoch * steps, order=config.real_batch)
-    model.fit(real, steps_per_epoch=steps, epochs=config.iterations // steps,
-              initial_epoch=initial_epoch, verbose=progress, callbacks=callbacks, shuffle=False)
-    if run.error is not None:
-        raise run.error
-    runs.report(run, model, initial_epoch, time.time() - start, FLAGS.eval_protocol)
+    strategy = None
+    count = 1
+    if FLAGS.strategy == "mirrored":
+        strategy = nk.mirrored_strategy()
+        count = strategy.num_replicas_in_sync
+    jit = nk.use_xla({"auto": "auto", "true": True, "false": False}[FLAGS.jit_compile], strategy)
+    return Devices(policy=policy, strategy=strategy, count=count, jit=jit)
 
 
 def output_dir():
-    """--output_dir, by default runs/<dataset>_ipc<ipc>."""
+    """--output_dir, by default runs/<dataset>_ipc<ipc> (within the file-name limit)."""
     if FLAGS.output_dir:
         return FLAGS.output_dir
-    return os.path.join("runs", f"{FLAGS.dataset.replace(':', '_').replace('/', '_')}_ipc"
-                                f"{FLAGS.ipc}")
+    return os.path.join("runs", runs.file_name(f"{FLAGS.dataset}_ipc{FLAGS.ipc}"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Tests that run train.py / evaluate.py / the notebook in subprocesses: marked `slow` (deselect
 # them with `-m "not slow"` while working; CI runs every test).
 SUBPROCESS_MODULES = {"test_cli", "test_cli_data", "test_distribute", "test_notebook",
-                      "test_resume"}
+                      "test_outputs", "test_resume"}
 SUBPROCESS_TESTS = {"test_soft_label_evaluation_end_to_end",
                     "test_too_small_images_fail_before_any_training",
                     "test_finished_networks_survive_a_later_failure",

@@ -76,6 +76,8 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     done = epochs_done(out)
     assert 0 < done < ITERATIONS // 2
     assert np.all(np.isfinite(images(out)))
+    with np.load(out / "distilled.npz") as f:  # the set says what it holds, not what was asked
+        assert int(f["iterations"]) == 2 * done
 
     conflict = subprocess.run(command(out, pools, "--num_freqs=512"), capture_output=True,
                               text=True, timeout=600)
