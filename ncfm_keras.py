@@ -165,9 +165,9 @@ class DistillConfig:
         parse_augment(self.augment)
 
 
-# What differs from DistillConfig's defaults per dataset: cifar100's is ours (100 classes x 1024
-# real images are too many for one GPU per iteration), tiny_imagenet's that of some official
-# commits (see docs/faithfulness.md).
+# What differs from DistillConfig's defaults per dataset: cifar100's is ours (100 classes x
+# 1024 real images are too many for one GPU per iteration), tiny_imagenet's that of some
+# official commits (see docs/faithfulness.md).
 PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=128)}
 
 
@@ -620,7 +620,8 @@ def split_seed(seed, n):
 
 
 def parse_augment(ops):
-    """`"color_crop_cutout"` -> `("color", "crop", "cutout")`; `NCFMError` for an unknown op."""
+    """`"color_crop_cutout"` -> `("color", "crop", "cutout")`; `NCFMError` for an unknown
+    op."""
     parsed = tuple(op for op in ops.split("_") if op)
     unknown = [op for op in parsed if op not in DSA_OPS]
     if unknown:
@@ -636,7 +637,7 @@ def dsa_parameters(seed, count, image_size, ops):
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
     seeds = iter(split_seed(seed, 12))
 
-    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int high exclusive
+    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int: high excl.
         return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
 
     params = {}
@@ -659,7 +660,8 @@ def dsa_parameters(seed, count, image_size, ops):
             "crop": [one, zero, 2.0 * shift_x / width, zero, one, 2.0 * shift_y / height],
             "scale": [scale_x, zero, zero, zero, scale_y, zero],
             "rotate": [cos, sin, zero, -sin, cos, zero]}
-        theta = tf.stack([tf.stack(candidates[op], -1) for op in geometric], 1)  # [count, n, 6]
+        matrices = [tf.stack(candidates[op], -1) for op in geometric]
+        theta = tf.stack(matrices, 1)  # [count, n, 6]
         params["theta"] = tf.gather(theta, uniform(0, len(geometric), tf.int32), batch_dims=1)
     if "cutout" in ops:
         size_y, size_x = (int(n * s["cutout_ratio"] + 0.5) for n in (height, width))
@@ -670,7 +672,8 @@ def dsa_parameters(seed, count, image_size, ops):
 
 def _bilinear_warp(images, theta):
     """Row i of `images` `[R, B, H, W, C]` warped by `theta[i]` (`[R, 6]`, output -> input in
-    [-1, 1]) as torch's `affine_grid` + `grid_sample` (bilinear, zeros, align_corners=False)."""
+    [-1, 1]) as torch's `affine_grid` + `grid_sample` (bilinear, zeros,
+    align_corners=False)."""
     r, b, h, w, c = tf.unstack(tf.shape(images))
     height, width = images.shape[2], images.shape[3]
     ys, xs = ((2.0 * tf.range(n, dtype=tf.float32) + 1.0) / n - 1.0 for n in (height, width))
@@ -767,7 +770,8 @@ def _torch_init(fan_in):
     """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which
     set the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
     bound = 1.0 / math.sqrt(fan_in)
-    return dict(kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"),
+    kernel = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    return dict(kernel_initializer=kernel,
                 bias_initializer=keras.initializers.RandomUniform(-bound, bound))
 
 
@@ -793,7 +797,8 @@ def build_network(arch, image_shape, num_classes, mean, std):
     shapes: DC's and the official code's first convolution pads by 3 (AlexNet's by 4) for them;
     ResNet-18 takes 28x28 as is."""
     if arch not in ARCHITECTURES:
-        raise NCFMError(f"unknown architecture '{arch}'; use one of {', '.join(ARCHITECTURES)}")
+        raise NCFMError(f"unknown architecture '{arch}'; use one of "
+                        f"{', '.join(ARCHITECTURES)}")
     inputs = keras.Input(image_shape)
     x = layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
     if tuple(image_shape[:2]) == MNIST_SIZE and arch != "resnet18":
@@ -824,7 +829,8 @@ def build_network(arch, image_shape, num_classes, mean, std):
 
 
 def _fits(arch, image_shape):
-    """Whether `arch` can be built for `image_shape` (its pooling leaves at least one pixel)."""
+    """Whether `arch` can be built for `image_shape` (its pooling leaves at least one
+    pixel)."""
     try:
         build_network(arch, image_shape, 2, [0.0] * image_shape[-1], [1.0] * image_shape[-1])
         return True
@@ -841,7 +847,8 @@ def smallest_image_size(arch, channels=3):
 
 
 def check_architectures(archs, image_shape):
-    """`NCFMError` naming each of `archs` that cannot take `(H, W, C)` images, and its minimum."""
+    """`NCFMError` naming each of `archs` that cannot take `(H, W, C)` images, and its
+    minimum."""
     too_small = [(arch, smallest_image_size(arch, image_shape[-1])) for arch in archs
                  if not _fits(arch, tuple(image_shape))]
     if too_small:
@@ -985,7 +992,7 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
 
 POOL_RECIPE = 3  # raise when the pretraining, the networks or the normalisation change: old
-#                 caches go unused (3: 28x28 kept and padded in the network, official constants)
+#                 caches go unused (3: 28x28 kept, padded in the network; official constants)
 
 
 def pool_key(data, arch, epochs, seed):
@@ -1024,7 +1031,8 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
         path = os.path.join(cache_dir, key, f"member-{member:03d}.npz")
         if not os.path.exists(path):
             keras.utils.set_random_seed(seed * 1000 + member)
-            model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+            model = build_network(arch, data.image_shape, data.num_classes, data.mean,
+                                  data.std)
             start = [w.numpy() for w in model.weights]
             if epochs:
                 progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: bar.update(
@@ -1062,7 +1070,8 @@ def decode_labels(labels, factor):
 
 def first_subset(data, ipc):
     """Each class's first `ipc` training images (in the data's order), shaped as
-    `random_subset`: the official code's selection (its loader's `class_sample` takes `[:n]`)."""
+    `random_subset`: the official code's selection (its loader's `class_sample` takes
+    `[:n]`)."""
     check_ipc(data, ipc)
     idx = np.concatenate([np.flatnonzero(data.y_train == c)[:ipc]
                           for c in range(data.num_classes)])
@@ -1173,7 +1182,8 @@ class SamplingNet(keras.Model):
             raise NCFMError(f"max_scale={max_scale} must be > 1 (psi starts at scale 1)")
         self.max_scale, self.feature_dim, self.num_freqs = max_scale, feature_dim, num_freqs
         self.components, self.per_component = num_freqs // per_component, per_component
-        start = keras.initializers.Constant(-math.log(max_scale - 1))  # sigmoid = 1 / max_scale
+        # sigmoid(start) = 1 / max_scale: the scales start at 1
+        start = keras.initializers.Constant(-math.log(max_scale - 1))
         self.mlp = keras.Sequential(
             [layers.Dense(feature_dim, use_bias=False),  # BatchNorm supplies the shift
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
@@ -1205,8 +1215,8 @@ def classes_per_replica(num_classes, replicas=None):
     if replicas is None:
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if num_classes % replicas:
-        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make the "
-                        "number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
+        raise NCFMError(f"{replicas} devices cannot share {num_classes} classes evenly; make "
+                        "the number of visible devices divide it (e.g. CUDA_VISIBLE_DEVICES)")
     return num_classes // replicas
 
 
@@ -1256,7 +1266,8 @@ def apply_if_finite(optimizer, loss, grads, variables, counter):
         # a per-replica `tf.cond` branch may not do.
         def update(strategy, finite, grads):
             def apply():
-                strategy.extended.call_for_each_replica(optimizer.apply, args=(grads, variables))
+                strategy.extended.call_for_each_replica(optimizer.apply,
+                                                        args=(grads, variables))
                 return tf.constant(True)
 
             def skip():
@@ -1403,7 +1414,8 @@ class NCFM(keras.Model):
 
     def train_step(self, real, seed=None):
         """One NCFM iteration on `real`, uint8 `[k, batch_real, H, W, C]` (this replica's k
-        classes), with `seed` int `[2]` (default: `_draw`'s). Returns the metrics (of all K)."""
+        classes), with `seed` int `[2]` (default: `_draw`'s). Returns the metrics (of all
+        K)."""
         classes = replica_classes(self.local_classes)  # [k]: all K classes on one device
         draw = self._draw(seed, classes)
         real_features = self._real_features(real, draw)  # [k, B, D], constants for the tapes
@@ -1575,8 +1587,8 @@ class NCFM(keras.Model):
 
         def group_loss(group):
             stored, group_classes, group_features, dsa = group
-            return self._matching_loss(stored, group_classes, group_features, dsa, draw.blended,
-                                       draw.frequency_seed, t)
+            return self._matching_loss(stored, group_classes, group_features, dsa,
+                                       draw.blended, draw.frequency_seed, t)
 
         stored = self._stored_synthetic(classes)
         losses = self._map_groups(group_loss, (stored, classes, real_features, draw.dsa),
@@ -1687,7 +1699,8 @@ class NCFM(keras.Model):
 
     def _plateau(self, loss):
         """Halves the image learning rate after more than `lr_patience` iterations without a
-        relative 1e-4 improvement of `loss`, as the official code's `ReduceLROnPlateau` does."""
+        relative 1e-4 improvement of `loss`, as the official code's `ReduceLROnPlateau`
+        does."""
         improved = loss < self.plateau_best * (1.0 - 1e-4)
         self.plateau_best.assign(tf.where(improved, loss, self.plateau_best))
         wait = tf.where(improved, 0, self.plateau_wait + 1)
@@ -2004,7 +2017,8 @@ def set_precision(precision="auto"):
 def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
     """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with
     the official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on
-    a GPU only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras does)."""
+    a GPU only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras
+    does)."""
     check_ipc(data, config.ipc)
     needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
     if config.init == "mix" and needed > smallest:
