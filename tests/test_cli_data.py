@@ -27,7 +27,7 @@ def test_junk_and_broken_files_in_a_folder(tmp_path):
                  f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     warning, error = result.stderr.strip().splitlines()  # .ipynb_checkpoints is no class
-    assert warning.startswith("warning: skipped 1 of 11 image files") and "shirt/x.png" in warning
+    assert warning.startswith("warning: left out 1 of 11 files") and "shirt/x.png" in warning
     assert error.startswith("error: ipc=100 is out of range: use 1..4")
 
 
