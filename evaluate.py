@@ -103,7 +103,7 @@ def main(argv):
         distilled = nk.load_distilled(FLAGS.distilled)
         # Any spelling of the data it was distilled from, by default the place it came from;
         # its content digest decides. Files without one: the name must match, as it did.
-        name = FLAGS.dataset or distilled.dataset
+        name = nk.dataset_name(FLAGS.dataset or distilled.dataset)
         data_dir = FLAGS.data_dir if FLAGS.dataset or FLAGS.data_dir else distilled.data_dir
         cli.require(distilled.data_digest or name == distilled.dataset, f"--dataset={name} "
                     f"but {FLAGS.distilled} was distilled from {distilled.dataset}; drop --dataset")

@@ -33,6 +33,7 @@ reads command-line flags, `train.py` and `evaluate.py` do)::
 """
 
 import dataclasses
+import difflib
 import functools
 import gzip
 import hashlib
@@ -128,8 +129,9 @@ PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=12
 
 
 def preset(dataset, ipc):
-    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the defaults)."""
-    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
+    """The `DistillConfig` `train.py` starts from for a dataset, by any spelling of its name
+    (`CIFAR-100`: see `dataset_name`); unknown names get the defaults."""
+    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset_name(dataset), {}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +175,11 @@ MNIST_FAMILY = {"mnist": [str(d) for d in range(10)],
                                   "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")  # each split's images, then its labels
+# Dataset names as people write them (torchvision's FashionMNIST, CIFAR-10, "Fashion MNIST"),
+# compared in lower case without '-', '_' and spaces -> the TFDS name this module keys on.
+SPELLINGS = {"mnist": "mnist", "fashionmnist": "fashion_mnist", "kmnist": "kmnist",
+             "cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped",
+             "svhncropped": "svhn_cropped", "imagenette": "imagenette"}
 # Never data, at any depth of a folder: hidden entries (.ipynb_checkpoints, .DS_Store, ._*) and:
 OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
                "system volume information", "lost+found"}
@@ -226,10 +233,12 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
     `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds them (offline);
     or `folder:PATH`, one sub-directory of images per class resized to `image_size` (see
-    `_load_folder`). Images keep their size (28x28 stays 28x28: the networks pad it, see
-    `build_network`). `mean`, `std` are the official code's constants for the datasets of
-    `NORMALIZATION`, else the training pixels' statistics. Raises NCFMError when the data cannot
-    be found or read (naming the cause: permissions, ...)."""
+    `_load_folder`). `name` is read as people write it (`Fashion-MNIST`, `CIFAR10`: see
+    `dataset_name`); `Dataset.name` is the canonical spelling. Images keep their size (28x28
+    stays 28x28: the networks pad it, see `build_network`). `mean`, `std` are the official code's
+    constants for the datasets of `NORMALIZATION`, else the training pixels' statistics. Raises
+    NCFMError when the data cannot be found or read (naming the cause: permissions, ...)."""
+    name = dataset_name(name)
     try:
         if name.startswith("folder:"):
             root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
@@ -249,6 +258,20 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
                    list(class_names), mean.astype(np.float32), std.astype(np.float32),
                    os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+
+
+def dataset_name(name):
+    """`name` as this module spells it (`Dataset.name`, presets, pool keys, `NORMALIZATION`):
+    the TFDS name of the spellings people write (`Fashion-MNIST`, `FashionMNIST`, `Fashion_MNIST`
+    -> `fashion_mnist`; `CIFAR-10` -> `cifar10`; see `SPELLINGS`), else the name before any
+    `/config` in lower case with `_` for `-` and spaces, as TFDS names are written; `folder:PATH`
+    (any case of `folder:`) keeps its path as given."""
+    if name[:len("folder:")].lower() == "folder:":
+        return "folder:" + name[len("folder:"):]
+    base, slash, config = name.partition("/")
+    squeezed = "".join(c for c in base.lower() if c not in "-_ ")
+    tfds_style = base.lower().replace("-", "_").replace(" ", "_")
+    return SPELLINGS.get(squeezed, tfds_style) + slash + config
 
 
 def normalization(name, x_train):
@@ -338,8 +361,11 @@ def _load_tfds(name, data_dir):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends; keep only the first line
-        raise NCFMError(f"unknown dataset '{name}': {_cause(e)}; use a TFDS name such as "
-                        f"cifar10, {ways}") from None
+        known = tfds.list_builders(with_community_datasets=False) + list(MNIST_FAMILY)
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.8)  # typos, not themes
+        hint = f"did you mean {nearest[0]}? Else " if nearest else ""
+        raise NCFMError(f"unknown dataset '{name}' ({_cause(e)}); {hint}use a TFDS name such "
+                        f"as cifar10, {ways}") from None
     offline = f"offline, use {ways} or a --data_dir where `tfds build {name}` ran"
     # is_prepared() logs a warning for a folder without dataset_info.json: ask only after it.
     prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))

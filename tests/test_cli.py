@@ -34,6 +34,8 @@ FMNIST = ["--dataset=fashion_mnist", f"--data_dir={FASHION_MNIST_DIR}"]
 
 @pytest.mark.parametrize("args,fragments", [
     (["--dataset=no_such_dataset"], ["unknown dataset 'no_such_dataset'", "folder:PATH"]),
+    (["--dataset=fashion_mnst", f"--data_dir={FASHION_MNIST_DIR}"],
+     ["unknown dataset 'fashion_mnst'", "did you mean fashion_mnist?"]),
     (["--dataset=fashion_mnist", "--data_dir=/nonexistent"], ["does not exist"]),
     (["--dataset=fashion_mnist", "--data_dir=/tmp"], ["no prepared TFDS dataset", "IDX"]),
     (FMNIST + ["--ipc=0"], ["ipc=0 is out of range: use 1..6000"]),

@@ -87,6 +87,31 @@ def test_missing_and_unknown_datasets(tmp_path):
         nk.load_dataset("fashion_mnist", str(tmp_path))
 
 
+def test_dataset_names_as_people_write_them(fashion_mnist):
+    """`--dataset=Fashion_MNIST` (or fashion-mnist) with the IDX files in --data_dir was told
+    the folder holds no prepared TFDS dataset. The names of TFDS and torchvision, any case,
+    '-' or '_', load the canonical dataset: the same name, digest and pool key."""
+    for spelling in ("Fashion_MNIST", "fashion-mnist", "FashionMNIST", "Fashion-MNIST"):
+        d = nk.load_dataset(spelling, FASHION_MNIST_DIR)
+        assert d.name == "fashion_mnist" and d.digest == fashion_mnist.digest
+        np.testing.assert_array_equal(d.mean, fashion_mnist.mean)  # the official constants
+    spellings = {"MNIST": "mnist", "KMNIST": "kmnist", "CIFAR-10": "cifar10",
+                 "CIFAR10": "cifar10", "cifar_100": "cifar100", "CIFAR-100": "cifar100",
+                 "SVHN": "svhn_cropped", "Fashion MNIST": "fashion_mnist",
+                 "Oxford-IIIT-Pet": "oxford_iiit_pet", "Imagenette/320px": "imagenette/320px",
+                 "imagenette/full-size-v2": "imagenette/full-size-v2",  # configs as given
+                 "Folder:Data/Clothes": "folder:Data/Clothes"}
+    for spelling, name in spellings.items():
+        assert nk.dataset_name(spelling) == name, spelling
+    assert nk.preset("CIFAR-100", 10).batch_real == 256  # the cifar100 preset
+    with pytest.raises(nk.NCFMError, match="unknown dataset 'fashion_mnst' .* did you mean "
+                                           "fashion_mnist?"):
+        nk.load_dataset("Fashion-MNST", FASHION_MNIST_DIR)
+    with pytest.raises(nk.NCFMError) as error:
+        nk.load_dataset("no_such_dataset")
+    assert "did you mean" not in str(error.value)  # nothing near: no far-fetched guess
+
+
 def prepared_tfds_dir(root, name, examples):
     """A TFDS data dir holding `name`'s metadata as `tfds build` leaves it (no records:
     `tfds.testing.mock_data` supplies the examples)."""
