@@ -53,6 +53,18 @@ def test_bad_input_fails_in_one_line(tmp_path, args, fragments):
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
 
 
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_stray_arguments_are_refused(tmp_path, script):
+    """An unquoted path with a space, as a notebook pastes it: the end of the path became a
+    positional argument that absl ignores, and the outputs landed in .../My, exit 0."""
+    result = run(script, *FMNIST, f"--output_dir={tmp_path}/My", "Drive/ncfm",
+                 f"--pool_dir={tmp_path}/pools")
+    assert result.returncode == 2
+    assert_clean_error(result, "unexpected argument 'Drive/ncfm' (after --output_dir=",
+                       "quote a path that holds spaces")
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
 def test_malformed_distilled_file(tmp_path):
     path = tmp_path / "set.npz"
     path.write_bytes(b"PK\x03\x04 truncated")
