@@ -143,10 +143,16 @@ def main(argv):
     if FLAGS.labels != "hard":
         teacher, labels["teacher_of"] = find_teacher(data, distilled)
         labels["hard_label_epochs"] = FLAGS.hard_label_epochs
-    if not FLAGS.distilled and FLAGS.baseline == "herding":
-        x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
+    # Held out before anything draws from, selects in or trains on the training split; after
+    # the teacher, which is found by the digest of the whole data.
     if FLAGS.validation:
         data = nk.validation_split(data, FLAGS.validation)
+        smallest = int(data.class_counts().min())
+        cli.require(FLAGS.distilled or FLAGS.ipc <= smallest,
+                    f"--ipc={FLAGS.ipc} with --validation={FLAGS.validation}: the smallest class "
+                    f"keeps {smallest} training images; lower one of them")
+    if not FLAGS.distilled and FLAGS.baseline == "herding":
+        x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
     tested_on = (f"validation: {FLAGS.validation} training images" if FLAGS.validation else
                  "test split")
     test_every = nk.OFFICIAL_TEST_EVERY

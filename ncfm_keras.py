@@ -584,12 +584,24 @@ def _load_folder(root, image_size, test_fraction):
 
 
 def validation_split(data, size, seed=123):
-    """`data` with its test split replaced by `size` random training images, to choose settings
-    without the test set (they were distilled from: it ranks settings, it reads a bit high)."""
-    if not 0 < size <= len(data.x_train):
-        raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train)}")
-    idx = np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)
-    return dataclasses.replace(data, x_test=data.x_train[idx], y_test=data.y_train[idx])
+    """`data` split to choose settings without the test set: its test split is `size` random
+    training images, held out of its training split, so that nothing drawn, selected or
+    trained on the returned training split (a baseline, herding's features) has seen them.
+    `mean`, `std` stay the full training split's (a distilled set was made with them). A set
+    distilled before from all the training images has seen them: it ranks settings, it reads a
+    bit high. NCFMError unless every class keeps a training image."""
+    if not 0 < size < len(data.x_train):
+        raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train) - 1}")
+    held_out = np.zeros(len(data.x_train), bool)
+    held_out[np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)] = True
+    split = dataclasses.replace(data, x_train=data.x_train[~held_out],
+                                y_train=data.y_train[~held_out], x_test=data.x_train[held_out],
+                                y_test=data.y_train[held_out])
+    emptied = np.flatnonzero(split.class_counts() == 0)
+    if emptied.size:
+        raise NCFMError(f"validation size {size} leaves class '{data.class_names[emptied[0]]}' "
+                        "no training image; hold out fewer")
+    return split
 
 
 def to_float(images):

@@ -229,9 +229,29 @@ def test_validation_split_tests_on_held_out_training_images(fashion_mnist):
     assert len(np.unique(val.y_test)) == 10
     np.testing.assert_array_equal(nk.validation_split(fashion_mnist, 500).x_test, val.x_test)
     assert fashion_mnist.x_test.shape[0] == 10000  # the original is untouched
-    for bad in (0, 60001):
+    assert len(val.x_train) == 60000 - 500  # held out of the training split
+    for bad in (0, 60000):
         with pytest.raises(nk.NCFMError, match=f"validation size {bad} is out of range"):
             nk.validation_split(fashion_mnist, bad)
+
+
+def test_validation_images_are_never_drawn_or_selected_for_training():
+    """evaluate.py --validation=160 --baseline=random drew the baseline from a training split
+    that still held the validation images (about 40 of 80 shared)."""
+    d = _labelled_by_pixels(num_classes=3, per_class=20)
+    d.x_train = d.x_train.copy()
+    d.x_train[:, 0, 0, 0] = np.arange(len(d.x_train))  # every image unique: its index
+    val = nk.validation_split(d, 30)
+    held_out = set(val.x_test[:, 0, 0, 0].tolist())
+    assert len(held_out) == 30 and len(val.x_train) == 30
+    assert held_out.isdisjoint(val.x_train[:, 0, 0, 0].tolist())
+    for seed in range(5):
+        x, _ = nk.random_subset(val, 3, seed)
+        assert held_out.isdisjoint(np.round(x[:, 0, 0, 0] * 255).astype(int).tolist())
+    x, _ = nk.herding_subset(val, 3, lambda images: images[:, 0, 0, :])
+    assert held_out.isdisjoint(np.round(x[:, 0, 0, 0] * 255).astype(int).tolist())
+    with pytest.raises(nk.NCFMError, match="validation size 59 leaves class '.' no training"):
+        nk.validation_split(d, 59)
 
 
 def test_herding_picks_the_images_nearest_the_mean():

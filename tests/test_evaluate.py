@@ -375,6 +375,47 @@ def test_finished_networks_survive_a_later_failure(tmp_path, exception):
             "network(s)"]
 
 
+# Runs evaluate.py with networks not trained but checked: no image a network would train on
+# is in the split it is tested on; the herding ConvNet's training split is printed.
+NO_TRAINING = """
+import sys
+sys.path.insert(0, {root!r})
+import cli, evaluate
+import numpy as np
+from absl import app
+nk, real_features = cli.nk, cli.nk.pretrained_feature_fn
+
+def checked(x, y, data, *args, **kwargs):
+    trained = {{row.tobytes() for row in np.round(x * 255).astype(np.uint8)}}
+    tested = {{row.tobytes() for row in data.x_test}}
+    print(f"shared {{len(trained & tested)}} of {{len(trained)}}")
+    return {{"final": 0.0, "best_seen": 0.0}}
+
+def features(data, *args, **kwargs):
+    print(f"herding features trained on {{len(data.x_train)}} images")
+    return real_features(data, *args, epochs=1)
+
+nk.evaluate_images, nk.pretrained_feature_fn = checked, features
+app.run(cli.guarded(evaluate.main), flags_parser=cli.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("baseline", ["random", "herding"])
+def test_validation_images_are_held_out_of_what_the_baselines_train_on(tmp_path, baseline):
+    """--validation=N tested on training images that the baselines were drawn from (random)
+    or selected from (herding) and its ConvNet trained on."""
+    write_image_folder(str(tmp_path / "imgs"), ["a", "b", "c"], per_class=10, size=(8, 8))
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRAINING.format(root=ROOT), f"--dataset=folder:{tmp_path}/imgs",
+         "--image_size=8", f"--baseline={baseline}", "--ipc=3", "--validation=12",
+         "--repeats=3", f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("shared 0 of 9") == 3, result.stdout  # 3 classes x ipc 3
+    if baseline == "herding":
+        assert "herding features trained on 12 images" in result.stdout  # 24 - 12 held out
+
+
 def test_sets_of_the_old_32x32_fashion_mnist_are_refused_naming_the_cause(tmp_path):
     """ncfm-keras before 2026-12 stored zero-padded 32x32 Fashion-MNIST sets; 28x28 stays 28x28
     now, and such a set is refused in one line, while a set from another tool in the documented
