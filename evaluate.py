@@ -77,6 +77,15 @@ def find_teacher(data, distilled):
     return nk.distilled_teacher(owner, data, FLAGS.pool_dir, path), os.path.abspath(path)
 
 
+def class_difference(theirs, ours):
+    """The first difference between a set's class names and the data's (they differ), for an
+    error message: `10 classes there, 3 here` or `class 0 is 'shirt' there, 'Shirt' here`."""
+    if len(theirs) != len(ours):
+        return f"{len(theirs)} classes there, {len(ours)} here"
+    first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    return f"class {first} is '{theirs[first]}' there, '{ours[first]}' here"
+
+
 def main(argv):
     del argv
     archs = cli.parse_archs(FLAGS.arch)
@@ -120,10 +129,15 @@ def main(argv):
         cli.require(not padded, f"{FLAGS.distilled} holds 32x32 images of {where}'s 28x28 "
                     "ones: an ncfm-keras before 2026-12 padded 28x28 data to 32x32 with "
                     "black pixels; re-distil it with train.py")
-        cli.require(data.class_names == distilled.class_names and
-                    data.image_shape == distilled.images.shape[1:],
-                    f"{FLAGS.distilled} does not match {where} (classes or image shape differ); "
-                    "pass the data it was distilled from (--dataset, --data_dir)")
+        if data.class_names != distilled.class_names:
+            difference = class_difference(distilled.class_names, data.class_names)
+            raise nk.NCFMError(f"{FLAGS.distilled} holds other classes than {where} "
+                               f"({difference}); pass the data it was distilled from "
+                               "(--dataset, --data_dir)")
+        cli.require(data.image_shape == distilled.images.shape[1:],
+                    f"{FLAGS.distilled} holds images of shape {list(distilled.images.shape[1:])} "
+                    f"[H, W, C], {where} has {list(data.image_shape)}; pass the data it was "
+                    "distilled from (--dataset, --data_dir, --image_size for a folder)")
         cli.require(distilled.data_digest in (None, data.digest),
                     f"{where} is not the data {FLAGS.distilled} was distilled from "
                     f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir

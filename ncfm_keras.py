@@ -1952,8 +1952,14 @@ def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
 
 def _validate_distilled(d, path):
     k, problems = len(d.class_names), []
+    shape = list(d.images.shape)
     if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
         problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
+    elif shape[1] in (1, 3) and shape[3] not in (1, 3):  # from PyTorch, say
+        problems.append(f"images have shape {shape}: channels first (NCHW); ncfm-keras stores "
+                        f"channels last (NHWC): transpose it to [N, H, W, C] "
+                        f"({[shape[0], shape[2], shape[3], shape[1]]}: "
+                        "images.transpose(0, 2, 3, 1))")
     elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
         problems.append(f"factor {d.factor} does not divide the image size")
     if d.labels.shape != (k * d.ipc,) or np.any((d.labels < 0) | (d.labels >= k)):

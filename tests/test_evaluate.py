@@ -338,6 +338,44 @@ def test_too_small_images_fail_before_any_training(tmp_path):
     assert not os.path.exists(tmp_path / "pools")
 
 
+def test_a_set_that_does_not_fit_its_data_says_how(tmp_path, fashion_mnist):
+    """A channels-first set from another tool ([10, 1, 28, 28]) was told that classes or image
+    shape differ and to pass the data it was distilled from. The layout is named with both
+    shapes, and classes and shapes that differ each say how."""
+    d = fashion_mnist
+    labels = np.arange(10, dtype=np.int32)
+    channels_first = tmp_path / "nchw.npz"
+    for factor in (1, 2):  # 1 % 2 made it 'factor 2 does not divide the image size'
+        np.savez(channels_first, format=nk.FILE_FORMAT, labels=labels, ipc=1, factor=factor,
+                 images=np.full((10, 1, 28, 28), 0.5, np.float32), dataset=d.name,
+                 class_names=np.array(d.class_names), mean=d.mean, std=d.std, config="{}")
+        with pytest.raises(nk.NCFMError) as error:
+            nk.load_distilled(str(channels_first))
+        message = str(error.value)
+        for fragment in ("[10, 1, 28, 28]: channels first (NCHW)", "channels last (NHWC)",
+                         "transpose it to [N, H, W, C] ([10, 28, 28, 1]"):
+            assert fragment in message, message
+    _one_line_error(_run(f"--distilled={channels_first}", f"--output_dir={tmp_path / 'out'}"),
+                    "channels first (NCHW)", "transpose it to [N, H, W, C]")
+    renamed = tmp_path / "renamed.npz"
+    nk.save_distilled(str(renamed), nk.DistilledSet(
+        np.full((10, 28, 28, 1), 0.5, np.float32), labels, 1, 1, d.name,
+        [name.lower() for name in d.class_names], d.mean, d.std, {}))
+    _one_line_error(_run(f"--distilled={renamed}", f"--data_dir={FASHION_MNIST_DIR}",
+                         f"--output_dir={tmp_path / 'out'}"),
+                    "holds other classes than fashion_mnist",
+                    "class 0 is 't-shirt/top' there, 'T-shirt/top' here")
+    rgb = tmp_path / "rgb.npz"
+    nk.save_distilled(str(rgb), nk.DistilledSet(
+        np.full((10, 28, 28, 3), 0.5, np.float32), labels, 1, 1, d.name, d.class_names,
+        d.mean, d.std, {}))
+    _one_line_error(_run(f"--distilled={rgb}", f"--data_dir={FASHION_MNIST_DIR}",
+                         f"--output_dir={tmp_path / 'out'}"),
+                    "holds images of shape [28, 28, 3] [H, W, C], fashion_mnist in "
+                    f"{FASHION_MNIST_DIR} has [28, 28, 1]")
+    assert not os.path.exists(tmp_path / "out")
+
+
 # Runs evaluate.py with the second network failing (the exception given).
 INJECTED = """
 import sys
