@@ -134,10 +134,11 @@ def main(argv):
             raise nk.NCFMError(f"{FLAGS.distilled} holds other classes than {where} "
                                f"({difference}); pass the data it was distilled from "
                                "(--dataset, --data_dir)")
-        cli.require(data.image_shape == distilled.images.shape[1:],
-                    f"{FLAGS.distilled} holds images of shape {list(distilled.images.shape[1:])} "
-                    f"[H, W, C], {where} has {list(data.image_shape)}; pass the data it was "
-                    "distilled from (--dataset, --data_dir, --image_size for a folder)")
+        shape = list(distilled.images.shape[1:])
+        cli.require(data.image_shape == tuple(shape),
+                    f"{FLAGS.distilled} holds images of shape {shape} [H, W, C], {where} has "
+                    f"{list(data.image_shape)}; pass the data it was distilled from (--dataset, "
+                    "--data_dir, --image_size for a folder)")
         cli.require(distilled.data_digest in (None, data.digest),
                     f"{where} is not the data {FLAGS.distilled} was distilled from "
                     f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir
@@ -163,8 +164,8 @@ def main(argv):
         data = nk.validation_split(data, FLAGS.validation)
         smallest = int(data.class_counts().min())
         cli.require(FLAGS.distilled or FLAGS.ipc <= smallest,
-                    f"--ipc={FLAGS.ipc} with --validation={FLAGS.validation}: the smallest class "
-                    f"keeps {smallest} training images; lower one of them")
+                    f"--ipc={FLAGS.ipc} with --validation={FLAGS.validation}: the smallest "
+                    f"class keeps {smallest} training images; lower one of them")
     if not FLAGS.distilled and FLAGS.baseline == "herding":
         x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
     tested_on = (f"validation: {FLAGS.validation} training images" if FLAGS.validation else

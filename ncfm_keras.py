@@ -131,7 +131,8 @@ PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=12
 def preset(dataset, ipc):
     """The `DistillConfig` `train.py` starts from for a dataset, by any spelling of its name
     (`CIFAR-100`: see `dataset_name`); unknown names get the defaults."""
-    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset_name(dataset), {}))
+    settings = PRESETS.get(dataset_name(dataset), {})
+    return dataclasses.replace(DistillConfig(), ipc=ipc, **settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,9 +475,10 @@ def _read_folder(root, class_names, size):
             else:
                 others.append(os.path.relpath(path, root))
     if not files:
+        first = class_names[0]
         raise NCFMError(f"folder {root} holds no images in a format Pillow reads (.png, .jpg, "
-                        f".webp, .tif, ...) at any depth of its class sub-directories "
-                        f"({class_names[0]}/ holds {_found(os.path.join(root, class_names[0]))})")
+                        f".webp, .tif, ...) at any depth of its class sub-directories ({first}/ "
+                        f"holds {_found(os.path.join(root, first))})")
     # Pillow refuses images over MAX_IMAGE_PIXELS (89 megapixels: a warning, an error over twice
     # that) to protect servers from decompression bombs in uploads. A training folder is the
     # user's own data, and a 180-megapixel scan is a valid image to resize like any other, so
@@ -591,7 +593,8 @@ def validation_split(data, size, seed=123):
     distilled before from all the training images has seen them: it ranks settings, it reads a
     bit high. NCFMError unless every class keeps a training image."""
     if not 0 < size < len(data.x_train):
-        raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train) - 1}")
+        raise NCFMError(f"validation size {size} is out of range: use 1.."
+                        f"{len(data.x_train) - 1}")
     held_out = np.zeros(len(data.x_train), bool)
     held_out[np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)] = True
     split = dataclasses.replace(data, x_train=data.x_train[~held_out],
@@ -1056,7 +1059,7 @@ def pool_key(data, arch, epochs, seed):
 
 def read_pool_member(path):
     """A cached member's `(initial, trained)` weight lists. Raises FileNotFoundError when it is
-    absent, `NCFMError` naming the cause when it cannot be read (a file cut short, permissions)."""
+    absent, `NCFMError` naming the cause when it cannot be read (cut short, permissions)."""
     try:
         with np.load(path) as f:
             count = len(f.files) // 2
