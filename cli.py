@@ -67,12 +67,23 @@ def parse_archs(value):
 
 
 def parse_flags(argv):
-    """absl's flag parser, with a malformed or unknown flag reported in one line (exit 2)."""
+    """absl's flag parser, with a malformed or unknown flag reported in one line (exit 2), and
+    so is an argument that is no flag: the CLIs take none, and an unquoted path with a space
+    (`--output_dir=/content/drive/My Drive/ncfm`) would silently lose its end (`Drive/ncfm`)."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
     except flags.Error as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if len(rest) > 1:  # rest[0] is the program
+        stray = rest[1]
+        position = argv.index(stray)
+        after = f" (after {argv[position - 1]})" if position > 1 else ""
+        print(f"error: unexpected argument '{stray}'{after}: flags take the form --name=value; "
+              "quote a path that holds spaces (--output_dir=\"/content/drive/My Drive/ncfm\")",
+              file=sys.stderr)
+        sys.exit(2)
+    return rest
 
 
 def guarded(main):

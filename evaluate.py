@@ -90,6 +90,15 @@ def say_iterations(distilled):
               file=sys.stderr, flush=True)
 
 
+def class_difference(theirs, ours):
+    """The first difference between a set's class names and the data's (they differ), for an
+    error message: `10 classes there, 3 here` or `class 0 is 'shirt' there, 'Shirt' here`."""
+    if len(theirs) != len(ours):
+        return f"{len(theirs)} classes there, {len(ours)} here"
+    first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    return f"class {first} is '{theirs[first]}' there, '{ours[first]}' here"
+
+
 def main(argv):
     del argv
     archs = cli.parse_archs(FLAGS.arch)
@@ -116,7 +125,7 @@ def main(argv):
         distilled = nk.load_distilled(FLAGS.distilled)
         # Any spelling of the data it was distilled from, by default the place it came from;
         # its content digest decides. Files without one: the name must match, as it did.
-        name = FLAGS.dataset or distilled.dataset
+        name = nk.dataset_name(FLAGS.dataset or distilled.dataset)
         data_dir = FLAGS.data_dir if FLAGS.dataset or FLAGS.data_dir else distilled.data_dir
         cli.require(distilled.data_digest or name == distilled.dataset, f"--dataset={name} "
                     f"but {FLAGS.distilled} was distilled from {distilled.dataset}; drop --dataset")
@@ -133,10 +142,16 @@ def main(argv):
         cli.require(not padded, f"{FLAGS.distilled} holds 32x32 images of {where}'s 28x28 "
                     "ones: an ncfm-keras before 2026-12 padded 28x28 data to 32x32 with "
                     "black pixels; re-distil it with train.py")
-        cli.require(data.class_names == distilled.class_names and
-                    data.image_shape == distilled.images.shape[1:],
-                    f"{FLAGS.distilled} does not match {where} (classes or image shape differ); "
-                    "pass the data it was distilled from (--dataset, --data_dir)")
+        if data.class_names != distilled.class_names:
+            difference = class_difference(distilled.class_names, data.class_names)
+            raise nk.NCFMError(f"{FLAGS.distilled} holds other classes than {where} "
+                               f"({difference}); pass the data it was distilled from "
+                               "(--dataset, --data_dir)")
+        shape = list(distilled.images.shape[1:])
+        cli.require(data.image_shape == tuple(shape),
+                    f"{FLAGS.distilled} holds images of shape {shape} [H, W, C], {where} has "
+                    f"{list(data.image_shape)}; pass the data it was distilled from (--dataset, "
+                    "--data_dir, --image_size for a folder)")
         cli.require(distilled.data_digest in (None, data.digest),
                     f"{where} is not the data {FLAGS.distilled} was distilled from "
                     f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir
@@ -158,11 +173,17 @@ def main(argv):
     if FLAGS.labels != "hard":
         teacher, labels["teacher_of"] = find_teacher(data, distilled)
         labels["hard_label_epochs"] = FLAGS.hard_label_epochs
+    # Held out before anything draws from, selects in or trains on the training split; after
+    # the teacher, which is found by the digest of the whole data.
+    if FLAGS.validation:
+        data = nk.validation_split(data, FLAGS.validation)
+        smallest = int(data.class_counts().min())
+        cli.require(FLAGS.distilled or FLAGS.ipc <= smallest,
+                    f"--ipc={FLAGS.ipc} with --validation={FLAGS.validation}: the smallest "
+                    f"class keeps {smallest} training images; lower one of them")
     nk.check_writable(FLAGS.output_dir, "--output_dir")  # before any network trains
     if not FLAGS.distilled and FLAGS.baseline == "herding":
         x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
-    if FLAGS.validation:
-        data = nk.validation_split(data, FLAGS.validation)
     tested_on = (f"validation: {FLAGS.validation} training images" if FLAGS.validation else
                  "test split")
     test_every = nk.OFFICIAL_TEST_EVERY

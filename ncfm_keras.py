@@ -40,6 +40,7 @@ never reads command-line flags, `train.py` and `evaluate.py` do)::
 """
 
 import dataclasses
+import difflib
 import functools
 import gzip
 import hashlib
@@ -172,9 +173,10 @@ PRESETS = {"cifar100": dict(batch_real=256), "tiny_imagenet": dict(batch_real=12
 
 
 def preset(dataset, ipc):
-    """The `DistillConfig` `train.py` starts from for a dataset (unknown names: the
-    defaults)."""
-    return dataclasses.replace(DistillConfig(), ipc=ipc, **PRESETS.get(dataset, {}))
+    """The `DistillConfig` `train.py` starts from for a dataset, by any spelling of its name
+    (`CIFAR-100`: see `dataset_name`); unknown names get the defaults."""
+    settings = PRESETS.get(dataset_name(dataset), {})
+    return dataclasses.replace(DistillConfig(), ipc=ipc, **settings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +221,11 @@ MNIST_FAMILY = {"mnist": [str(d) for d in range(10)],
                                   "Shirt", "Sneaker", "Bag", "Ankle boot"]}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")  # each split's images, then its labels
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+# Dataset names as people write them (torchvision's FashionMNIST, CIFAR-10, "Fashion MNIST"),
+# compared in lower case without '-', '_' and spaces -> the TFDS name this module keys on.
+SPELLINGS = {"mnist": "mnist", "fashionmnist": "fashion_mnist", "kmnist": "kmnist",
+             "cifar10": "cifar10", "cifar100": "cifar100", "svhn": "svhn_cropped",
+             "svhncropped": "svhn_cropped", "imagenette": "imagenette"}
 # Never data, at any depth of a folder: hidden entries (.ipynb_checkpoints, .DS_Store, ._*) and:
 OS_METADATA = {"__macosx", "thumbs.db", "desktop.ini", "@eadir", "#recycle", "$recycle.bin",
                "system volume information", "lost+found"}
@@ -273,20 +279,24 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
     `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds them (offline);
     or `folder:PATH`, one sub-directory of images per class resized to `image_size` (see
-    `_load_folder`). Images keep their size (28x28 stays 28x28: the networks pad it, see
-    `build_network`). `mean`, `std` are the official code's constants for the datasets of
-    `NORMALIZATION`, else the training pixels' statistics. Raises NCFMError when the data cannot
-    be found or read."""
-    if name.startswith("folder:"):
-        root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
-        name, data_dir = "folder:" + root, None
-        try:
+    `_load_folder`). `name` is read as people write it (`Fashion-MNIST`, `CIFAR10`: see
+    `dataset_name`); `Dataset.name` is the canonical spelling. Images keep their size (28x28
+    stays 28x28: the networks pad it, see `build_network`). `mean`, `std` are the official code's
+    constants for the datasets of `NORMALIZATION`, else the training pixels' statistics. Raises
+    NCFMError when the data cannot be found or read (naming the cause: permissions, ...)."""
+    name = dataset_name(name)
+    try:
+        if name.startswith("folder:"):
+            root = os.path.abspath(os.path.expanduser(name[len("folder:"):]))
+            name, data_dir = "folder:" + root, None
             loaded = _load_folder(root, image_size, test_fraction)
-        except OSError as e:  # a folder we may not list
-            raise NCFMError(f"cannot read {e.filename}: {e.strerror}; check permissions") from None
-    else:
-        loaded = ((name in MNIST_FAMILY and data_dir and _load_idx(data_dir, name))
-                  or _load_tfds(name, data_dir))
+        else:
+            loaded = _load_idx(data_dir, name)  # None unless data_dir holds name's IDX files
+            if loaded is None:
+                loaded = _load_tfds(name, data_dir)
+    except OSError as e:  # a folder or file we may not read (an image's own errors are warned)
+        raise NCFMError(f"{e.filename} cannot be read "
+                        f"{_unreadable(e, 'check that it is there and readable')}") from None
     x_train, y_train, x_test, y_test, class_names = loaded
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
@@ -294,6 +304,20 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
     return Dataset(name, x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32),
                    list(class_names), mean.astype(np.float32), std.astype(np.float32),
                    os.path.abspath(os.path.expanduser(data_dir)) if data_dir else None)
+
+
+def dataset_name(name):
+    """`name` as this module spells it (`Dataset.name`, presets, pool keys, `NORMALIZATION`):
+    the TFDS name of the spellings people write (`Fashion-MNIST`, `FashionMNIST`, `Fashion_MNIST`
+    -> `fashion_mnist`; `CIFAR-10` -> `cifar10`; see `SPELLINGS`), else the name before any
+    `/config` in lower case with `_` for `-` and spaces, as TFDS names are written; `folder:PATH`
+    (any case of `folder:`) keeps its path as given."""
+    if name[:len("folder:")].lower() == "folder:":
+        return "folder:" + name[len("folder:"):]
+    base, slash, config = name.partition("/")
+    squeezed = "".join(c for c in base.lower() if c not in "-_ ")
+    tfds_style = base.lower().replace("-", "_").replace(" ", "_")
+    return SPELLINGS.get(squeezed, tfds_style) + slash + config
 
 
 def normalization(name, x_train):
@@ -310,16 +334,46 @@ def normalization(name, x_train):
     return pixels.mean(axis=0), np.where(std > 0, std, 1.0)
 
 
+def _cause(error):
+    """An exception's own first line, for messages: an OSError's `strerror` (`Permission
+    denied`, without the path it repeats), else the first line of its text (else its type)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return (str(error) or type(error).__name__).splitlines()[0]
+
+
+def _unreadable(error, fix):
+    """`(cause); what to do` for a file or folder that could not be read: the exception's first
+    line, then `fix` (re-create it, ...), or, when the system refused access, the permissions to
+    check: deleting or re-creating a file one may not read does not help."""
+    if isinstance(error, PermissionError):
+        fix = "check its permissions and those of the folders above it"
+    return f"({_cause(error)}); {fix}"
+
+
+def _is_folder(path):
+    """Whether `path` is a folder; False when it does not exist. Other errors (PermissionError
+    on a folder above it) are raised, where `os.path.isdir` would say False."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _load_idx(data_dir, name):
-    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`, None if it holds none."""
-    paths = [[os.path.join(data_dir, stem + ext) for ext in (".gz", "")] for stem in IDX_FILES]
-    if not any(os.path.lexists(p) for pair in paths for p in pair):
+    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`; None when `name` is not
+    of the MNIST family or `data_dir` holds none of them."""
+    if name not in MNIST_FAMILY or not data_dir or not _is_folder(data_dir):
+        return None
+    present = set(os.listdir(data_dir))  # a folder we may not list raises PermissionError
+    if not any(stem + ext in present for stem in IDX_FILES for ext in (".gz", "")):
         return None
     arrays = []
-    for stem, pair in zip(IDX_FILES, paths):
-        path = next((p for p in pair if os.path.exists(p)), None)
-        if path is None:
+    for stem in IDX_FILES:
+        names = [stem + ext for ext in (".gz", "") if stem + ext in present]
+        if not names:
             raise NCFMError(f"{data_dir} has no {stem}[.gz]; pass the folder of the 4 IDX files")
+        path = os.path.join(data_dir, names[0])
         arrays.append(_read_idx(path))
         if len(arrays) % 2 == 0 and len(arrays[-2]) != len(arrays[-1]):  # a split's labels
             raise NCFMError(f"{path} and its images differ in count; re-install the dataset files")
@@ -332,8 +386,8 @@ def _read_idx(path):
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # cut short, or not gzip at all
-        raise NCFMError(f"{path} cannot be read ({e}); {fix}") from None
+    except (OSError, EOFError, zlib.error) as e:  # cut short, not gzip at all, or forbidden
+        raise NCFMError(f"{path} cannot be read {_unreadable(e, fix)}") from None
     if len(data) < 4 or data[:3] != b"\x00\x00\x08" or len(data) < 4 + 4 * data[3]:
         raise NCFMError(f"{path} is not an uint8 IDX file; {fix}")
     dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]])
@@ -346,14 +400,18 @@ def _read_idx(path):
 def _load_tfds(name, data_dir):
     import requests
     import tensorflow_datasets as tfds
-    if data_dir and not os.path.isdir(data_dir):
-        raise NCFMError(f"data_dir {data_dir} does not exist; pass the folder that holds the data")
+    if data_dir and not _is_folder(data_dir):
+        what = "is a file" if os.path.exists(data_dir) else "does not exist"
+        raise NCFMError(f"data_dir {data_dir} {what}; pass the folder that holds the data")
     ways = "an MNIST-family name with its IDX files in --data_dir, folder:PATH"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends; keep only the first line
-        raise NCFMError(f"unknown dataset '{name}': {str(e).splitlines()[0]}; use a TFDS name "
-                        f"such as cifar10, {ways}") from None
+        known = tfds.list_builders(with_community_datasets=False) + list(MNIST_FAMILY)
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.8)  # typos, not themes
+        hint = f"did you mean {nearest[0]}? Else " if nearest else ""
+        raise NCFMError(f"unknown dataset '{name}' ({_cause(e)}); {hint}use a TFDS name such "
+                        f"as cifar10, {ways}") from None
     offline = f"offline, use {ways} or a --data_dir where `tfds build {name}` ran"
     # is_prepared() logs a warning for a folder without dataset_info.json: ask only after it.
     prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
@@ -403,52 +461,99 @@ def _found(directory):
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
-def _image_files(directory):
-    """Image paths under `directory` at any depth (Tiny ImageNet: `<class>/images/`), sorted;
-    hidden entries skipped, links followed (a link back up the tree is read once)."""
+def image_extensions():
+    """The file extensions (lower case, with the dot) of every format this Pillow can open:
+    `.png`, `.jpg`, `.webp`, `.tif`, `.bmp`, `.gif`, `.ppm`, ... (`Image.registered_extensions`
+    less the formats Pillow only writes, such as `.pdf`)."""
+    from PIL import Image
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _raise(error):
+    raise error
+
+
+def _files(directory):
+    """The paths of the files under `directory` at any depth (Tiny ImageNet: `<class>/images/`),
+    sorted; hidden entries skipped, links followed (a link back up the tree is read once). A
+    folder that cannot be listed raises its OSError (PermissionError), never skipped silently."""
     found, seen = [], set()
-    for here, dirs, files in os.walk(directory, followlinks=True):
+    for here, dirs, files in os.walk(directory, onerror=_raise, followlinks=True):
         if os.path.realpath(here) in seen:
             dirs[:] = []
             continue
         seen.add(os.path.realpath(here))
         dirs[:] = [d for d in dirs if _visible(d)]
-        found += [os.path.join(here, f) for f in files
-                  if _visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [os.path.join(here, f) for f in files if _visible(f)]
     return sorted(found)
 
 
+def _read_image(path, size):
+    """One image file as uint8 `[size, size, 3]`, as a viewer shows it: the EXIF orientation
+    applied (phone photos are stored sideways with a tag saying so), then Pillow's RGB, resized
+    bilinearly. Raises whatever Pillow raises for a file it cannot read."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode.startswith("I"):  # 16-bit grayscale: the high byte (convert clips)
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        elif image.mode in ("P", "PA"):  # palette transparency goes through RGBA
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
 def _read_folder(root, class_names, size):
-    """`root/<class>/**/<image>` as uint8 `[N, size, size, 3]` (Pillow's RGB, resized bilinearly)
-    and labels, in class then path order; undecodable files are skipped with one warning."""
+    """`root/<class>/**/<file>` as uint8 `[N, size, size, 3]` (`_read_image`) and int labels
+    `[N]`, in class then path order: every file in a format Pillow reads (`image_extensions`).
+    Files left out, unreadable or in no such format, are counted and named in one warning line,
+    each unreadable one with its exception's first line. NCFMError when no image is read."""
     from PIL import Image
 
-    files = [(path, label) for label, name in enumerate(class_names)
-             for path in _image_files(os.path.join(root, name))]
+    extensions = image_extensions()
+    files, others = [], []
+    for label, name in enumerate(class_names):
+        for path in _files(os.path.join(root, name)):
+            if os.path.splitext(path)[1].lower() in extensions:
+                files.append((path, label))
+            else:
+                others.append(os.path.relpath(path, root))
     if not files:
-        raise NCFMError(f"folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) at any "
-                        f"depth of its class sub-directories ({class_names[0]}/ holds "
-                        f"{_found(os.path.join(root, class_names[0]))})")
+        first = class_names[0]
+        raise NCFMError(f"folder {root} holds no images in a format Pillow reads (.png, .jpg, "
+                        f".webp, .tif, ...) at any depth of its class sub-directories ({first}/ "
+                        f"holds {_found(os.path.join(root, first))})")
+    # Pillow refuses images over MAX_IMAGE_PIXELS (89 megapixels: a warning, an error over twice
+    # that) to protect servers from decompression bombs in uploads. A training folder is the
+    # user's own data, and a 180-megapixel scan is a valid image to resize like any other, so
+    # the limit is lifted while the folder is read (memory holds one image at a time).
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     images, labels, unreadable = [], [], []
-    for path, label in files:
-        try:
-            with Image.open(path) as image:
-                if image.mode.startswith("I"):  # 16-bit grayscale: the high byte (convert clips)
-                    image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
-                elif image.mode in ("P", "PA"):  # palette transparency goes through RGBA
-                    image = image.convert("RGBA")
-                image = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+    try:
+        for path, label in files:
+            try:
+                image = _read_image(path, size)
+            except Exception as e:  # whatever Pillow raises, the file is not a readable image
+                cause = _cause(e).replace(f" {path!r}", "")  # Pillow's repeats the path
+                unreadable.append(f"{os.path.relpath(path, root)} ({cause})")
+                continue
             images.append(image)
             labels.append(label)
-        except Exception:  # whatever Pillow raises, the file is not a readable image
-            unreadable.append(os.path.relpath(path, root))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if not images:
         raise NCFMError(f"none of the {len(files)} image files in {root} could be read (e.g. "
-                        f"{unreadable[0]}); check that they are complete png/jpg/bmp/gif files")
-    if unreadable:
-        print(f"warning: skipped {len(unreadable)} of {len(files)} image files in {root} that "
-              f"could not be read: {', '.join(unreadable[:3])}{', ...' * (len(unreadable) > 3)}",
-              file=sys.stderr, flush=True)
+                        f"{unreadable[0]}); check that they are complete image files")
+    left_out = unreadable + [f"{path} (not a format Pillow reads)" for path in others]
+    if left_out:
+        kinds = [f"{count} {kind}" for count, kind in ((len(unreadable), "unreadable"),
+                                                      (len(others), "not images")) if count]
+        more = ", ..." if len(left_out) > 3 else ""
+        print(f"warning: left out {len(left_out)} of {len(files) + len(others)} files in {root} "
+              f"({' and '.join(kinds)}): {', '.join(left_out[:3])}{more}", file=sys.stderr,
+              flush=True)
     return np.stack(images), np.asarray(labels)
 
 
@@ -458,7 +563,8 @@ def _folder_splits(root, test_fraction):
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
     classes = set(_folder_classes(os.path.join(root, train))) if train else set()
-    if not classes or any(_visible(f) and f.lower().endswith(IMAGE_EXTENSIONS)
+    extensions = image_extensions()
+    if not classes or any(_visible(f) and os.path.splitext(f)[1].lower() in extensions
                           for f in os.listdir(os.path.join(root, train))):
         return root, None  # a class folder that happens to be called "train" holds images
     others = [d for k, d in subdirs.items() if k not in TRAIN_SPLITS + TEST_SPLITS]
@@ -484,10 +590,13 @@ def _folder_splits(root, test_fraction):
 def _load_folder(root, image_size, test_fraction):
     """A folder dataset (see `_folder_splits`). A held-out test split is each class's last
     `test_fraction` of images in path order (at least one). Grayscale stays one channel."""
-    if not os.path.isdir(root):
+    is_folder = _is_folder(root)  # a folder above it we may not enter raises PermissionError
+    if not is_folder and os.path.exists(root):
         raise NCFMError(f"folder:{root} is a file, not a folder; extract it (unzip, tar xf) and "
-                        "pass the folder it holds" if os.path.isfile(root) else f"folder {root} "
-                        "does not exist; pass folder:PATH, one sub-directory of images per class")
+                        "pass the folder it holds")
+    if not is_folder:
+        raise NCFMError(f"folder {root} does not exist; pass folder:PATH, one sub-directory of "
+                        "images per class")
     if image_size < 1:
         raise NCFMError(f"image size {image_size} is out of range: use 1 or more")
     train_dir, test_dir = _folder_splits(root, test_fraction)
@@ -522,12 +631,25 @@ def _load_folder(root, image_size, test_fraction):
 
 
 def validation_split(data, size, seed=123):
-    """`data` with its test split replaced by `size` random training images, to choose settings
-    without the test set (they were distilled from: it ranks settings, it reads a bit high)."""
-    if not 0 < size <= len(data.x_train):
-        raise NCFMError(f"validation size {size} is out of range: use 1..{len(data.x_train)}")
-    idx = np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)
-    return dataclasses.replace(data, x_test=data.x_train[idx], y_test=data.y_train[idx])
+    """`data` split to choose settings without the test set: its test split is `size` random
+    training images, held out of its training split, so that nothing drawn, selected or
+    trained on the returned training split (a baseline, herding's features) has seen them.
+    `mean`, `std` stay the full training split's (a distilled set was made with them). A set
+    distilled before from all the training images has seen them: it ranks settings, it reads a
+    bit high. NCFMError unless every class keeps a training image."""
+    if not 0 < size < len(data.x_train):
+        raise NCFMError(f"validation size {size} is out of range: use 1.."
+                        f"{len(data.x_train) - 1}")
+    held_out = np.zeros(len(data.x_train), bool)
+    held_out[np.random.default_rng(seed).choice(len(data.x_train), size, replace=False)] = True
+    split = dataclasses.replace(data, x_train=data.x_train[~held_out],
+                                y_train=data.y_train[~held_out], x_test=data.x_train[held_out],
+                                y_test=data.y_train[held_out])
+    emptied = np.flatnonzero(split.class_counts() == 0)
+    if emptied.size:
+        raise NCFMError(f"validation size {size} leaves class '{data.class_names[emptied[0]]}' "
+                        "no training image; hold out fewer")
+    return split
 
 
 def to_float(images):
@@ -1005,14 +1127,17 @@ def pool_key(data, arch, epochs, seed):
 
 
 def read_pool_member(path):
-    """A cached member's `(initial, trained)` weight lists; `NCFMError` if it cannot be read."""
+    """A cached member's `(initial, trained)` weight lists. Raises FileNotFoundError when it is
+    absent, `NCFMError` naming the cause when it cannot be read (cut short, permissions)."""
     try:
         with np.load(path) as f:
             count = len(f.files) // 2
             return [f[f"init_{i}"] for i in range(count)], [f[f"trained_{i}"] for i in range(count)]
+    except FileNotFoundError:
+        raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise NCFMError(f"pool member {path} cannot be read ({type(e).__name__}); delete it "
-                        "and re-run train.py to train it again") from None
+        fix = "delete it and re-run train.py to train it again"
+        raise NCFMError(f"pool member {path} cannot be read {_unreadable(e, fix)}") from None
 
 
 def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
@@ -1730,15 +1855,17 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
     """The frozen soft-label teacher, pool member 0 trained, as the official code loads
     `premodel0_trained`; `NCFMError` if it is not in `cache_dir/key/` or does not fit `data`."""
     path = os.path.join(cache_dir, key, "member-000.npz")  # as `pretrain_pool` names it
-    if not os.path.isfile(path):
+    try:  # not os.path.isfile: a folder we may not enter is not "absent"
+        _, trained = read_pool_member(path)
+    except FileNotFoundError:
         raise NCFMError(f"the teacher's weights {path} do not exist; pass --pool_dir=<the folder "
-                        f"that holds {key}/>, or re-run train.py with the same flags to rebuild it")
+                        f"that holds {key}/>, or re-run train.py with the same flags to rebuild it"
+                        ) from None
     teacher = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
-    _, trained = read_pool_member(path)
     try:
         teacher.set_weights(trained)
     except ValueError as e:  # weights of other shapes
-        raise NCFMError(f"{path} does not hold a teacher for {data.name} ({type(e).__name__}); "
+        raise NCFMError(f"{path} does not hold a teacher for {data.name} ({_cause(e)}); "
                         "delete it and re-run train.py to rebuild the pool") from None
     teacher.trainable = False
     return teacher
@@ -1883,9 +2010,10 @@ def save_distilled(path, distilled):
 
 
 def load_distilled(path):
-    """Reads and validates a distilled-set file written by `save_distilled`."""
-    if not os.path.isfile(path):
-        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz train.py wrote")
+    """Reads and validates a distilled-set file written by `save_distilled`; `NCFMError` naming
+    the cause when it is absent, a folder, unreadable (permissions, cut short) or invalid."""
+    if os.path.isdir(path):
+        raise NCFMError(f"{path} is a folder; pass the distilled.npz train.py wrote (in it)")
     try:
         with np.load(path, allow_pickle=False) as f:
             if str(f["format"]) != FILE_FORMAT:
@@ -1900,18 +2028,26 @@ def load_distilled(path):
                 iterations=int(f["iterations"]) if "iterations" in f.files else None)
     except NCFMError:
         raise
+    except FileNotFoundError:  # not os.path.isfile: a folder we may not enter is not "absent"
+        raise NCFMError(f"distilled-set file {path} does not exist; pass the .npz train.py "
+                        "wrote") from None
     except Exception as e:  # zip, pickle, key and JSON errors all mean the same thing
-        raise NCFMError(f"{path} is not a readable distilled-set file ({type(e).__name__}: "
-                        f"{(str(e) or 'no detail').splitlines()[0]}); re-create it with "
-                        "train.py") from None
+        raise NCFMError(f"{path} is not a readable distilled-set file "
+                        f"{_unreadable(e, 're-create it with train.py')}") from None
     _validate_distilled(distilled, path)
     return distilled
 
 
 def _validate_distilled(d, path):
     k, problems = len(d.class_names), []
+    shape = list(d.images.shape)
     if d.images.ndim != 4 or d.images.shape[0] != k * d.ipc:
         problems.append(f"images have shape {d.images.shape}, expected [{k}*{d.ipc}, H, W, C]")
+    elif shape[1] in (1, 3) and shape[3] not in (1, 3):  # from PyTorch, say
+        problems.append(f"images have shape {shape}: channels first (NCHW); ncfm-keras stores "
+                        f"channels last (NHWC): transpose it to [N, H, W, C] "
+                        f"({[shape[0], shape[2], shape[3], shape[1]]}: "
+                        "images.transpose(0, 2, 3, 1))")
     elif d.factor < 1 or d.images.shape[1] % d.factor or d.images.shape[2] % d.factor:
         problems.append(f"factor {d.factor} does not divide the image size")
     if d.labels.shape != (k * d.ipc,) or np.any((d.labels < 0) | (d.labels >= k)):

@@ -170,7 +170,8 @@ def output_dir():
     """--output_dir, by default runs/<dataset>_ipc<ipc> (within the file-name limit)."""
     if FLAGS.output_dir:
         return FLAGS.output_dir
-    return os.path.join("runs", runs.file_name(f"{FLAGS.dataset}_ipc{FLAGS.ipc}"))
+    name = nk.dataset_name(FLAGS.dataset)  # any spelling of a dataset resumes the same run
+    return os.path.join("runs", runs.file_name(f"{name}_ipc{FLAGS.ipc}"))
 
 
 if __name__ == "__main__":

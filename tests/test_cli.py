@@ -34,6 +34,8 @@ FMNIST = ["--dataset=fashion_mnist", f"--data_dir={FASHION_MNIST_DIR}"]
 
 @pytest.mark.parametrize("args,fragments", [
     (["--dataset=no_such_dataset"], ["unknown dataset 'no_such_dataset'", "folder:PATH"]),
+    (["--dataset=fashion_mnst", f"--data_dir={FASHION_MNIST_DIR}"],
+     ["unknown dataset 'fashion_mnst'", "did you mean fashion_mnist?"]),
     (["--dataset=fashion_mnist", "--data_dir=/nonexistent"], ["does not exist"]),
     (["--dataset=fashion_mnist", "--data_dir=/tmp"], ["no prepared TFDS dataset", "IDX"]),
     (FMNIST + ["--ipc=0"], ["ipc=0 is out of range: use 1..6000"]),
@@ -49,6 +51,18 @@ def test_bad_input_fails_in_one_line(tmp_path, args, fragments):
     result = run("evaluate.py", *args, f"--output_dir={tmp_path}/out")
     assert_clean_error(result, *fragments)
     assert not os.path.exists(tmp_path / "out")  # nothing half-written
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py"])
+def test_stray_arguments_are_refused(tmp_path, script):
+    """An unquoted path with a space, as a notebook pastes it: the end of the path became a
+    positional argument that absl ignores, and the outputs landed in .../My, exit 0."""
+    result = run(script, *FMNIST, f"--output_dir={tmp_path}/My", "Drive/ncfm",
+                 f"--pool_dir={tmp_path}/pools")
+    assert result.returncode == 2
+    assert_clean_error(result, "unexpected argument 'Drive/ncfm' (after --output_dir=",
+                       "quote a path that holds spaces")
+    assert os.listdir(tmp_path) == []  # nothing written
 
 
 def test_malformed_distilled_file(tmp_path):

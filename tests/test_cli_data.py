@@ -27,7 +27,7 @@ def test_junk_and_broken_files_in_a_folder(tmp_path):
                  f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     warning, error = result.stderr.strip().splitlines()  # .ipynb_checkpoints is no class
-    assert warning.startswith("warning: skipped 1 of 11 image files") and "shirt/x.png" in warning
+    assert warning.startswith("warning: left out 1 of 11 files") and "shirt/x.png" in warning
     assert error.startswith("error: ipc=100 is out of range: use 1..4")
 
 
@@ -126,3 +126,20 @@ def test_idx_distilled_sets_find_their_data_dir(tmp_path, fashion_mnist):
     assert_clean_error(result, "validation size 100000 is out of range")  # no --data_dir needed
     result = run("evaluate.py", f"--distilled={tmp_path / 'other.npz'}", *PAST_THE_CHECKS)
     assert_clean_error(result, f"fashion_mnist in {FASHION_MNIST_DIR} is not the data")
+
+
+def test_dataset_names_as_people_write_them(tmp_path, fashion_mnist):
+    """--dataset=Fashion-MNIST with the IDX files in --data_dir was told the folder holds no
+    prepared TFDS dataset; a set distilled from fashion_mnist (a file from before digests, so
+    the name decides) is evaluated on --dataset=FashionMNIST."""
+    result = run("evaluate.py", "--dataset=Fashion-MNIST", f"--data_dir={FASHION_MNIST_DIR}",
+                 *PAST_THE_CHECKS)
+    assert_clean_error(result, "validation size 100000 is out of range")
+    import ncfm_keras as nk
+    d = fashion_mnist
+    nk.save_distilled(str(tmp_path / "old.npz"), nk.DistilledSet(
+        np.full((10, 28, 28, 1), 0.5, np.float32), np.arange(10), 1, 1, d.name, d.class_names,
+        d.mean, d.std, {}))
+    result = run("evaluate.py", f"--distilled={tmp_path / 'old.npz'}", "--dataset=FashionMNIST",
+                 f"--data_dir={FASHION_MNIST_DIR}", *PAST_THE_CHECKS)
+    assert_clean_error(result, "validation size 100000 is out of range")

@@ -87,6 +87,31 @@ def test_missing_and_unknown_datasets(tmp_path):
         nk.load_dataset("fashion_mnist", str(tmp_path))
 
 
+def test_dataset_names_as_people_write_them(fashion_mnist):
+    """`--dataset=Fashion_MNIST` (or fashion-mnist) with the IDX files in --data_dir was told
+    the folder holds no prepared TFDS dataset. The names of TFDS and torchvision, any case,
+    '-' or '_', load the canonical dataset: the same name, digest and pool key."""
+    for spelling in ("Fashion_MNIST", "fashion-mnist", "FashionMNIST", "Fashion-MNIST"):
+        d = nk.load_dataset(spelling, FASHION_MNIST_DIR)
+        assert d.name == "fashion_mnist" and d.digest == fashion_mnist.digest
+        np.testing.assert_array_equal(d.mean, fashion_mnist.mean)  # the official constants
+    spellings = {"MNIST": "mnist", "KMNIST": "kmnist", "CIFAR-10": "cifar10",
+                 "CIFAR10": "cifar10", "cifar_100": "cifar100", "CIFAR-100": "cifar100",
+                 "SVHN": "svhn_cropped", "Fashion MNIST": "fashion_mnist",
+                 "Oxford-IIIT-Pet": "oxford_iiit_pet", "Imagenette/320px": "imagenette/320px",
+                 "imagenette/full-size-v2": "imagenette/full-size-v2",  # configs as given
+                 "Folder:Data/Clothes": "folder:Data/Clothes"}
+    for spelling, name in spellings.items():
+        assert nk.dataset_name(spelling) == name, spelling
+    assert nk.preset("CIFAR-100", 10).batch_real == 256  # the cifar100 preset
+    with pytest.raises(nk.NCFMError, match="unknown dataset 'fashion_mnst' .* did you mean "
+                                           "fashion_mnist?"):
+        nk.load_dataset("Fashion-MNST", FASHION_MNIST_DIR)
+    with pytest.raises(nk.NCFMError) as error:
+        nk.load_dataset("no_such_dataset")
+    assert "did you mean" not in str(error.value)  # nothing near: no far-fetched guess
+
+
 def prepared_tfds_dir(root, name, examples):
     """A TFDS data dir holding `name`'s metadata as `tfds build` leaves it (no records:
     `tfds.testing.mock_data` supplies the examples)."""
@@ -204,9 +229,29 @@ def test_validation_split_tests_on_held_out_training_images(fashion_mnist):
     assert len(np.unique(val.y_test)) == 10
     np.testing.assert_array_equal(nk.validation_split(fashion_mnist, 500).x_test, val.x_test)
     assert fashion_mnist.x_test.shape[0] == 10000  # the original is untouched
-    for bad in (0, 60001):
+    assert len(val.x_train) == 60000 - 500  # held out of the training split
+    for bad in (0, 60000):
         with pytest.raises(nk.NCFMError, match=f"validation size {bad} is out of range"):
             nk.validation_split(fashion_mnist, bad)
+
+
+def test_validation_images_are_never_drawn_or_selected_for_training():
+    """evaluate.py --validation=160 --baseline=random drew the baseline from a training split
+    that still held the validation images (about 40 of 80 shared)."""
+    d = _labelled_by_pixels(num_classes=3, per_class=20)
+    d.x_train = d.x_train.copy()
+    d.x_train[:, 0, 0, 0] = np.arange(len(d.x_train))  # every image unique: its index
+    val = nk.validation_split(d, 30)
+    held_out = set(val.x_test[:, 0, 0, 0].tolist())
+    assert len(held_out) == 30 and len(val.x_train) == 30
+    assert held_out.isdisjoint(val.x_train[:, 0, 0, 0].tolist())
+    for seed in range(5):
+        x, _ = nk.random_subset(val, 3, seed)
+        assert held_out.isdisjoint(np.round(x[:, 0, 0, 0] * 255).astype(int).tolist())
+    x, _ = nk.herding_subset(val, 3, lambda images: images[:, 0, 0, :])
+    assert held_out.isdisjoint(np.round(x[:, 0, 0, 0] * 255).astype(int).tolist())
+    with pytest.raises(nk.NCFMError, match="validation size 59 leaves class '.' no training"):
+        nk.validation_split(d, 59)
 
 
 def test_herding_picks_the_images_nearest_the_mean():
@@ -285,9 +330,13 @@ def test_unreadable_images_are_skipped_with_one_warning_line(tmp_path, capsys):
     d = nk.load_dataset(f"folder:{tmp_path}")
     assert list(d.class_counts()) + list(np.bincount(d.y_test)) == [4, 4, 4, 1, 1, 1]
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: skipped 4 of 19 image files")
-    assert "cat/x.png, dog/cut.png, fox/gone.png, ..." in lines[0]
-    assert "Traceback" not in lines[0]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: left out 4 of 19 files in {tmp_path} (4 unreadable): ")
+    # Each named with its exception's own first line (Pillow's without the path it repeats).
+    assert ("cat/x.png (cannot identify image file), dog/cut.png (image file is truncated"
+            in lines[0])
+    assert "fox/gone.png (No such file or directory), ..." in lines[0]
+    assert "Traceback" not in lines[0] and str(tmp_path / "cat") not in lines[0]
 
 
 def test_folders_with_too_few_readable_images(tmp_path, capsys):
@@ -370,9 +419,12 @@ def test_layout_errors_say_what_was_expected_and_found(tmp_path):
     with pytest.raises(nk.NCFMError, match="clothes.zip is a file, not a folder; extract it"):
         nk.load_dataset(f"folder:{tmp_path / 'clothes.zip'}")
     os.makedirs(tmp_path / "flat" / "only")
-    (tmp_path / "flat" / "only" / "a.tif").write_bytes(b"II*\x00")
+    (tmp_path / "flat" / "only" / "a.txt").write_text("notes")
     os.makedirs(tmp_path / "flat" / "other")
-    with pytest.raises(nk.NCFMError, match=r"holds no images .* \(only/ holds a.tif\)"):
+    with pytest.raises(nk.NCFMError, match=r"holds no images .* \(only/ holds a.txt\)"):
+        nk.load_dataset(f"folder:{tmp_path / 'flat'}")
+    (tmp_path / "flat" / "only" / "a.tif").write_bytes(b"II*\x00")  # a TIFF header, no image
+    with pytest.raises(nk.NCFMError, match=r"none of the 1 image files .* \(e.g. only/a.tif \("):
         nk.load_dataset(f"folder:{tmp_path / 'flat'}")
 
 
@@ -398,6 +450,148 @@ def test_image_kinds_names_and_links(tmp_path):
     assert d.x_train.shape[1:] == (12, 12, 3)
     # In path order, çà's training images are bilevel, cmyk, grey16, palette (rgba is tested).
     np.testing.assert_array_equal(d.x_train[d.y_train == 1][2], 128)  # 16 bits: the high byte
+
+
+def test_every_format_pillow_reads_is_read(tmp_path, capsys):
+    """A class folder of PNG, WebP and TIFF files loaded only the PNGs, without a word; a
+    WebP-only class had '0 readable image(s)'. Files of no image format are named."""
+    from PIL import Image
+    root = tmp_path / "data"
+    write_image_folder(str(root), ["mixed", "webp"], per_class=3)
+    formats = ("webp", "tif", "tiff", "jpg", "bmp", "gif", "ppm", "pgm")
+    for png in sorted((root / "mixed").glob("*.png")):
+        for extension in formats:
+            image = Image.open(png)
+            if extension == "pgm":
+                image = image.convert("L")
+            image.save(png.with_name(f"{png.stem}_{extension}.{extension}"))
+    for png in (root / "webp").glob("*.png"):
+        Image.open(png).save(png.with_suffix(".webp"), lossless=True)
+        png.unlink()
+    (root / "mixed" / "notes.txt").write_text("shot on 2026-11-02")
+    (root / "mixed" / "labels.csv").write_text("file,label\n")
+    d = nk.load_dataset(f"folder:{root}", image_size=8)
+    counts = list(d.class_counts() + np.bincount(d.y_test))
+    assert counts == [3 * (1 + len(formats)), 3]
+    warning = capsys.readouterr().err.strip()
+    assert warning == (f"warning: left out 2 of 32 files in {root} (2 not images): "
+                       "mixed/labels.csv (not a format Pillow reads), mixed/notes.txt (not a "
+                       "format Pillow reads)")
+    for extension in (".png", ".jpg", ".webp", ".tif", ".bmp", ".gif", ".ppm", ".pgm"):
+        assert extension in nk.image_extensions()
+    assert ".pdf" not in nk.image_extensions()  # Pillow writes PDF, it does not read it
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo(tmp_path):
+    """Phone JPEGs store the sensor's pixels and a tag saying how to turn them (EXIF
+    orientation 6: rotate 90 degrees clockwise); they were trained on sideways."""
+    from PIL import Image
+    write_image_folder(str(tmp_path), ["a", "b"], per_class=3)
+    stored = np.zeros((12, 24), np.uint8)  # 24 wide, 12 high: left half white
+    stored[:, :12] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the viewer turns it clockwise, left becomes top
+    Image.fromarray(stored).convert("RGB").save(tmp_path / "a" / "photo.jpg", exif=exif)
+    d = nk.load_dataset(f"folder:{tmp_path}", image_size=8)
+    photo = d.x_test[d.y_test == 0][0, ..., 0]  # the last of a/ in path order: held out
+    assert photo[:3].min() > 200 and photo[-3:].max() < 50  # white on top, as shown
+
+
+def test_images_over_pillows_decompression_bomb_limit_are_read(tmp_path, monkeypatch, capsys):
+    """A valid 180-megapixel scan was skipped as 'could not be read': Pillow refuses images over
+    twice MAX_IMAGE_PIXELS (89 megapixels). Here the limit is lowered to 100 pixels, so that
+    the 20x24 images of the folder are over it, instead of writing a 180-megapixel file."""
+    from PIL import Image
+    write_image_folder(str(tmp_path), ["a", "b"], per_class=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    d = nk.load_dataset(f"folder:{tmp_path}", image_size=8)
+    assert len(d.y_train) + len(d.y_test) == 6
+    assert capsys.readouterr().err == ""
+    assert Image.MAX_IMAGE_PIXELS == 100  # lifted while the folder is read, then restored
+
+
+def _refused(path):
+    return PermissionError(13, "Permission denied", str(path))
+
+
+def test_permission_errors_are_named_not_guessed_at(tmp_path, monkeypatch, capsys):
+    """On a shared server a file one may not read was reported as a file to re-create or
+    delete. Every error and warning now carries the exception's own first line, and a
+    PermissionError is told to check permissions. (The tests may run as root, whom chmod does
+    not stop: the refusals are injected.)"""
+    from PIL import Image
+    write_image_folder(str(tmp_path / "data"), ["cat", "dog"], per_class=4)
+    secret = tmp_path / "data" / "dog" / "001.png"
+    real_open = Image.open
+
+    def image_open(path, *args, **kwargs):
+        if str(path) == str(secret):
+            raise _refused(path)
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", image_open)
+        nk.load_dataset(f"folder:{tmp_path / 'data'}", image_size=8)
+    assert "dog/001.png (Permission denied)" in capsys.readouterr().err
+    # A class folder one may not list: os.walk skipped it without a word.
+    real_scandir = os.scandir
+    unlisted = tmp_path / "data" / "cat"
+
+    def scandir(path="."):
+        if str(path) == str(unlisted):
+            raise _refused(path)
+        return real_scandir(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        with pytest.raises(nk.NCFMError) as error:
+            nk.load_dataset(f"folder:{tmp_path / 'data'}", image_size=8)
+    assert str(error.value) == (f"{unlisted} cannot be read (Permission denied); check its "
+                                "permissions and those of the folders above it")
+    # A folder above the data that one may not enter: os.path.isdir said "does not exist".
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "data"):
+            raise _refused(path)
+        return real_stat(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "stat", stat)
+        with pytest.raises(nk.NCFMError, match=r"data cannot be read \(Permission denied\); "
+                           "check its permissions"):
+            nk.load_dataset(f"folder:{tmp_path / 'data'}")
+    # IDX files, a cached pool member and a distilled set: the cause, not "re-install",
+    # "delete it" or "re-create it".
+    def gzip_open(path, mode):
+        raise _refused(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nk.gzip, "open", gzip_open)
+        with pytest.raises(nk.NCFMError) as error:
+            nk.load_dataset("fashion_mnist", FASHION_MNIST_DIR)
+    assert "(Permission denied); check its permissions" in str(error.value)
+    assert "re-install" not in str(error.value)
+    member = tmp_path / "member-000.npz"
+    np.savez(member, init_0=np.zeros(1), trained_0=np.ones(1))
+    distilled = tmp_path / "distilled.npz"
+    distilled.write_bytes(b"")
+    real_load = np.load
+
+    def load(path, *args, **kwargs):
+        if str(path) in (str(member), str(distilled)):
+            raise _refused(path)
+        return real_load(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "load", load)
+        for read, path, fix in ((nk.read_pool_member, member, "delete it"),
+                                (nk.load_distilled, distilled, "re-create")):
+            with pytest.raises(nk.NCFMError) as error:
+                read(str(path))
+            message = str(error.value)
+            assert "(Permission denied); check its permissions" in message, message
+            assert fix not in message
 
 
 def test_digest_identifies_the_data_not_its_spelling(tmp_path, monkeypatch):

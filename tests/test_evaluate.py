@@ -339,6 +339,44 @@ def test_too_small_images_fail_before_any_training(tmp_path):
     assert not os.path.exists(tmp_path / "pools")
 
 
+def test_a_set_that_does_not_fit_its_data_says_how(tmp_path, fashion_mnist):
+    """A channels-first set from another tool ([10, 1, 28, 28]) was told that classes or image
+    shape differ and to pass the data it was distilled from. The layout is named with both
+    shapes, and classes and shapes that differ each say how."""
+    d = fashion_mnist
+    labels = np.arange(10, dtype=np.int32)
+    channels_first = tmp_path / "nchw.npz"
+    for factor in (1, 2):  # 1 % 2 made it 'factor 2 does not divide the image size'
+        np.savez(channels_first, format=nk.FILE_FORMAT, labels=labels, ipc=1, factor=factor,
+                 images=np.full((10, 1, 28, 28), 0.5, np.float32), dataset=d.name,
+                 class_names=np.array(d.class_names), mean=d.mean, std=d.std, config="{}")
+        with pytest.raises(nk.NCFMError) as error:
+            nk.load_distilled(str(channels_first))
+        message = str(error.value)
+        for fragment in ("[10, 1, 28, 28]: channels first (NCHW)", "channels last (NHWC)",
+                         "transpose it to [N, H, W, C] ([10, 28, 28, 1]"):
+            assert fragment in message, message
+    _one_line_error(_run(f"--distilled={channels_first}", f"--output_dir={tmp_path / 'out'}"),
+                    "channels first (NCHW)", "transpose it to [N, H, W, C]")
+    renamed = tmp_path / "renamed.npz"
+    nk.save_distilled(str(renamed), nk.DistilledSet(
+        np.full((10, 28, 28, 1), 0.5, np.float32), labels, 1, 1, d.name,
+        [name.lower() for name in d.class_names], d.mean, d.std, {}))
+    _one_line_error(_run(f"--distilled={renamed}", f"--data_dir={FASHION_MNIST_DIR}",
+                         f"--output_dir={tmp_path / 'out'}"),
+                    "holds other classes than fashion_mnist",
+                    "class 0 is 't-shirt/top' there, 'T-shirt/top' here")
+    rgb = tmp_path / "rgb.npz"
+    nk.save_distilled(str(rgb), nk.DistilledSet(
+        np.full((10, 28, 28, 3), 0.5, np.float32), labels, 1, 1, d.name, d.class_names,
+        d.mean, d.std, {}))
+    _one_line_error(_run(f"--distilled={rgb}", f"--data_dir={FASHION_MNIST_DIR}",
+                         f"--output_dir={tmp_path / 'out'}"),
+                    "holds images of shape [28, 28, 3] [H, W, C], fashion_mnist in "
+                    f"{FASHION_MNIST_DIR} has [28, 28, 1]")
+    assert not os.path.exists(tmp_path / "out")
+
+
 # Runs evaluate.py with the second network failing (the exception given).
 INJECTED = """
 import sys
@@ -374,6 +412,47 @@ def test_finished_networks_survive_a_later_failure(tmp_path, exception):
         assert result.stderr.strip().splitlines() == [
             f"interrupted: {tmp_path / 'out' / 'evaluation.json'} keeps the 1 finished "
             "network(s)"]
+
+
+# Runs evaluate.py with networks not trained but checked: no image a network would train on
+# is in the split it is tested on; the herding ConvNet's training split is printed.
+NO_TRAINING = """
+import sys
+sys.path.insert(0, {root!r})
+import cli, evaluate
+import numpy as np
+from absl import app
+nk, real_features = cli.nk, cli.nk.pretrained_feature_fn
+
+def checked(x, y, data, *args, **kwargs):
+    trained = {{row.tobytes() for row in np.round(x * 255).astype(np.uint8)}}
+    tested = {{row.tobytes() for row in data.x_test}}
+    print(f"shared {{len(trained & tested)}} of {{len(trained)}}")
+    return {{"final": 0.0, "best_seen": 0.0}}
+
+def features(data, *args, **kwargs):
+    print(f"herding features trained on {{len(data.x_train)}} images")
+    return real_features(data, *args, epochs=1)
+
+nk.evaluate_images, nk.pretrained_feature_fn = checked, features
+app.run(cli.guarded(evaluate.main), flags_parser=cli.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("baseline", ["random", "herding"])
+def test_validation_images_are_held_out_of_what_the_baselines_train_on(tmp_path, baseline):
+    """--validation=N tested on training images that the baselines were drawn from (random)
+    or selected from (herding) and its ConvNet trained on."""
+    write_image_folder(str(tmp_path / "imgs"), ["a", "b", "c"], per_class=10, size=(8, 8))
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRAINING.format(root=ROOT), f"--dataset=folder:{tmp_path}/imgs",
+         "--image_size=8", f"--baseline={baseline}", "--ipc=3", "--validation=12",
+         "--repeats=3", f"--output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("shared 0 of 9") == 3, result.stdout  # 3 classes x ipc 3
+    if baseline == "herding":
+        assert "herding features trained on 12 images" in result.stdout  # 24 - 12 held out
 
 
 def test_sets_of_the_old_32x32_fashion_mnist_are_refused_naming_the_cause(tmp_path):

@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_colab_notebook_runs(tmp_path, monkeypatch):
     assert os.path.isdir(FASHION_MNIST_DIR)
+    tmp_path = tmp_path / "My Drive"  # the notebook quotes the paths it pastes
+    tmp_path.mkdir()
     monkeypatch.setenv("NCFM_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("NCFM_NOTEBOOK_OUT", str(tmp_path))
     notebook = nbformat.read(os.path.join(ROOT, "colab.ipynb"), as_version=4)
