@@ -90,73 +90,15 @@ def say_iterations(distilled):
               file=sys.stderr, flush=True)
 
 
-def class_difference(theirs, ours):
-    """The first difference between a set's class names and the data's (they differ), for an
-    error message: `10 classes there, 3 here` or `class 0 is 'shirt' there, 'Shirt' here`."""
-    if len(theirs) != len(ours):
-        return f"{len(theirs)} classes there, {len(ours)} here"
-    first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-    return f"class {first} is '{theirs[first]}' there, '{ours[first]}' here"
-
-
-def main(argv):
-    del argv
-    archs = cli.parse_archs(FLAGS.arch)
-    cli.require(FLAGS.repeats >= 1, f"--repeats={FLAGS.repeats}: use 1 or more")
-    cli.require(FLAGS.epochs is None or FLAGS.epochs >= 1,
-                f"--epochs={FLAGS.epochs}: use 1 or more")
-    cli.require(FLAGS.hard_label_epochs >= 0,
-                f"--hard_label_epochs={FLAGS.hard_label_epochs}: use 0 or more")
-    epochs = FLAGS.epochs or nk.PROTOCOLS[FLAGS.protocol].epochs
-    cli.require(FLAGS.labels == "hard" or FLAGS.hard_label_epochs < epochs,
-                f"--labels={FLAGS.labels} with --epochs={epochs} and --hard_label_epochs="
-                f"{FLAGS.hard_label_epochs} would train on the hard labels throughout; pass "
-                f"--hard_label_epochs below {epochs} (the official recipe keeps the last 5 % "
-                "of its 2000 epochs hard)")
-    unused = {"--distilled": ("baseline", "ipc") if FLAGS.distilled else (),  # as train.py says
-              "--labels=hard": ("teacher_of", "pool_dir", "hard_label_epochs")
-              if FLAGS.labels == "hard" else ()}
-    for why, names in unused.items():
-        ignored = [f"--{name}" for name in names if FLAGS[name].present]
-        if ignored:
-            print(f"warning: {why} ignores {', '.join(ignored)}", file=sys.stderr)
+def main(unused_argv):
+    archs, epochs = check_flags()
     distilled = None
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)
-        # Any spelling of the data it was distilled from, by default the place it came from;
-        # its content digest decides. Files without one: the name must match, as it did.
-        name = nk.dataset_name(FLAGS.dataset or distilled.dataset)
-        data_dir = FLAGS.data_dir if FLAGS.dataset or FLAGS.data_dir else distilled.data_dir
-        cli.require(distilled.data_digest or name == distilled.dataset, f"--dataset={name} "
-                    f"but {FLAGS.distilled} was distilled from {distilled.dataset}; drop --dataset")
-        cli.require(FLAGS.dataset or not name.startswith("folder:") or
-                    os.path.isdir(name[len("folder:"):]), f"{FLAGS.distilled} was distilled from "
-                    f"{name}, which does not exist (any more); pass --dataset=folder:PATH where "
-                    "that data is now")
-        image_size = (FLAGS.image_size if FLAGS["image_size"].present else
-                      distilled.images.shape[1])
-        data = nk.load_dataset(name, data_dir, image_size)
-        where = data.name + (f" in {data.data_dir}" if data.data_dir else "")
-        padded = (data.image_shape[:2] == nk.MNIST_SIZE
-                  and distilled.images.shape[1:3] == (32, 32))
-        cli.require(not padded, f"{FLAGS.distilled} holds 32x32 images of {where}'s 28x28 "
-                    "ones: an ncfm-keras before 2026-12 padded 28x28 data to 32x32 with "
-                    "black pixels; re-distil it with train.py")
-        if data.class_names != distilled.class_names:
-            difference = class_difference(distilled.class_names, data.class_names)
-            raise nk.NCFMError(f"{FLAGS.distilled} holds other classes than {where} "
-                               f"({difference}); pass the data it was distilled from "
-                               "(--dataset, --data_dir)")
-        shape = list(distilled.images.shape[1:])
-        cli.require(data.image_shape == tuple(shape),
-                    f"{FLAGS.distilled} holds images of shape {shape} [H, W, C], {where} has "
-                    f"{list(data.image_shape)}; pass the data it was distilled from (--dataset, "
-                    "--data_dir, --image_size for a folder)")
-        cli.require(distilled.data_digest in (None, data.digest),
-                    f"{where} is not the data {FLAGS.distilled} was distilled from "
-                    f"({distilled.dataset}" + (f" in {distilled.data_dir}" if distilled.data_dir
-                                               else "") + "): the same classes and image size "
-                    "but other images; pass that data (--dataset, --data_dir)")
+        image_size = None
+        if FLAGS["image_size"].present:
+            image_size = FLAGS.image_size
+        data = nk.data_of(distilled, FLAGS.distilled, FLAGS.dataset, FLAGS.data_dir, image_size)
         x, y = distilled.decoded()
         source = {"distilled": os.path.abspath(FLAGS.distilled), "ipc": distilled.ipc,
                   "factor": distilled.factor, "iterations": distilled.iterations,
@@ -166,6 +108,7 @@ def main(argv):
         cli.require(FLAGS.dataset, "give --dataset (with --baseline) or --distilled")
         data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
         nk.check_ipc(data, FLAGS.ipc)
+        x = y = None  # drawn per network (random) or selected below (herding)
         source = {"baseline": FLAGS.baseline, "ipc": FLAGS.ipc}
     nk.check_architectures(archs, data.image_shape)  # before anything is trained
     labels = {"mode": FLAGS.labels, "meaning": nk.LABEL_MODES[FLAGS.labels]}
@@ -184,50 +127,87 @@ def main(argv):
     nk.check_writable(FLAGS.output_dir, "--output_dir")  # before any network trains
     if not FLAGS.distilled and FLAGS.baseline == "herding":
         x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
-    tested_on = (f"validation: {FLAGS.validation} training images" if FLAGS.validation else
-                 "test split")
-    test_every = nk.OFFICIAL_TEST_EVERY
+    tested_on = "test split"
+    if FLAGS.validation:
+        tested_on = f"validation: {FLAGS.validation} training images"
     results = {"dataset": data.name, "source": source, "protocol": FLAGS.protocol,
-               "labels": labels, "tested_on": tested_on,
-               "best_seen": f"the official statistic: the best of the tests every {test_every} "
-                            "epochs and after the last (selects on the test set; final is the "
-                            "headline)",
+               "labels": labels, "tested_on": tested_on, "best_seen": BEST_SEEN,
                "repeats": FLAGS.repeats, "complete": False, "archs": {}}
+    evaluate_all(archs, x, y, data, teacher, results)
+
+
+BEST_SEEN = (f"the official statistic: the best of the tests every {nk.OFFICIAL_TEST_EVERY} "
+             "epochs and after the last (selects on the test set; final is the headline)")
+
+
+def check_flags():
+    """The flag checks that need no data, and a warning for the flags the chosen mode never
+    reads; returns the architectures and the epochs."""
+    archs = cli.parse_archs(FLAGS.arch)
+    cli.require(FLAGS.repeats >= 1, f"--repeats={FLAGS.repeats}: use 1 or more")
+    cli.require(FLAGS.epochs is None or FLAGS.epochs >= 1,
+                f"--epochs={FLAGS.epochs}: use 1 or more")
+    cli.require(FLAGS.hard_label_epochs >= 0,
+                f"--hard_label_epochs={FLAGS.hard_label_epochs}: use 0 or more")
+    epochs = FLAGS.epochs or nk.PROTOCOLS[FLAGS.protocol].epochs
+    cli.require(FLAGS.labels == "hard" or FLAGS.hard_label_epochs < epochs,
+                f"--labels={FLAGS.labels} with --epochs={epochs} and --hard_label_epochs="
+                f"{FLAGS.hard_label_epochs} would train on the hard labels throughout; pass "
+                f"--hard_label_epochs below {epochs} (the official recipe keeps the last 5 % "
+                "of its 2000 epochs hard)")
+    unused = {}  # as train.py says
+    if FLAGS.distilled:
+        unused["--distilled"] = ("baseline", "ipc")
+    if FLAGS.labels == "hard":
+        unused["--labels=hard"] = ("teacher_of", "pool_dir", "hard_label_epochs")
+    for why, names in unused.items():
+        ignored = [f"--{name}" for name in names if FLAGS[name].present]
+        if ignored:
+            print(f"warning: {why} ignores {', '.join(ignored)}", file=sys.stderr)
+    return archs, epochs
+
+
+def evaluate_all(archs, x, y, data, teacher, results):
+    """Trains --repeats fresh networks of each architecture on `x`, `y` (a random baseline:
+    redrawn per network), rewriting `evaluation.json` after every finished one, so that a
+    failure or Ctrl-C later keeps what finished."""
     tag = "" if FLAGS.labels == "hard" else f" [soft labels: {FLAGS.labels}]"
     path = os.path.join(FLAGS.output_dir, "evaluation.json")
     finished = 0
     try:
         for arch in archs:
-            runs = []
+            networks = []
             for r in range(FLAGS.repeats):
                 seed = FLAGS.seed + r
                 if not FLAGS.distilled and FLAGS.baseline == "random":
                     x, y = nk.random_subset(data, FLAGS.ipc, seed)
                 start = time.time()
-                run = nk.evaluate_images(x, y, data, arch, FLAGS.protocol, FLAGS.epochs, seed,
-                                         test_every, labels=FLAGS.labels, teacher=teacher,
-                                         hard_label_epochs=FLAGS.hard_label_epochs)
-                run["seconds"] = round(time.time() - start, 1)
-                runs.append(run)
+                network = nk.evaluate_images(x, y, data, arch, FLAGS.protocol, FLAGS.epochs,
+                                             seed, nk.OFFICIAL_TEST_EVERY, labels=FLAGS.labels,
+                                             teacher=teacher,
+                                             hard_label_epochs=FLAGS.hard_label_epochs)
+                network["seconds"] = round(time.time() - start, 1)
+                networks.append(network)
                 finished += 1
-                results["archs"][arch] = {"summary": nk.summarize(runs), "runs": runs}
+                results["archs"][arch] = {"summary": nk.summarize(networks), "runs": networks}
                 nk.write_json(path, results)  # every finished network, at once
-                print(f"  {arch}{tag} repeat {r + 1}/{FLAGS.repeats}: final {run['final']:.2f}"
-                      f"  best-seen {run['best_seen']:.2f}  ({run['seconds']:.0f} s)",
-                      flush=True)
-            summary = results["archs"][arch]["summary"]
-            print(f"{arch}{tag}: final {summary['final'][0]:.2f} ± {summary['final'][1]:.2f}  "
-                  f"best-seen {summary['best_seen'][0]:.2f} ± {summary['best_seen'][1]:.2f}  "
-                  f"(on the {tested_on})", flush=True)
+                print(f"  {arch}{tag} repeat {r + 1}/{FLAGS.repeats}: final "
+                      f"{network['final']:.2f}  best-seen {network['best_seen']:.2f}  "
+                      f"({network['seconds']:.0f} s)", flush=True)
+            final, best = (results["archs"][arch]["summary"][k] for k in ("final", "best_seen"))
+            print(f"{arch}{tag}: final {final[0]:.2f} ± {final[1]:.2f}  best-seen "
+                  f"{best[0]:.2f} ± {best[1]:.2f}  (on the {results['tested_on']})", flush=True)
     except KeyboardInterrupt:
-        kept = (f"{path} keeps the {finished} finished network(s)" if finished else
-                "no network had finished, nothing written")
+        kept = "no network had finished, nothing written"
+        if finished:
+            kept = f"{path} keeps the {finished} finished network(s)"
         print(f"interrupted: {kept}", file=sys.stderr)
         sys.exit(130)
     results["complete"] = True
     nk.write_json(path, results)
-    print(f"best-seen is the official statistic: the best of the tests every {test_every} "
-          f"epochs and after the last; final is the headline\nwrote {path}")
+    print(f"best-seen is the official statistic: the best of the tests every "
+          f"{nk.OFFICIAL_TEST_EVERY} epochs and after the last; final is the headline\n"
+          f"wrote {path}")
 
 
 if __name__ == "__main__":

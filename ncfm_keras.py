@@ -2058,6 +2058,57 @@ def _validate_distilled(d, path):
         raise NCFMError(f"{path}: invalid distilled set: {'; '.join(problems)}")
 
 
+def data_of(distilled, path, dataset=None, data_dir=None, image_size=None):
+    """The data a distilled set (read from `path`) was distilled from, loaded: by default from
+    where the set says it came from, or any spelling of it (`dataset`, `data_dir`; `image_size`
+    for a folder, default the set's); its content digest decides. Files without a digest: the
+    name must match. `NCFMError` naming the difference when the data is not the set's."""
+    name = dataset_name(dataset or distilled.dataset)
+    if not (dataset or data_dir):
+        data_dir = distilled.data_dir
+    if not (distilled.data_digest or name == distilled.dataset):
+        raise NCFMError(f"--dataset={name} but {path} was distilled from {distilled.dataset}; "
+                        "drop --dataset")
+    folder = name.startswith("folder:")
+    if folder and not dataset and not os.path.isdir(name[len("folder:"):]):
+        raise NCFMError(f"{path} was distilled from {name}, which does not exist (any more); "
+                        "pass --dataset=folder:PATH where that data is now")
+    data = load_dataset(name, data_dir, image_size or distilled.images.shape[1])
+    where = data.name
+    if data.data_dir:
+        where += f" in {data.data_dir}"
+    shape = list(distilled.images.shape[1:])
+    if data.image_shape[:2] == MNIST_SIZE and shape[:2] == [32, 32]:
+        raise NCFMError(f"{path} holds 32x32 images of {where}'s 28x28 ones: an ncfm-keras "
+                        "before 2026-12 padded 28x28 data to 32x32 with black pixels; "
+                        "re-distil it with train.py")
+    if data.class_names != distilled.class_names:
+        difference = _class_difference(distilled.class_names, data.class_names)
+        raise NCFMError(f"{path} holds other classes than {where} ({difference}); pass the data "
+                        "it was distilled from (--dataset, --data_dir)")
+    if data.image_shape != tuple(shape):
+        raise NCFMError(f"{path} holds images of shape {shape} [H, W, C], {where} has "
+                        f"{list(data.image_shape)}; pass the data it was distilled from "
+                        "(--dataset, --data_dir, --image_size for a folder)")
+    if distilled.data_digest not in (None, data.digest):
+        origin = distilled.dataset
+        if distilled.data_dir:
+            origin += f" in {distilled.data_dir}"
+        raise NCFMError(f"{where} is not the data {path} was distilled from ({origin}): the "
+                        "same classes and image size but other images; pass that data "
+                        "(--dataset, --data_dir)")
+    return data
+
+
+def _class_difference(theirs, ours):
+    """The first difference between a set's class names and the data's (they differ), for an
+    error message: `10 classes there, 3 here` or `class 0 is 'shirt' there, 'Shirt' here`."""
+    if len(theirs) != len(ours):
+        return f"{len(theirs)} classes there, {len(ours)} here"
+    first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    return f"class {first} is '{theirs[first]}' there, '{ours[first]}' here"
+
+
 def distilled_teacher(distilled, data, pool_dir=None, path="the distilled set"):
     """The soft-label teacher (`load_teacher`) of a distilled set: member 0 of its recorded
     pool, in `pool_dir` if given; older files without a record name their pool by their
