@@ -2201,17 +2201,24 @@ def set_precision(precision="auto"):
     return precision
 
 
+def check_distillable(data, config):
+    """`NCFMError` unless `data`'s classes hold the real images `config` needs: `ipc` each, and
+    ipc*factor^2 for the mix init."""
+    check_ipc(data, config.ipc)
+    needed = config.ipc * config.factor ** 2
+    smallest = data.class_counts().min()
+    if config.init == "mix" and needed > smallest:
+        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
+                        f"{needed} real images per class, the smallest class holds "
+                        f"{smallest}; lower ipc or use init=real")
+
+
 def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
     """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with
     the official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on
     a GPU only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras
     does)."""
-    check_ipc(data, config.ipc)
-    needed, smallest = config.ipc * config.factor ** 2, data.class_counts().min()
-    if config.init == "mix" and needed > smallest:
-        raise NCFMError(f"init=mix with ipc={config.ipc} and factor={config.factor} needs "
-                        f"{needed} real images per class, the smallest class holds "
-                        f"{smallest}; lower ipc or use init=real")
+    check_distillable(data, config)
     pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
                          seed=config.seed, verbose=verbose)
     keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached

@@ -103,6 +103,7 @@ def main(unused_argv):
     device = set_up_devices(config)
     data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
     nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
+    nk.check_distillable(data, config)
     nk.classes_per_replica(data.num_classes, device.count)  # before the pool
     steps = min(FLAGS.log_every, config.iterations)
     # What a resumed run must share with its checkpoint, checked before the pool trains.

@@ -159,12 +159,13 @@ def matching_diagnostic(out):
 
 def table():
     """The Markdown table of the finished cells."""
-    rows, official = [], None
+    rows, official, missing = [], None, []
     for cell in [*CELLS, OFFICIAL]:
         finals, seeds, losses = [], [], []
         for seed in (FLAGS.seeds if cell != OFFICIAL else ["0"]):
             out = os.path.join(FLAGS.work_dir, cell, f"seed{seed}")
             if not os.path.exists(os.path.join(out, "evaluation.json")):
+                missing.append(f"{cell} seed {seed}")
                 continue
             with open(os.path.join(out, "evaluation.json")) as f:
                 runs = json.load(f)["archs"]["convnet"]["runs"]
@@ -190,6 +191,8 @@ def table():
             versus = f"{mean - official[0]:+.2f} (spread {spread:.2f})"
         lines.append(f"| {cell} | {what} | {mean:.2f} ± {std:.2f} | {n} | {seeds} | {loss_text} "
                      f"| {versus} |")
+    if missing:
+        lines.append(f"\nNot yet run: {', '.join(missing)}.")
     return "\n".join(lines)
 
 
