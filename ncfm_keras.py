@@ -243,10 +243,10 @@ TEST_SPLITS = ("test", "testing", "val", "validation", "valid")
 
 @dataclasses.dataclass
 class Dataset:
-    """An image-classification dataset in memory: uint8 images `[N, H, W, C]`, int32 labels, the
-    training pixels' `mean`, `std` `[C]` in [0, 1] (networks normalise inside, so synthetic images
-    stay in [0, 1]); `name` as given to `load_dataset` (folders as `folder:ABSOLUTE_PATH`);
-    `data_dir` the absolute directory read (None: TFDS's default)."""
+    """An image-classification dataset in memory: uint8 images `[N, H, W, C]`, int32 labels,
+    the training pixels' `mean`, `std` `[C]` in [0, 1] (networks normalise inside, so synthetic
+    images stay in [0, 1]); `name` as given to `load_dataset` (folders as
+    `folder:ABSOLUTE_PATH`); `data_dir` the absolute directory read (None: TFDS's default)."""
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
@@ -276,14 +276,15 @@ class Dataset:
 
 
 def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
-    """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS `data_dir`;
-    `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds them (offline);
-    or `folder:PATH`, one sub-directory of images per class resized to `image_size` (see
-    `_load_folder`). `name` is read as people write it (`Fashion-MNIST`, `CIFAR10`: see
-    `dataset_name`); `Dataset.name` is the canonical spelling. Images keep their size (28x28
-    stays 28x28: the networks pad it, see `build_network`). `mean`, `std` are the official code's
-    constants for the datasets of `NORMALIZATION`, else the training pixels' statistics. Raises
-    NCFMError when the data cannot be found or read (naming the cause: permissions, ...)."""
+    """A `Dataset`: a TFDS image-classification `name` (`cifar10`, ...) from the TFDS
+    `data_dir`; `mnist`, `fashion_mnist`, `kmnist` from the IDX files in `data_dir` if it holds
+    them (offline); or `folder:PATH`, one sub-directory of images per class resized to
+    `image_size` (see `_load_folder`). `name` is read as people write it (`Fashion-MNIST`,
+    `CIFAR10`: see `dataset_name`); `Dataset.name` is the canonical spelling. Images keep their
+    size (28x28 stays 28x28: the networks pad it, see `build_network`). `mean`, `std` are the
+    official code's constants for the datasets of `NORMALIZATION`, else the training pixels'
+    statistics. Raises NCFMError when the data cannot be found or read (naming the cause:
+    permissions, ...)."""
     name = dataset_name(name)
     try:
         if name.startswith("folder:"):
@@ -308,10 +309,10 @@ def load_dataset(name, data_dir=None, image_size=32, test_fraction=0.2):
 
 def dataset_name(name):
     """`name` as this module spells it (`Dataset.name`, presets, pool keys, `NORMALIZATION`):
-    the TFDS name of the spellings people write (`Fashion-MNIST`, `FashionMNIST`, `Fashion_MNIST`
-    -> `fashion_mnist`; `CIFAR-10` -> `cifar10`; see `SPELLINGS`), else the name before any
-    `/config` in lower case with `_` for `-` and spaces, as TFDS names are written; `folder:PATH`
-    (any case of `folder:`) keeps its path as given."""
+    the TFDS name of the spellings people write (`Fashion-MNIST`, `FashionMNIST`,
+    `Fashion_MNIST` -> `fashion_mnist`; `CIFAR-10` -> `cifar10`; see `SPELLINGS`), else the
+    name before any `/config` in lower case with `_` for `-` and spaces, as TFDS names are
+    written; `folder:PATH` (any case of `folder:`) keeps its path as given."""
     if name[:len("folder:")].lower() == "folder:":
         return "folder:" + name[len("folder:"):]
     base, slash, config = name.partition("/")
@@ -322,9 +323,10 @@ def dataset_name(name):
 
 def normalization(name, x_train):
     """The per-channel `(mean, std)` `[C]` that networks normalise `name`'s images with: the
-    official code's table (`NORMALIZATION`, by the name before any `/`; its `dataset_statistics`)
-    where it lists the dataset and the images have its channels, else the statistics of the
-    uint8 training images `x_train` `[N, H, W, C]` (a constant channel gets std 1)."""
+    official code's table (`NORMALIZATION`, by the name before any `/`; its
+    `dataset_statistics`) where it lists the dataset and the images have its channels, else the
+    statistics of the uint8 training images `x_train` `[N, H, W, C]` (a constant channel gets
+    std 1)."""
     channels = x_train.shape[-1]
     known = NORMALIZATION.get(name.split("/")[0])
     if known is not None and len(known[0]) == channels:
@@ -344,8 +346,8 @@ def _cause(error):
 
 def _unreadable(error, fix):
     """`(cause); what to do` for a file or folder that could not be read: the exception's first
-    line, then `fix` (re-create it, ...), or, when the system refused access, the permissions to
-    check: deleting or re-creating a file one may not read does not help."""
+    line, then `fix` (re-create it, ...), or, when the system refused access, the permissions
+    to check: deleting or re-creating a file one may not read does not help."""
     if isinstance(error, PermissionError):
         fix = "check its permissions and those of the folders above it"
     return f"({_cause(error)}); {fix}"
@@ -361,8 +363,8 @@ def _is_folder(path):
 
 
 def _load_idx(data_dir, name):
-    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`; None when `name` is not
-    of the MNIST family or `data_dir` holds none of them."""
+    """`name`'s four MNIST-format IDX files (`.gz` or not) in `data_dir`; None when `name` is
+    not of the MNIST family or `data_dir` holds none of them."""
     if name not in MNIST_FAMILY or not data_dir or not _is_folder(data_dir):
         return None
     present = set(os.listdir(data_dir))  # a folder we may not list raises PermissionError
@@ -475,9 +477,10 @@ def _raise(error):
 
 
 def _files(directory):
-    """The paths of the files under `directory` at any depth (Tiny ImageNet: `<class>/images/`),
-    sorted; hidden entries skipped, links followed (a link back up the tree is read once). A
-    folder that cannot be listed raises its OSError (PermissionError), never skipped silently."""
+    """The paths of the files under `directory` at any depth (Tiny ImageNet:
+    `<class>/images/`), sorted; hidden entries skipped, links followed (a link back up the tree
+    is read once). A folder that cannot be listed raises its OSError (PermissionError), never
+    skipped silently."""
     found, seen = [], set()
     for here, dirs, files in os.walk(directory, onerror=_raise, followlinks=True):
         if os.path.realpath(here) in seen:
@@ -558,8 +561,9 @@ def _read_folder(root, class_names, size):
 
 
 def _folder_splits(root, test_fraction):
-    """`(train_dir, test_dir)` (None: hold out) of `root/<class>/`, or of `root/train/<class>/` (or
-    `training/`) beside a TEST_SPLITS folder of the same classes (as ImageNet, CINIC-10 ship)."""
+    """`(train_dir, test_dir)` (None: hold out) of `root/<class>/`, or of `root/train/<class>/`
+    (or `training/`) beside a TEST_SPLITS folder of the same classes (as ImageNet, CINIC-10
+    ship)."""
     subdirs = {d.lower(): d for d in _folder_classes(root)}
     train = next((subdirs[s] for s in TRAIN_SPLITS if s in subdirs), None)
     classes = set(_folder_classes(os.path.join(root, train))) if train else set()
@@ -695,13 +699,13 @@ def herding_subset(data, ipc, feature_fn, batch_size=500):
 
 
 def class_balanced_batches(data, batch_per_class, seed=0, start=0, order="shuffled"):
-    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every class in
-    every batch, as NCFM's per-class matching needs. `order="shuffled"` (ours): each class is read
-    in a random order redrawn on every pass over it; batch `i` is a pure function of `(seed, i)`
-    (a stateless index shuffle), so a resumed run restarts the stream at its batch `start`.
-    `order="first"`: every batch holds each class's first `batch_per_class` training images (in
-    the data's order, cycled if the class is smaller), as the official loader's `class_sample`
-    takes `[:n]` at every iteration. `NCFMError` for another `order`."""
+    """An endless `tf.data` stream of uint8 batches `[K, batch_per_class, H, W, C]`, every
+    class in every batch, as NCFM's per-class matching needs. `order="shuffled"` (ours): each
+    class is read in a random order redrawn on every pass over it; batch `i` is a pure function
+    of `(seed, i)` (a stateless index shuffle), so a resumed run restarts the stream at its
+    batch `start`. `order="first"`: every batch holds each class's first `batch_per_class`
+    training images (in the data's order, cycled if the class is smaller), as the official
+    loader's `class_sample` takes `[:n]` at every iteration. `NCFMError` for another `order`."""
     if order not in CHOICES["real_batch"]:
         raise NCFMError(f"order={order!r}: use shuffled or first")
     k, b = data.num_classes, batch_per_class
