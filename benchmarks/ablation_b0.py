@@ -123,9 +123,19 @@ def official_set(path, out):
         nk.MNIST_FAMILY["fashion_mnist"], mean, std, {"source": path}))
 
 
+def finished(out):
+    """Whether the cell in `out` has a complete evaluation (evaluate.py rewrites its file after
+    every network, with `complete` false until the last)."""
+    path = os.path.join(out, "evaluation.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f)["complete"]
+
+
 def run_cell(cell, seed, data_dirs, pools):
     out = os.path.join(FLAGS.work_dir, cell, f"seed{seed}")
-    if os.path.exists(os.path.join(out, "evaluation.json")):
+    if finished(out):
         return
     os.makedirs(out, exist_ok=True)
     timing = {}
@@ -164,7 +174,7 @@ def table():
         finals, seeds, losses = [], [], []
         for seed in (FLAGS.seeds if cell != OFFICIAL else ["0"]):
             out = os.path.join(FLAGS.work_dir, cell, f"seed{seed}")
-            if not os.path.exists(os.path.join(out, "evaluation.json")):
+            if not finished(out):
                 missing.append(f"{cell} seed {seed}")
                 continue
             with open(os.path.join(out, "evaluation.json")) as f:
