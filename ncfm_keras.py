@@ -2137,7 +2137,7 @@ def atomic_write(path, write, mode):
     try:
         _replace_atomically(path, write, mode)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {e.strerror or e}; its previous version, if "
+        raise WriteError(f"cannot write {path}: {_cause(e)}; its previous version, if "
                          "any, is intact") from None
 
 
@@ -2178,7 +2178,7 @@ def check_writable(directory, flag):
         _replace_atomically(probe, lambda f: f.write("ok"), "w")
         os.remove(probe)
     except OSError as e:
-        raise NCFMError(f"{flag}={directory} cannot be written ({e.strerror or e}); choose "
+        raise NCFMError(f"{flag}={directory} cannot be written ({_cause(e)}); choose "
                         f"another {flag}") from None
 
 

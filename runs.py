@@ -435,7 +435,7 @@ class MetricsCsv(keras.callbacks.Callback):
                 for row in self.rows:
                     writer.writerow([format_value(row.get(column)) for column in CSV_COLUMNS])
         except OSError as e:  # its rows past the checkpoint are dropped when the run resumes
-            raise nk.WriteError(f"cannot write {path}: {e.strerror or e}") from None
+            raise nk.WriteError(f"cannot write {path}: {nk._cause(e)}") from None
 
 
 def format_value(value):
