@@ -31,6 +31,7 @@ from absl import app, flags
 
 import cli  # first: it sets up TensorFlow's environment before TensorFlow loads
 import ncfm_keras as nk
+import tensorflow as tf
 
 flags.DEFINE_string("dataset", None, "TFDS name, MNIST-family name with IDX files in "
                     "--data_dir, or folder:PATH (default: the distilled set's dataset).")
@@ -92,6 +93,7 @@ def say_iterations(distilled):
 
 def main(unused_argv):
     archs, epochs = check_flags()
+    cli.say_devices("float32", bool(tf.config.list_physical_devices("GPU")))  # Keras' "auto"
     distilled = None
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)
@@ -132,8 +134,9 @@ def main(unused_argv):
         tested_on = f"validation: {FLAGS.validation} training images"
     results = {"dataset": data.name, "source": source, "protocol": FLAGS.protocol,
                "labels": labels, "tested_on": tested_on, "best_seen": BEST_SEEN,
-               "repeats": FLAGS.repeats, "complete": False, "archs": {}}
-    evaluate_all(archs, x, y, data, teacher, results)
+               "repeats": FLAGS.repeats, "device": cli.device_name(), "complete": False,
+               "archs": {}}
+    evaluate_all(archs, epochs, x, y, data, teacher, results)
 
 
 BEST_SEEN = (f"the official statistic: the best of the tests every {nk.OFFICIAL_TEST_EVERY} "
@@ -167,16 +170,20 @@ def check_flags():
     return archs, epochs
 
 
-def evaluate_all(archs, x, y, data, teacher, results):
-    """Trains --repeats fresh networks of each architecture on `x`, `y` (a random baseline:
-    redrawn per network), rewriting `evaluation.json` after every finished one, so that a
-    failure or Ctrl-C later keeps what finished."""
+def evaluate_all(archs, epochs, x, y, data, teacher, results):
+    """Trains --repeats fresh networks of `epochs` epochs of each architecture on `x`, `y` (a
+    random baseline: redrawn per network), rewriting `evaluation.json` (with the peak memory so
+    far) after every finished one, so that a failure or Ctrl-C later keeps what finished."""
     tag = "" if FLAGS.labels == "hard" else f" [soft labels: {FLAGS.labels}]"
     path = os.path.join(FLAGS.output_dir, "evaluation.json")
     finished = 0
     try:
         for arch in archs:
             networks = []
+            noun = "network" if FLAGS.repeats == 1 else "networks"
+            estimate = cli.Estimate(FLAGS.repeats * epochs, f"{arch} ({FLAGS.repeats} {noun})",
+                                    later=f" (its tests, every {nk.OFFICIAL_TEST_EVERY} epochs, "
+                                    "not included)")
             for r in range(FLAGS.repeats):
                 seed = FLAGS.seed + r
                 if not FLAGS.distilled and FLAGS.baseline == "random":
@@ -185,11 +192,13 @@ def evaluate_all(archs, x, y, data, teacher, results):
                 network = nk.evaluate_images(x, y, data, arch, FLAGS.protocol, FLAGS.epochs,
                                              seed, nk.OFFICIAL_TEST_EVERY, labels=FLAGS.labels,
                                              teacher=teacher,
-                                             hard_label_epochs=FLAGS.hard_label_epochs)
+                                             hard_label_epochs=FLAGS.hard_label_epochs,
+                                             callbacks=[estimate])
                 network["seconds"] = round(time.time() - start, 1)
                 networks.append(network)
                 finished += 1
                 results["archs"][arch] = {"summary": nk.summarize(networks), "runs": networks}
+                results["peak_memory_mib"], results["peak_memory_of"] = cli.peak_memory()
                 nk.write_json(path, results)  # every finished network, at once
                 print(f"  {arch}{tag} repeat {r + 1}/{FLAGS.repeats}: final "
                       f"{network['final']:.2f}  best-seen {network['best_seen']:.2f}  "
@@ -207,7 +216,8 @@ def evaluate_all(archs, x, y, data, teacher, results):
     nk.write_json(path, results)
     print(f"best-seen is the official statistic: the best of the tests every "
           f"{nk.OFFICIAL_TEST_EVERY} epochs and after the last; final is the headline\n"
-          f"wrote {path}")
+          f"peak memory {results['peak_memory_mib']} MiB ({results['peak_memory_of']}) on "
+          f"{results['device']}; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -419,8 +419,9 @@ def _load_tfds(name, data_dir):
     prepared = (tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json"))
                 and builder.is_prepared())
     if data_dir and not prepared:
-        raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'"
-                        f"{' nor its IDX files' * (name in MNIST_FAMILY)}; {offline}")
+        idx = " nor its IDX files" if name in MNIST_FAMILY else ""
+        raise NCFMError(f"data_dir {data_dir} holds no prepared TFDS dataset '{name}'{idx}; "
+                        f"{offline}")
     if not prepared:  # TFDS would retry an unreachable source for minutes: ask it once, 5 s
         urls = [u for u in builder.url_infos or {} if u.startswith(("http://", "https://"))]
         url = (urls or ["https://storage.googleapis.com/tfds-data/"])[0]
@@ -456,8 +457,14 @@ def _folder_classes(root):
 
 def _found(directory):
     """What `directory` holds, for error messages: `images/, wnids.txt and 3 more`."""
-    names = sorted(n + "/" * os.path.isdir(os.path.join(directory, n))
-                   for n in os.listdir(directory) if _visible(n))
+    names = []
+    for name in os.listdir(directory):
+        if not _visible(name):
+            continue
+        if os.path.isdir(os.path.join(directory, name)):
+            name += "/"
+        names.append(name)
+    names.sort()
     if not names:
         return "nothing"
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -578,14 +585,18 @@ def _folder_splits(root, test_fraction):
     tests = {subdirs[s]: set(_folder_classes(os.path.join(root, subdirs[s])))
              for s in TEST_SPLITS if s in subdirs}  # test-like split -> its class folders
     test = next((split for split, theirs in tests.items() if theirs == classes), None)
-    if test or not tests:
-        return os.path.join(root, train), test and os.path.join(root, test)
+    if test is not None:
+        return os.path.join(root, train), os.path.join(root, test)
+    if not tests:
+        return os.path.join(root, train), None
     found = []
     for split, theirs in tests.items():
+        if not (theirs & classes and theirs <= classes):  # not a part of the class folders
+            found.append(f"{split}/ holds {_found(os.path.join(root, split))}")
+            continue
         missing = sorted(classes - theirs)
-        found.append(f"{split}/ lacks {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}"
-                     if theirs & classes and theirs <= classes else
-                     f"{split}/ holds {_found(os.path.join(root, split))}")
+        more = " ..." if len(missing) > 3 else ""
+        found.append(f"{split}/ lacks {', '.join(missing[:3])}{more}")
     raise NCFMError(f"folder {root}: expected {'/ or '.join(tests)}/ to hold the {len(classes)} "
                     f"class folders of {train}/, but {'; '.join(found)}; add them, or use folder:"
                     f"{os.path.join(root, train)} to hold out {test_fraction:.0%} of each class")
@@ -737,6 +748,9 @@ RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kerne
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
 GEOMETRIC = ("crop", "scale", "rotate")
+# The draws of `dsa_parameters`, each from its own seed (the seed folded with its index).
+DSA_DRAWS = ("flip", "brightness", "saturation", "contrast", "shift_y", "shift_x", "scale_x",
+             "scale_y", "angle", "geometric", "cutout_y", "cutout_x")
 DSA_OPS = ("color", "flip", "cutout") + GEOMETRIC
 
 
@@ -761,26 +775,30 @@ def dsa_parameters(seed, count, image_size, ops):
     images; as the official code does, flip, colour and cutout apply whenever in `ops`, and a
     draw picks *one* of crop / scale / rotate."""
     ops, (height, width), s = parse_augment(ops), image_size, DSA_SETTINGS
-    seeds = iter(split_seed(seed, 12))
 
-    def uniform(low=0.0, high=1.0, dtype=tf.float32):  # a fresh [count] draw; int: high excl.
-        return tf.random.stateless_uniform([count], next(seeds), low, high, dtype, alg=RNG)
+    def uniform(name, low=0.0, high=1.0, dtype=tf.float32):
+        """A `[count]` draw (int: `high` excluded) from the seed of its name in `DSA_DRAWS`:
+        adding a draw leaves every other as it was."""
+        draw_seed = tf.random.experimental.stateless_fold_in(seed, DSA_DRAWS.index(name),
+                                                             alg=RNG)
+        return tf.random.stateless_uniform([count], draw_seed, low, high, dtype, alg=RNG)
 
     params = {}
     if "flip" in ops:
-        params["flip"] = tf.cast(uniform() < 0.5, tf.float32)
+        params["flip"] = tf.cast(uniform("flip") < 0.5, tf.float32)
     if "color" in ops:
-        params["brightness"] = (uniform() - 0.5) * s["brightness"]
-        params["saturation"] = uniform() * s["saturation"]
-        params["contrast"] = uniform() + s["contrast"]
+        params["brightness"] = (uniform("brightness") - 0.5) * s["brightness"]
+        params["saturation"] = uniform("saturation") * s["saturation"]
+        params["contrast"] = uniform("contrast") + s["contrast"]
     geometric = [op for op in GEOMETRIC if op in ops]
     if geometric:  # crop by whole pixels, so that the warp is exact
         pad_y, pad_x = (int(n * s["crop_ratio"] + 0.5) for n in (height, width))
-        shift_y, shift_x = (tf.cast(uniform(-pad, pad + 1, tf.int32), tf.float32)
-                            for pad in (pad_y, pad_x))
+        shift_y = tf.cast(uniform("shift_y", -pad_y, pad_y + 1, tf.int32), tf.float32)
+        shift_x = tf.cast(uniform("shift_x", -pad_x, pad_x + 1, tf.int32), tf.float32)
         lo, hi = 1.0 / s["scale"], s["scale"]
-        scale_x, scale_y = lo + (hi - lo) * uniform(), lo + (hi - lo) * uniform()
-        angle = (uniform() - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
+        scale_x = lo + (hi - lo) * uniform("scale_x")
+        scale_y = lo + (hi - lo) * uniform("scale_y")
+        angle = (uniform("angle") - 0.5) * 2.0 * s["rotate_degrees"] * math.pi / 180.0
         zero, one, cos, sin = tf.zeros([count]), tf.ones([count]), tf.cos(angle), tf.sin(angle)
         candidates = {  # the 2x3 matrices (row-major) mapping output to input coordinates
             "crop": [one, zero, 2.0 * shift_x / width, zero, one, 2.0 * shift_y / height],
@@ -788,11 +806,12 @@ def dsa_parameters(seed, count, image_size, ops):
             "rotate": [cos, sin, zero, -sin, cos, zero]}
         matrices = [tf.stack(candidates[op], -1) for op in geometric]
         theta = tf.stack(matrices, 1)  # [count, n, 6]
-        params["theta"] = tf.gather(theta, uniform(0, len(geometric), tf.int32), batch_dims=1)
+        choice = uniform("geometric", 0, len(geometric), tf.int32)  # which of them
+        params["theta"] = tf.gather(theta, choice, batch_dims=1)
     if "cutout" in ops:
         size_y, size_x = (int(n * s["cutout_ratio"] + 0.5) for n in (height, width))
-        params["cutout_y"] = uniform(0, height + (1 - size_y % 2), tf.int32) - size_y // 2
-        params["cutout_x"] = uniform(0, width + (1 - size_x % 2), tf.int32) - size_x // 2
+        params["cutout_y"] = uniform("cutout_y", 0, height + (1 - size_y % 2), tf.int32) - size_y // 2
+        params["cutout_x"] = uniform("cutout_x", 0, width + (1 - size_x % 2), tf.int32) - size_x // 2
     return params
 
 
@@ -863,20 +882,22 @@ def augment(images, seed, ops, mean=None, std=None):
 
 def cutmix(images, labels, seed):
     """CutMix (Yun et al. 2019, beta 1): pastes a random box from a shuffled copy of the batch
-    `[N, H, W, C]` and mixes the labels `[N, K]` (probabilities) by the pasted area."""
+    `[N, H, W, C]` and mixes the labels `[N, K]` (probabilities) by the pasted area, as the
+    official `rand_bbox`: lam ~ Beta(1, 1), i.e. U(0, 1), the box side sqrt(1 - lam) of the
+    image's, centred on a uniform pixel and clipped at the border."""
     n, height, width = tf.shape(images)[0], images.shape[1], images.shape[2]
-    s = split_seed(seed, 5)
-    gamma_a, gamma_b = (tf.random.stateless_gamma([], s[i], 1.0) for i in (0, 1))
-    cut = tf.sqrt(1.0 - gamma_a / (gamma_a + gamma_b))  # box side fraction, lam ~ Beta(1, 1)
-    cy, cx = (tf.random.stateless_uniform([], s[i], 0, side, tf.int32, alg=RNG)
-              for i, side in ((2, height), (3, width)))  # the box's centre
+    lam_seed, y_seed, x_seed, order_seed = split_seed(seed, 4)
+    cut = tf.sqrt(1.0 - tf.random.stateless_uniform([], lam_seed, alg=RNG))
+    cy = tf.random.stateless_uniform([], y_seed, 0, height, tf.int32, alg=RNG)  # the centre
+    cx = tf.random.stateless_uniform([], x_seed, 0, width, tf.int32, alg=RNG)
     half_h, half_w = (tf.cast(cut * side / 2, tf.int32) for side in (height, width))
     y0, y1 = tf.maximum(cy - half_h, 0), tf.minimum(cy + half_h, height)
     x0, x1 = tf.maximum(cx - half_w, 0), tf.minimum(cx + half_w, width)
     rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
     box = tf.cast((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1), images.dtype)
-    perm = tf.random.experimental.stateless_shuffle(tf.range(n), s[4], alg=RNG)
     box = box[None, :, :, None]
+    # A uniform random permutation as the order of n uniform keys (XLA has no shuffle op).
+    perm = tf.argsort(tf.random.stateless_uniform([n], order_seed, alg=RNG))
     mixed = images * (1.0 - box) + tf.gather(images, perm) * box
     area = tf.cast((y1 - y0) * (x1 - x0), tf.float32) / float(height * width)
     return mixed, labels * (1.0 - area) + tf.gather(labels, perm) * area
@@ -892,28 +913,30 @@ def convnet_depth(image_size):
     return max(1, int(round(math.log2(image_size / 4))))
 
 
-def _torch_init(fan_in):
+def _torch_init(fan_in, seeds):
     """Fresh initialisers as torch's default Conv2d / Linear ones (the official code's, which
-    set the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in)."""
+    set the scale of NCFM's theta_init): kernel and bias U(±1/√fan_in), drawn from the
+    network's `keras.random.SeedGenerator` `seeds`."""
     bound = 1.0 / math.sqrt(fan_in)
-    kernel = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform")
+    kernel = keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform", seed=seeds)
     return dict(kernel_initializer=kernel,
-                bias_initializer=keras.initializers.RandomUniform(-bound, bound))
+                bias_initializer=keras.initializers.RandomUniform(-bound, bound, seed=seeds))
 
 
-def _conv(x, filters, kernel, strides=1, use_bias=True, activation=None):
+def _conv(x, filters, kernel, seeds, strides=1, use_bias=True, activation=None):
     return layers.Conv2D(filters, kernel, strides, padding="same", activation=activation,
-                         use_bias=use_bias, **_torch_init(kernel * kernel * x.shape[-1]))(x)
+                         use_bias=use_bias,
+                         **_torch_init(kernel * kernel * x.shape[-1], seeds))(x)
 
 
-def _conv_norm(x, filters, kernel=3, strides=1, use_bias=True, relu=True):
+def _conv_norm(x, filters, seeds, kernel=3, strides=1, use_bias=True, relu=True):
     """conv -> instance norm (gamma 1, beta 0, as torch's GroupNorm) [-> ReLU]."""
     x = layers.GroupNormalization(groups=-1, epsilon=1e-5)(
-        _conv(x, filters, kernel, strides, use_bias))
+        _conv(x, filters, kernel, seeds, strides=strides, use_bias=use_bias))
     return layers.ReLU()(x) if relu else x
 
 
-def build_network(arch, image_shape, num_classes, mean, std):
+def build_network(arch, image_shape, num_classes, mean, std, seed=0):
     """A `keras.Model`: `[N, H, W, C]` images in [0, 1], normalised by `mean`, `std` (`[C]`),
     to logits; its layer "features" is the flattened penultimate activation (2048-d for
     ConvNet-3 on 32x32 and on 28x28). `arch`: `convnet` (D x [conv3x3(128), instance norm,
@@ -921,36 +944,42 @@ def build_network(arch, image_shape, num_classes, mean, std):
     instance norm); else `NCFMError`. 28x28 images (the MNIST family) are padded by 2 after
     normalisation, so with the mean colour, and the rest of the network sees CIFAR's 32x32
     shapes: DC's and the official code's first convolution pads by 3 (AlexNet's by 4) for them;
-    ResNet-18 takes 28x28 as is."""
+    ResNet-18 takes 28x28 as is. The initial weights are a function of the int `seed` alone."""
     if arch not in ARCHITECTURES:
         raise NCFMError(f"unknown architecture '{arch}'; use one of "
                         f"{', '.join(ARCHITECTURES)}")
+    seeds = keras.random.SeedGenerator(seed)
     inputs = keras.Input(image_shape)
     x = layers.Normalization(mean=list(mean), variance=list(np.square(std)))(inputs)
     if tuple(image_shape[:2]) == MNIST_SIZE and arch != "resnet18":
         x = layers.ZeroPadding2D(MNIST_PAD)(x)  # the first convolution's extra padding
     if arch == "convnet":
         for _ in range(convnet_depth(x.shape[1])):
-            x = layers.AveragePooling2D(2)(_conv_norm(x, 128))
+            x = layers.AveragePooling2D(2)(_conv_norm(x, 128, seeds))
     elif arch == "alexnet":
         for spec in ((128, 5), "M", (192, 5), "M", (256, 3), (192, 3), (192, 3), "M"):
-            x = layers.MaxPooling2D(2)(x) if spec == "M" else _conv(x, *spec, activation="relu")
+            if spec == "M":
+                x = layers.MaxPooling2D(2)(x)
+            else:
+                filters, kernel = spec
+                x = _conv(x, filters, kernel, seeds, activation="relu")
     elif arch == "vgg11":
         for filters in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"):
-            x = layers.MaxPooling2D(2)(x) if filters == "M" else _conv_norm(x, filters)
+            x = layers.MaxPooling2D(2)(x) if filters == "M" else _conv_norm(x, filters, seeds)
     else:
-        x = _conv_norm(x, 64, use_bias=False)
+        x = _conv_norm(x, 64, seeds, use_bias=False)
         for filters, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1),
                                 (512, 2), (512, 1)):
-            y = _conv_norm(x, filters, 3, stride, use_bias=False)
-            y = _conv_norm(y, filters, use_bias=False, relu=False)
+            y = _conv_norm(x, filters, seeds, strides=stride, use_bias=False)
+            y = _conv_norm(y, filters, seeds, use_bias=False, relu=False)
             if stride != 1 or x.shape[-1] != filters:  # project the shortcut
-                x = _conv_norm(x, filters, 1, stride, use_bias=False, relu=False)
+                x = _conv_norm(x, filters, seeds, kernel=1, strides=stride, use_bias=False,
+                               relu=False)
             x = layers.ReLU()(layers.Add()([y, x]))
         x = layers.GlobalAveragePooling2D()(x)
     features = layers.Flatten(name="features")(x)
     logits = layers.Dense(num_classes, name="logits", dtype="float32",
-                          **_torch_init(features.shape[-1]))(features)
+                          **_torch_init(features.shape[-1], seeds))(features)
     return keras.Model(inputs, logits, name=arch)
 
 
@@ -1024,38 +1053,41 @@ def _evaluation_optimizer(protocol, steps):
     return CoupledSGD(schedule, momentum=0.9, coupled_weight_decay=protocol.weight_decay)
 
 
-def _training_stream(x, y, protocol, seed, mean, std):
-    """Endless shuffled batches with per-sample DSA (in `protocol.dsa_space`) and CutMix."""
-    if protocol.dsa_space == "pixel":
-        mean = std = None
-
-    def transform(batch, batch_seed):
-        (images, labels), seeds = batch, split_seed(batch_seed, 3)
-        images = augment(to_float(images), seeds[0], protocol.augment, mean, std)
-        if protocol.cutmix_prob > 0:
-            mixed, mixed_labels = cutmix(images, labels, seeds[1])
-            use = tf.random.stateless_uniform([], seeds[2], alg=RNG) < protocol.cutmix_prob
-            images, labels = tf.where(use, mixed, images), tf.where(use, mixed_labels, labels)
-        return images, labels
-
-    data = (tf.data.Dataset.from_tensor_slices((x, y))
+def training_batches(x, targets, batch_size, seed):
+    """Endless shuffled batches `(images, targets)` of `x` as stored (uint8 or float) and of
+    `targets`: only shuffling and batching, on the host; the augmentation runs in the training
+    step, on the device (`NetworkTrainer`)."""
+    return (tf.data.Dataset.from_tensor_slices((x, targets))
             .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-            .batch(protocol.batch_size).repeat())  # endless: fit() keeps one iterator
-    return (tf.data.Dataset.zip((data, tf.data.Dataset.random(seed=seed).batch(2)))
-            .map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+            .batch(batch_size).repeat()  # endless: fit() keeps one iterator
+            .prefetch(tf.data.AUTOTUNE))
 
 
-class SoftLabelStudent(keras.Model):
-    """Trains `student` (whose `call` it is) on soft targets for `soft_steps` steps, then on
-    the hard labels: targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix mixes
-    both, as the official code mixes its two losses), or a frozen `teacher`'s softmax (T = 1)
-    on the augmented, mixed batch is the soft one ("per-batch" labels, as SRe2L and RDED use)."""
+class NetworkTrainer(keras.Model):
+    """Trains `network` (whose `call` it is) on `training_batches` as `protocol` says, with the
+    augmentation inside the compiled step, as the official code augments on the GPU:
+    per-sample DSA (in `protocol.dsa_space`; `mean`, `std` `[C]` are the dataset's) and CutMix
+    with probability `protocol.cutmix_prob`. Step s draws from the stateless seed
+    `fold_in([seed, 0], s)`, so a run is a function of `seed` alone.
 
-    def __init__(self, student, teacher, soft_steps):
+    With `soft_steps`, the targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix
+    mixes both, as the official code mixes its two losses), and the first `soft_steps` steps
+    train on the soft half, the rest on the hard one; a frozen `teacher`'s softmax (T = 1) on
+    the augmented, mixed batch is then the soft half ("per-batch" labels, as SRe2L and RDED
+    use)."""
+
+    def __init__(self, network, protocol, seed, mean=None, std=None, teacher=None,
+                 soft_steps=None):
         super().__init__()
-        self.student = student
+        self.network = network
         self.teacher = teacher
         self.soft_steps = soft_steps
+        self.augment_ops = protocol.augment
+        self.cutmix_prob = protocol.cutmix_prob
+        pixel = protocol.dsa_space == "pixel"
+        self.mean = None if pixel else mean
+        self.std = None if pixel else std
+        self.seed = tf.constant([seed, 0], tf.int64)
         if teacher is not None:
             teacher.trainable = False
         # Its own count: a loss-scaled optimizer's `iterations` skips overflowing steps.
@@ -1063,10 +1095,32 @@ class SoftLabelStudent(keras.Model):
                                             trainable=False, name="batches_seen")
 
     def call(self, images, training=False):
-        return self.student(images, training=training)
+        return self.network(images, training=training)
 
     def train_step(self, data):
         images, targets = data
+        step_seed = tf.random.experimental.stateless_fold_in(self.seed, self.batches_seen,
+                                                             alg=RNG)
+        images, targets = self.augmented(to_float(images), targets, step_seed)
+        labels = targets
+        if self.soft_steps is not None:
+            labels = self.labels(images, targets)
+        self.batches_seen.assign_add(1)
+        return super().train_step((images, labels))
+
+    def augmented(self, images, targets, seed):
+        """DSA, then CutMix on a `cutmix_prob` share of the batches."""
+        dsa_seed, cutmix_seed, coin_seed = split_seed(seed, 3)
+        images = augment(images, dsa_seed, self.augment_ops, self.mean, self.std)
+        if self.cutmix_prob == 0:
+            return images, targets
+        mixed, mixed_targets = cutmix(images, targets, cutmix_seed)
+        use = tf.random.stateless_uniform([], coin_seed, alg=RNG) < self.cutmix_prob
+        return tf.where(use, mixed, images), tf.where(use, mixed_targets, targets)
+
+    def labels(self, images, targets):
+        """The soft half of `targets` (or the teacher's softmax) for the first `soft_steps`
+        steps, then the hard half."""
         k = targets.shape[-1] // 2
 
         def soft():
@@ -1077,20 +1131,18 @@ class SoftLabelStudent(keras.Model):
         def hard():
             return targets[:, :k]
 
-        labels = tf.cond(self.batches_seen < self.soft_steps, soft, hard)
-        self.batches_seen.assign_add(1)
-        return super().train_step((images, labels))
+        return tf.cond(self.batches_seen < self.soft_steps, soft, hard)
 
 
 def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verbose=0,
                   mean=None, std=None, soft=None, teacher=None, hard_label_epochs=0,
                   test_data=None, test_epochs=()):
     """Trains and returns `model` on images `x` (uint8, or float in [0, 1]) and labels `y` (int
-    `[N]`, or soft `[N, K]`) as `protocol` says; `mean`, `std`: the dataset's `[C]` statistics,
-    needed for normalised DSA (else `NCFMError`). `soft` (`[N, K]`) or a `teacher` give the
-    targets but in the last `hard_label_epochs` epochs (`SoftLabelStudent`). `test_data`
-    (batches of images, one-hot labels) is tested after the 1-based `test_epochs`, into
-    `callbacks`' History."""
+    `[N]`, or soft `[N, K]`) as `protocol` says, with `NetworkTrainer`; `mean`, `std`: the
+    dataset's `[C]` statistics, needed for normalised DSA (else `NCFMError`). `soft`
+    (`[N, K]`) or a `teacher` give the targets but in the last `hard_label_epochs` epochs.
+    `test_data` (batches of images, one-hot labels) is tested after the 1-based
+    `test_epochs`, into `callbacks`' History. XLA as Keras' "auto": on a GPU."""
     if protocol.epochs <= 0:
         raise NCFMError(f"epochs={protocol.epochs}: training needs at least one epoch")
     if protocol.dsa_space == "normalized" and (mean is None or std is None):
@@ -1099,14 +1151,17 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
     targets = keras.utils.to_categorical(y, num_classes) if y.ndim == 1 else y
     x = np.asarray(x) if np.asarray(x).dtype == np.uint8 else np.asarray(x, np.float32)
     steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
-    steps, trainer = protocol.epochs * steps_per_epoch, model
+    steps = protocol.epochs * steps_per_epoch
+    soft_steps = None
     if soft is not None or teacher is not None:
-        trainer = SoftLabelStudent(model, teacher, steps - hard_label_epochs * steps_per_epoch)
+        soft_steps = steps - hard_label_epochs * steps_per_epoch
         targets = np.concatenate([targets, targets if soft is None else soft], 1)
+    trainer = NetworkTrainer(model, protocol, seed, mean=mean, std=std, teacher=teacher,
+                             soft_steps=soft_steps)
     trainer.compile(optimizer=_evaluation_optimizer(protocol, steps), metrics=["accuracy"],
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    trainer.fit(_training_stream(x, targets.astype(np.float32), protocol, seed, mean, std),
-                epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
+    batches = training_batches(x, targets.astype(np.float32), protocol.batch_size, seed)
+    trainer.fit(batches, epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
                 callbacks=list(callbacks), verbose=verbose, shuffle=False,
                 validation_data=test_data, validation_freq=list(test_epochs))
     return model
@@ -1144,30 +1199,38 @@ def read_pool_member(path):
         raise NCFMError(f"pool member {path} cannot be read {_unreadable(e, fix)}") from None
 
 
-def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1):
+def pool_members(data, num_models, epochs, cache_dir, arch="convnet", seed=0):
+    """The cache files of a pool's members, `[num_models]` paths (present or not)."""
+    key = pool_key(data, arch, epochs, seed)
+    return [os.path.join(cache_dir, key, f"member-{member:03d}.npz")
+            for member in range(num_models)]
+
+
+def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, verbose=1,
+                  callbacks=()):
     """Trains (or loads from `cache_dir`) `num_models` networks on the real data, each from its
     own initialisation with the "pretrain" protocol for `epochs` epochs, caching each as it
-    finishes (an interrupted pool resumes). Returns `(initial, trained)`: per member, the numpy
-    weights in the order of `with_features(build_network(...)).weights`."""
+    finishes (an interrupted pool resumes); `callbacks` see every member's training. Returns
+    `(initial, trained)`: per member, the numpy weights in the order of
+    `with_features(build_network(...)).weights`."""
     if num_models < 1 or epochs < 0:
         raise NCFMError(f"a pool needs num_models >= 1 and epochs >= 0, not {num_models}, "
                         f"{epochs}")
-    key = pool_key(data, arch, epochs, seed)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
     bar = keras.utils.Progbar(num_models * epochs, verbose=verbose) if epochs else None
     members = []
-    for member in range(num_models):
-        path = os.path.join(cache_dir, key, f"member-{member:03d}.npz")
+    paths = pool_members(data, num_models, epochs, cache_dir, arch, seed)
+    for member, path in enumerate(paths):
         if not os.path.exists(path):
-            keras.utils.set_random_seed(seed * 1000 + member)
             model = build_network(arch, data.image_shape, data.num_classes, data.mean,
-                                  data.std)
+                                  data.std, seed=seed * 1000 + member)
             start = [w.numpy() for w in model.weights]
             if epochs:
                 progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: bar.update(
                     member * epochs + e + 1, [("accuracy", logs.get("accuracy", 0.0))]))
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
-                              seed * 1000 + member, [progress], mean=data.mean, std=data.std)
+                              seed=seed * 1000 + member, callbacks=[progress, *callbacks],
+                              mean=data.mean, std=data.std)
             save_npz(path, **{f"init_{i}": w for i, w in enumerate(start)},
                      **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})
         elif bar is not None:
@@ -1301,9 +1364,11 @@ class SamplingNet(keras.Model):
     reparameterised so that gradients reach psi. The scales are `max_scale * sigmoid(.)`,
     starting at 1 (t ~ N(0, I)). The bound is ours (the official code bounds t with a tanh):
     unbounded scales let the ascent widen t until the CF of a few synthetic images is noise.
-    Raises NCFMError unless `per_component` divides `num_freqs` and `max_scale` > 1."""
+    Its initial weights are a function of the int `seed` alone. Raises NCFMError unless
+    `per_component` divides `num_freqs` and `max_scale` > 1."""
 
-    def __init__(self, feature_dim, num_freqs, per_component=16, max_scale=2.0, **kwargs):
+    def __init__(self, feature_dim, num_freqs, per_component=16, max_scale=2.0, seed=0,
+                 **kwargs):
         super().__init__(**kwargs)
         if num_freqs % per_component:
             raise NCFMError(f"num_freqs={num_freqs} must be a multiple of {per_component}")
@@ -1313,12 +1378,16 @@ class SamplingNet(keras.Model):
         self.components, self.per_component = num_freqs // per_component, per_component
         # sigmoid(start) = 1 / max_scale: the scales start at 1
         start = keras.initializers.Constant(-math.log(max_scale - 1))
+        seeds = keras.random.SeedGenerator(seed)
         self.mlp = keras.Sequential(
-            [layers.Dense(feature_dim, use_bias=False),  # BatchNorm supplies the shift
+            [layers.Dense(feature_dim, use_bias=False,  # BatchNorm supplies the shift
+                          kernel_initializer=keras.initializers.GlorotUniform(seeds)),
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
-             layers.Dense(feature_dim, use_bias=False),
+             layers.Dense(feature_dim, use_bias=False,
+                          kernel_initializer=keras.initializers.GlorotUniform(seeds)),
              layers.BatchNormalization(), layers.LeakyReLU(0.2),
              layers.Dense(feature_dim, activation="sigmoid", dtype="float32",
+                          kernel_initializer=keras.initializers.GlorotUniform(seeds),
                           bias_initializer=start)])
         self.mlp.build((None, feature_dim))
 
@@ -1491,7 +1560,8 @@ class NCFM(keras.Model):
         if config.sampling_net and config.loss == "cf":
             feature_dim = self.extractor.outputs[0].shape[-1]
             self.sampler = SamplingNet(feature_dim, config.num_freqs,
-                                       max_scale=config.sampler_max_scale, name="sampler")
+                                       max_scale=config.sampler_max_scale, seed=config.seed,
+                                       name="sampler")
 
         # The completed iterations (they seed the randomness); the plateau's best loss and the
         # iterations since it (`_plateau`).
@@ -1893,14 +1963,14 @@ def teacher_targets(teacher, x, y, misclassified="official"):
 
 def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, seed=0,
                     test_every=OFFICIAL_TEST_EVERY, verbose=0, labels="hard", teacher=None,
-                    hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS):
+                    hard_label_epochs=OFFICIAL_HARD_LABEL_EPOCHS, callbacks=()):
     """Trains a fresh `arch` network on float images `x` `[N, H, W, C]` in [0, 1], int labels
     `y` `[N]` (or soft `[N, K]`), by `protocol` (PROTOCOLS key or `EvalProtocol`; `epochs`
     overrides its count), testing on `data`'s test split every `test_every` epochs and after
     the last. Soft `labels` (LABEL_MODES) need the frozen `teacher` (`load_teacher`) and train
-    on `y` in the last `hard_label_epochs` epochs. Returns a dict of the settings, the
-    `history` of `(epoch, accuracy in %)`, `final` (the last test, the headline) and
-    `best_seen` (selected on the test set: the official statistic)."""
+    on `y` in the last `hard_label_epochs` epochs; `callbacks` see the training. Returns a dict
+    of the settings, the `history` of `(epoch, accuracy in %)`, `final` (the last test, the
+    headline) and `best_seen` (selected on the test set: the official statistic)."""
     if labels not in LABEL_MODES:
         raise NCFMError(f"labels={labels!r}: use one of {', '.join(LABEL_MODES)}")
     if labels != "hard" and teacher is None:
@@ -1910,8 +1980,8 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
         protocol = dataclasses.replace(protocol, epochs=int(epochs))
     soft = (teacher_targets(teacher, x, y, "official" if labels == "teacher" else "onehot")
             if labels in ("teacher", "teacher_onehot") else None)
-    keras.utils.set_random_seed(seed)
-    model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std)
+    model = build_network(arch, data.image_shape, data.num_classes, data.mean, data.std,
+                          seed=seed)
     test = (tf.data.Dataset.from_tensor_slices(
         (data.x_test, keras.utils.to_categorical(data.y_test, data.num_classes)))
         .batch(1000).map(lambda a, b: (to_float(a), b)).cache())
@@ -1919,10 +1989,10 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     tested = [e for e in range(1, epochs + 1) if e % test_every == 0 or e == epochs]
     history = keras.callbacks.History()
     batch_teacher = teacher if labels == "teacher_per_batch" else None
-    train_network(model, x, y, data.num_classes, protocol, seed=seed, callbacks=[history],
-                  verbose=verbose, mean=data.mean, std=data.std, soft=soft,
-                  teacher=batch_teacher, hard_label_epochs=hard_label_epochs, test_data=test,
-                  test_epochs=tested)
+    train_network(model, x, y, data.num_classes, protocol, seed=seed,
+                  callbacks=[history, *callbacks], verbose=verbose, mean=data.mean,
+                  std=data.std, soft=soft, teacher=batch_teacher,
+                  hard_label_epochs=hard_label_epochs, test_data=test, test_epochs=tested)
     accuracies = [100.0 * a for a in history.history["val_accuracy"]]
     result = {"final": accuracies[-1], "best_seen": max(accuracies),
               "history": list(zip(tested, accuracies)), "epochs": epochs,
@@ -1936,10 +2006,10 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
 def pretrained_feature_fn(data, seed=0, epochs=2):
     """Features of a ConvNet trained on the real data for `epochs` epochs of the "pretrain"
     protocol, as the herding baseline needs."""
-    keras.utils.set_random_seed(seed)
-    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
+    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std,
+                          seed=seed)
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
-    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed,
+    train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed=seed,
                   mean=data.mean, std=data.std)
     features = keras.Model(model.input, model.get_layer("features").output)
     return lambda images: features(images, training=False)
@@ -2217,15 +2287,15 @@ def check_distillable(data, config):
                         f"{smallest}; lower ipc or use init=real")
 
 
-def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None):
-    """The pool (trained or loaded), then a compiled `NCFM` built in `strategy`'s scope, with
-    the official optimizers: AdamW on the pixels, SGD (momentum 0.5) on psi. XLA by default on
-    a GPU only (oneDNN's CPU kernels are faster here), never under a strategy (as Keras
-    does)."""
+def build_distiller(data, config, pool_dir, jit_compile="auto", verbose=1, strategy=None,
+                    pool_callbacks=()):
+    """The pool (trained or loaded; `pool_callbacks` see its training), then a compiled `NCFM`
+    built in `strategy`'s scope, with the official optimizers: AdamW on the pixels, SGD
+    (momentum 0.5) on psi. XLA by default on a GPU only (oneDNN's CPU kernels are faster
+    here), never under a strategy (as Keras does)."""
     check_distillable(data, config)
     pool = pretrain_pool(data, config.num_pretrained, config.pretrain_epochs, pool_dir,
-                         seed=config.seed, verbose=verbose)
-    keras.utils.set_random_seed(config.seed)  # psi's start: the same, trained pool or cached
+                         seed=config.seed, verbose=verbose, callbacks=pool_callbacks)
     jit_compile = use_xla(jit_compile, strategy)
     with (strategy or tf.distribute.get_strategy()).scope():
         model = NCFM(data, config, pool)

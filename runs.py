@@ -545,9 +545,10 @@ class SignalWatcher:
         self.wakeup = None
 
 
-def report(run, model, initial_epoch, seconds, protocol):
-    """What the run did, on stdout, and `evaluation.json` when it evaluated; an interrupted run
-    exits 128 + the signal number."""
+def report(run, model, initial_epoch, seconds, protocol, device, peak):
+    """What the run did, on stdout, ending in a line with the `peak` memory (`(MiB, what)`) on
+    `device` (its name); `run.json` (what it ran on and cost) and `evaluation.json` when it
+    evaluated. An interrupted run exits 128 + the signal number."""
     steps, epochs = model.history.params["steps"], model.history.params["epochs"]
     config = model.config
     if run.interrupted is not None:
@@ -569,3 +570,11 @@ def report(run, model, initial_epoch, seconds, protocol):
         nk.write_json(run.path("evaluation.json"), {
             "dataset": run.data.name, "protocol": protocol, "history": history,
             "distill_seconds": round(seconds, 1), "config": dataclasses.asdict(config)})
+    mib, what = peak
+    nk.write_json(run.path("run.json"), {
+        "dataset": run.data.name, "device": device, "precision": run.meta["precision"],
+        "jit_compile": run.meta["jit_compile"], "devices": run.meta["devices"],
+        "iterations": config.iterations, "iterations_this_run": ran,
+        "distill_seconds": round(seconds, 1), "seconds_per_iteration": round(seconds / ran, 3),
+        "peak_memory_mib": mib, "peak_memory_of": what})
+    print(f"peak memory {mib} MiB ({what}) on {device}; wrote {run.path('run.json')}")

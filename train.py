@@ -101,10 +101,7 @@ def check_flags():
 def main(unused_argv):
     config = check_flags()
     device = set_up_devices(config)
-    data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-    nk.check_architectures(["convnet"], data.image_shape)  # the pool's, before it trains
-    nk.check_distillable(data, config)
-    nk.classes_per_replica(data.num_classes, device.count)  # before the pool
+    data = load_data(config, device)
     steps = min(FLAGS.log_every, config.iterations)
     # What a resumed run must share with its checkpoint, checked before the pool trains.
     meta = runs.run_meta(data, config, steps, FLAGS.image_size, device.policy, device.jit,
@@ -115,18 +112,19 @@ def main(unused_argv):
     restore = None
     if FLAGS.resume:
         restore = runs.resume_point(run.path("checkpoint.npz"), run.meta, config.iterations)
-    print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}, "
-          f"{device}\n{config}",
-          flush=True)
+    print(f"distilling {data.name}: {data.num_classes} classes, images {data.image_shape}\n"
+          f"{config}", flush=True)
+    cli.say_devices(device.policy, device.jit, device.count)
     start = time.time()
     progress = 1 if sys.stdout.isatty() else 2  # in a log file: one line per epoch
     model = nk.build_distiller(data, config, FLAGS.pool_dir, device.jit, progress,
-                               device.strategy)
+                               device.strategy, pool_callbacks=[pool_estimate(data, config)])
     print(f"pool ready ({time.time() - start:.0f} s)", flush=True)
     initial_epoch = runs.announce_resume(run, restore, steps)
     callbacks = runs.callbacks(run, restore, device.policy == "mixed_float16", FLAGS.eval_every,
                                FLAGS.eval_epochs, FLAGS.eval_protocol)
     callbacks.append(keras.callbacks.TensorBoard(run.path("tensorboard")))  # sees test_accuracy
+    callbacks.append(distillation_estimate(config, steps, initial_epoch))
     start = time.time()
     real = nk.class_balanced_batches(data, config.batch_real, config.seed,
                                      start=initial_epoch * steps, order=config.real_batch)
@@ -136,7 +134,36 @@ def main(unused_argv):
                   shuffle=False)
     if run.error is not None:
         raise run.error
-    runs.report(run, model, initial_epoch, time.time() - start, FLAGS.eval_protocol)
+    runs.report(run, model, initial_epoch, time.time() - start, FLAGS.eval_protocol,
+                cli.device_name(), cli.peak_memory())
+
+
+def load_data(config, device):
+    """The dataset, checked for what the pool and the distillation need before either runs."""
+    data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+    nk.check_architectures(["convnet"], data.image_shape)  # the pool's
+    nk.check_distillable(data, config)
+    nk.classes_per_replica(data.num_classes, device.count)
+    return data
+
+
+def pool_estimate(data, config):
+    """The pool's `cli.Estimate`: the epochs of its members not yet in --pool_dir."""
+    paths = nk.pool_members(data, config.num_pretrained, config.pretrain_epochs, FLAGS.pool_dir,
+                            seed=config.seed)
+    missing = sum(not os.path.exists(path) for path in paths)
+    noun = "network" if missing == 1 else "networks"
+    return cli.Estimate(missing * config.pretrain_epochs, f"the pool ({missing} {noun})",
+                        later="; the distillation's estimate follows its first epoch")
+
+
+def distillation_estimate(config, steps, initial_epoch):
+    """The distillation's `cli.Estimate`: the Keras epochs (of `steps` iterations) to run."""
+    later = ""
+    if FLAGS.eval_every or FLAGS.eval_epochs:
+        later = " (evaluations not included)"
+    epochs = config.iterations // steps - initial_epoch
+    return cli.Estimate(epochs, f"the distillation ({epochs * steps} iterations)", later)
 
 
 class Devices(typing.NamedTuple):
@@ -145,9 +172,6 @@ class Devices(typing.NamedTuple):
     strategy: object  # a tf.distribute strategy, or None for one device
     count: int        # devices
     jit: bool         # XLA
-
-    def __str__(self):
-        return f"policy {self.policy}, XLA {'on' if self.jit else 'off'}, devices {self.count}"
 
 
 def set_up_devices(config):

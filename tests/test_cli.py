@@ -107,6 +107,14 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
                  f"--pool_dir={tmp_path / 'pools'}", f"--output_dir={out}", "--eval_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distilled 4 iterations" in result.stdout
+    # The device, an estimate after the first epoch, the peak memory in the last line:
+    assert "device: CPU (" in result.stdout and "precision float32; XLA off" in result.stdout
+    assert "estimate: the distillation (4 iterations) takes about" in result.stdout
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("peak memory ") and "MiB (host peak RSS) on CPU" in last, last
+    ran = json.loads((out / "run.json").read_text())
+    assert ran["peak_memory_mib"] > 100 and ran["iterations_this_run"] == 4
+    assert ran["device"].startswith("CPU") and ran["precision"] == "float32"
     for name in ("distilled.npz", "grid.png", "metrics.csv", "loss_curves.png",
                  "evaluation.json"):
         assert (out / name).is_file(), name
@@ -128,8 +136,12 @@ def test_train_then_evaluate_on_fashion_mnist(tmp_path):
                     f"--output_dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "convnet: final " in evaluated.stdout
+    assert "device: CPU (" in evaluated.stdout
+    assert "estimate: convnet (1 network) takes about" in evaluated.stdout
+    assert evaluated.stdout.strip().splitlines()[-1].startswith("peak memory ")
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["source"]["factor"] == 2 and report["dataset"] == "fashion_mnist"
+    assert report["peak_memory_mib"] > 100 and report["device"].startswith("CPU")
     assert report["tested_on"] == "test split"
 
     validated = run("evaluate.py", f"--distilled={out / 'distilled.npz'}",
@@ -262,3 +274,18 @@ def test_offline_tfds_download_fails_fast(tmp_path):
         assert_clean_error(result, "cifar10", "IDX files in --data_dir", "folder:PATH",
                            "tfds build cifar10")
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_gpu_that_tensorflow_cannot_see_is_warned_about(tmp_path):
+    """CUDA_VISIBLE_DEVICES says a GPU is meant to be used; this TensorFlow sees none."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), *FMNIST, "--baseline=random",
+         "--ipc=1", "--epochs=1", "--repeats=1", f"--output_dir={tmp_path}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1, result.stderr
+    assert "a GPU seems present (CUDA_VISIBLE_DEVICES=0) but TensorFlow sees none" in warning[0]
+    assert "'On a GPU / on Colab'" in warning[0]
+    assert "device: CPU (" in result.stdout

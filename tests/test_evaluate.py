@@ -41,16 +41,68 @@ def test_training_augments_in_normalised_space_by_default():
     x = np.full((8, 16, 16, 1), 255, np.uint8)
     y = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
     protocol = dataclasses.replace(nk.PROTOCOLS["dm"], augment="cutout", batch_size=8)
+    model = nk.build_network("convnet", (16, 16, 1), 2, [0.3], [0.2])
     for space, fill in (("normalized", 0.3), ("pixel", 0.0)):
-        stream = nk._training_stream(x, y, dataclasses.replace(protocol, dsa_space=space), 0,
-                                     np.array([0.3]), np.array([0.2]))
-        images = next(iter(stream))[0].numpy()
-        np.testing.assert_allclose(np.unique(images.round(5)), [fill, 1.0])  # holes: fill
+        trainer = nk.NetworkTrainer(model, dataclasses.replace(protocol, dsa_space=space), 0,
+                                    mean=np.array([0.3]), std=np.array([0.2]))
+        images, _ = trainer.augmented(nk.to_float(x), y, tf.constant([0, 1], tf.int64))
+        np.testing.assert_allclose(np.unique(images.numpy().round(5)), [fill, 1.0])  # holes
     with pytest.raises(nk.NCFMError, match="dsa_space='rgb' is unknown"):
         dataclasses.replace(protocol, dsa_space="rgb")
-    model = nk.build_network("convnet", (16, 16, 1), 2, [0.3], [0.2])
     with pytest.raises(nk.NCFMError, match="needs the dataset's mean and std"):
         nk.train_network(model, x, y, 2, protocol)
+
+
+def _dataset_ops(dataset):
+    """Every op of `dataset`'s graph, its functions' included."""
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(
+        tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor).numpy())
+    ops = {node.op for node in graph.node}
+    return ops | {node.op for f in graph.library.function for node in f.node_def}
+
+
+def test_networks_train_with_the_augmentation_in_the_step(small_fashion_mnist):
+    d = small_fashion_mnist
+    x, y = d.x_train[:40], d.y_train[:40]  # uint8, as stored
+    targets = np.eye(d.num_classes, dtype=np.float32)[y]
+    # The host pipeline only shuffles and batches the stored images:
+    batches = nk.training_batches(x, targets, 16, seed=0)
+    ops = _dataset_ops(batches)
+    assert {"ShuffleDatasetV3", "BatchDatasetV2", "RepeatDataset"} <= ops
+    assert not [op for op in ops if "Map" in op or "Random" in op or "Stateless" in op], ops
+    assert batches.element_spec[0].dtype == tf.uint8
+    # DSA and CutMix run in the training step, from the step's stateless seed:
+    protocol = dataclasses.replace(nk.PROTOCOLS["ncfm"], epochs=2, batch_size=16)
+
+    def trained(seed, network_seed=0):
+        model = nk.build_network("convnet", d.image_shape, d.num_classes, d.mean, d.std,
+                                 seed=network_seed)
+        nk.train_network(model, x, y, d.num_classes, protocol, seed=seed, mean=d.mean,
+                         std=d.std)
+        return model.get_weights()
+
+    first, again, other_draws = trained(0), trained(0), trained(1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))  # a function of the seed
+    assert not np.allclose(first[0], other_draws[0])  # same start, other augmentation draws
+    trainer = nk.NetworkTrainer(keras.Sequential([keras.layers.Flatten()]), protocol, 7,
+                                mean=d.mean, std=d.std)
+    images = nk.to_float(x[:16])
+    draws = [trainer.augmented(images, targets[:16], tf.random.experimental.stateless_fold_in(
+        tf.constant([7, 0], tf.int64), step, alg=nk.RNG))[0] for step in (0, 1)]
+    assert not np.allclose(draws[0], images)  # augmented
+    assert not np.allclose(draws[0], draws[1])  # a fresh draw every step
+
+
+def test_the_augmentation_compiles_with_xla():
+    # What a GPU runs (Keras' jit_compile="auto"): DSA and CutMix must have XLA kernels.
+    protocol = nk.PROTOCOLS["ncfm"]
+    trainer = nk.NetworkTrainer(keras.Sequential([keras.layers.Flatten()]), protocol, 0,
+                                mean=np.array([0.3]), std=np.array([0.2]))
+    step = tf.function(trainer.augmented, jit_compile=True)
+    images = tf.random.uniform([8, 28, 28, 1])
+    mixed, labels = step(images, tf.eye(8), tf.constant([3, 4], tf.int64))
+    assert mixed.shape == images.shape and np.allclose(labels.numpy().sum(1), 1.0)
 
 
 def test_decode_multiformation():

@@ -154,9 +154,8 @@ def _pool(data, members=2, distinct=True):
     initial, trained = [], []
     for m in range(members):
         for store, seed in ((initial, 2 * m), (trained, 2 * m + 1 if distinct else 2 * m)):
-            keras.utils.set_random_seed(seed)
             net = nk.build_network("convnet", data.image_shape, data.num_classes, data.mean,
-                                   data.std)
+                                   data.std, seed=seed)
             store.append([w.numpy() for w in net.weights])
     return initial, trained
 

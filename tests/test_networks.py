@@ -42,8 +42,7 @@ def test_unknown_architecture():
 
 def test_weights_start_as_torch_defaults():
     """Conv / dense kernels and biases uniform in ±1/√fan_in, norm layers gamma 1, beta 0."""
-    keras.utils.set_random_seed(0)
-    model = nk.build_network("convnet", (32, 32, 3), 10, [0.5] * 3, [0.25] * 3)
+    model = nk.build_network("convnet", (32, 32, 3), 10, [0.5] * 3, [0.25] * 3, seed=0)
     checked = 0
     for layer in model.layers:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
@@ -58,9 +57,21 @@ def test_weights_start_as_torch_defaults():
         elif isinstance(layer, keras.layers.GroupNormalization):
             assert np.all(layer.gamma.numpy() == 1) and np.all(layer.beta.numpy() == 0)
     assert checked == 4  # three convs and the classifier
-    again = nk.build_network("convnet", (32, 32, 3), 10, [0.5] * 3, [0.25] * 3)
-    convs = [l for l in again.layers if isinstance(l, keras.layers.Conv2D)]
+    convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
     assert not np.allclose(convs[1].kernel.numpy(), convs[2].kernel.numpy())  # own draws
+
+
+def test_initial_weights_are_a_function_of_the_seed_alone():
+    def weights(seed):
+        return nk.build_network("convnet", (28, 28, 1), 10, [0.3], [0.2], seed=seed).get_weights()
+
+    first = weights(0)
+    keras.utils.set_random_seed(123)  # the global seed plays no part
+    assert all(np.array_equal(a, b) for a, b in zip(first, weights(0)))
+    assert not np.allclose(first[0], weights(1)[0])
+    sampler = [nk.SamplingNet(16, 32, seed=s).get_weights() for s in (5, 5, 6)]
+    assert all(np.array_equal(a, b) for a, b in zip(sampler[0], sampler[1]))
+    assert not np.allclose(sampler[0][0], sampler[2][0])
 
 
 def test_coupled_sgd_follows_the_torch_formula():

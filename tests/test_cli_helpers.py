@@ -1,0 +1,57 @@
+"""The CLIs' shared helpers, in process: GPU evidence, durations and the run-time estimate."""
+
+import io
+import sys
+
+import pytest
+
+import cli
+
+
+def test_gpu_evidence(monkeypatch):
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(cli.shutil, "which", lambda name: None)
+    for value in (None, "", "-1"):  # unset, or set to hide every GPU
+        if value is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", value)
+        assert cli.gpu_evidence() == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(cli.glob, "glob", lambda pattern: ["/dev/nvidia1", "/dev/nvidia0"])
+    monkeypatch.setattr(cli.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    assert cli.gpu_evidence() == ["CUDA_VISIBLE_DEVICES=0,1", "/dev/nvidia0",
+                                  "nvidia-smi on the path"]
+
+
+@pytest.mark.parametrize("seconds,text", [(5, "5 s"), (95, "2 min"), (7200, "2.0 h"),
+                                          (200000, "2.3 days")])
+def test_duration(seconds, text):
+    assert cli.duration(seconds) == text
+
+
+def test_estimate_after_the_first_epoch(monkeypatch, capsys):
+    clock = iter([100.0, 130.0])  # the first epoch takes 30 s
+    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+    monkeypatch.setattr(cli.tf.config, "list_physical_devices", lambda kind=None: [])
+    estimate = cli.Estimate(1001, "the pool (20 networks)", later="; more later")
+    estimate.on_epoch_begin(0)
+    assert capsys.readouterr().out == ""  # nothing before a whole epoch
+    estimate.on_epoch_begin(1)
+    out, err = capsys.readouterr()
+    assert out.strip() == ("estimate: the pool (20 networks) takes about 8.3 h more at the pace "
+                           "of its first epoch; more later")
+    assert err.startswith("warning: that is GPU-scale work on a CPU (8.3 h)")
+    assert "README 'On a CPU'" in err
+    estimate.on_epoch_begin(2)
+    assert capsys.readouterr() == ("", "")  # said once
+
+
+def test_a_short_estimate_is_not_warned_about(monkeypatch, capsys):
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+    estimate = cli.Estimate(10, "the distillation (100 iterations)")
+    estimate.on_epoch_begin(0)
+    estimate.on_epoch_begin(1)
+    out, err = capsys.readouterr()
+    assert "takes about 18 s more" in out and err == ""
