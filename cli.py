@@ -63,18 +63,25 @@ def prepare_tensorflow(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if GPU_EVIDENCE else "3")
     if asks_for_determinism(argv):
         os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
-    saved = os.dup(2)
-    with tempfile.TemporaryFile("w+") as captured:
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
             import tensorflow
             tensorflow.config.list_physical_devices("GPU")  # CUDA is probed here
+        except BaseException:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            sys.stderr.write(captured.read().decode(errors="replace"))  # why it failed
+            raise
         finally:
             os.dup2(saved, 2)
             os.close(saved)
         captured.seek(0)
-        lines = [line.strip() for line in captured]
-    CUDA_ERRORS[:] = [line for line in lines if re.search("cuda|cudnn|libcu|gpu", line, re.I)]
+        lines = captured.read().decode(errors="replace").splitlines()
+    CUDA_ERRORS[:] = [line.strip() for line in lines if re.search("cuda|cudnn|libcu|gpu", line,
+                                                                  re.I)]
 
 
 # At import, not in main: TensorFlow reads these variables only when it is imported, which the
@@ -141,7 +148,8 @@ def device_name():
         return f"CPU ({os.cpu_count()} cores), no GPU"
     names = [tf.config.experimental.get_device_details(g).get("device_name", g.name)
              for g in gpus]
-    return f"{len(gpus)} GPU ({', '.join(names)})"
+    noun = "GPU" if len(gpus) == 1 else "GPUs"
+    return f"{len(gpus)} {noun} ({', '.join(names)})"
 
 
 def say_devices(policy, jit, replicas=1):
@@ -157,8 +165,8 @@ def say_devices(policy, jit, replicas=1):
         print(f"warning: a GPU seems present ({', '.join(GPU_EVIDENCE)}) but TensorFlow sees "
               "none: most likely this TensorFlow was built without CUDA (pip install "
               "'tensorflow[and-cuda]'); see README 'On a GPU / on Colab'", file=sys.stderr)
-        for line in CUDA_ERRORS[:5]:
-            print(f"  {line}", file=sys.stderr)
+        for message in CUDA_ERRORS[:5]:
+            print(f"  {message}", file=sys.stderr)
 
 
 def peak_memory():

@@ -745,6 +745,7 @@ def class_balanced_batches(data, batch_per_class, seed=0, start=0, order="shuffl
 # synthetic images alike), in evaluation an image. Every op has gradients and an XLA kernel
 # (TF's ImageProjectiveTransformV3 has none, hence the hand-written `_bilinear_warp`).
 RNG = "philox"  # stateless; XLA draws other numbers from a seed than TF's kernels do
+DRAWS = 2  # raise when a step draws other random numbers from its seed (2: DSA_DRAWS by name)
 DSA_SETTINGS = dict(scale=1.2, rotate_degrees=15.0, crop_ratio=0.125, cutout_ratio=0.5,
                     brightness=1.0, saturation=2.0, contrast=0.5)
 GEOMETRIC = ("crop", "scale", "rotate")
@@ -810,8 +811,10 @@ def dsa_parameters(seed, count, image_size, ops):
         params["theta"] = tf.gather(theta, choice, batch_dims=1)
     if "cutout" in ops:
         size_y, size_x = (int(n * s["cutout_ratio"] + 0.5) for n in (height, width))
-        params["cutout_y"] = uniform("cutout_y", 0, height + (1 - size_y % 2), tf.int32) - size_y // 2
-        params["cutout_x"] = uniform("cutout_x", 0, width + (1 - size_x % 2), tf.int32) - size_x // 2
+        centre_y = uniform("cutout_y", 0, height + (1 - size_y % 2), tf.int32)
+        centre_x = uniform("cutout_x", 0, width + (1 - size_x % 2), tf.int32)
+        params["cutout_y"] = centre_y - size_y // 2
+        params["cutout_x"] = centre_x - size_x // 2
     return params
 
 
@@ -1053,14 +1056,25 @@ def _evaluation_optimizer(protocol, steps):
     return CoupledSGD(schedule, momentum=0.9, coupled_weight_decay=protocol.weight_decay)
 
 
-def training_batches(x, targets, batch_size, seed):
-    """Endless shuffled batches `(images, targets)` of `x` as stored (uint8 or float) and of
-    `targets`: only shuffling and batching, on the host; the augmentation runs in the training
-    step, on the device (`NetworkTrainer`)."""
-    return (tf.data.Dataset.from_tensor_slices((x, targets))
-            .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-            .batch(batch_size).repeat()  # endless: fit() keeps one iterator
-            .prefetch(tf.data.AUTOTUNE))
+def training_batches(x, targets, batch_size, seed, epochs):
+    """Batches `(images, targets)` of `x` as stored (uint8 or float) and of `targets`, epoch e
+    in the order of the e-th permutation of `np.random.default_rng(seed)` (so, unlike a
+    `tf.data` shuffle, whatever TensorFlow's global seed), the last batch of an epoch short;
+    `epochs` of them, then endlessly again (fit() keeps one iterator). Only ordering and
+    batching, on the host: the augmentation runs in the training step (`NetworkTrainer`)."""
+    rng = np.random.default_rng(seed)
+    orders = np.stack([rng.permutation(len(x)) for _ in range(epochs)])
+    images = tf.constant(x)
+    labels = tf.constant(targets)
+
+    def epoch(order):
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    def gathered(indices):
+        return tf.gather(images, indices), tf.gather(labels, indices)
+
+    return (tf.data.Dataset.from_tensor_slices(orders).flat_map(epoch).map(gathered)
+            .repeat().prefetch(tf.data.AUTOTUNE))
 
 
 class NetworkTrainer(keras.Model):
@@ -1068,7 +1082,8 @@ class NetworkTrainer(keras.Model):
     augmentation inside the compiled step, as the official code augments on the GPU:
     per-sample DSA (in `protocol.dsa_space`; `mean`, `std` `[C]` are the dataset's) and CutMix
     with probability `protocol.cutmix_prob`. Step s draws from the stateless seed
-    `fold_in([seed, 0], s)`, so a run is a function of `seed` alone.
+    `fold_in([seed, 0], s)`: with `training_batches`' order, a run is a function of `seed`
+    and of the device (XLA, on a GPU, draws other numbers from a seed than TF's kernels).
 
     With `soft_steps`, the targets `[N, 2K]` hold the one-hot label, then the soft one (CutMix
     mixes both, as the official code mixes its two losses), and the first `soft_steps` steps
@@ -1092,7 +1107,8 @@ class NetworkTrainer(keras.Model):
             teacher.trainable = False
         # Its own count: a loss-scaled optimizer's `iterations` skips overflowing steps.
         self.batches_seen = self.add_weight(shape=(), initializer="zeros", dtype="int64",
-                                            trainable=False, name="batches_seen")
+                                            trainable=False, name="batches_seen",
+                                            aggregation="only_first_replica")
 
     def call(self, images, training=False):
         return self.network(images, training=training)
@@ -1160,7 +1176,8 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
                              soft_steps=soft_steps)
     trainer.compile(optimizer=_evaluation_optimizer(protocol, steps), metrics=["accuracy"],
                     loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    batches = training_batches(x, targets.astype(np.float32), protocol.batch_size, seed)
+    batches = training_batches(x, targets.astype(np.float32), protocol.batch_size, seed,
+                               protocol.epochs)
     trainer.fit(batches, epochs=protocol.epochs, steps_per_epoch=steps_per_epoch,
                 callbacks=list(callbacks), verbose=verbose, shuffle=False,
                 validation_data=test_data, validation_freq=list(test_epochs))
@@ -1172,8 +1189,9 @@ def train_network(model, x, y, num_classes, protocol, seed=0, callbacks=(), verb
 # theta = lam * theta_init + (1 - lam) * theta_trained, a fresh member and lam every step. The
 # pool is expensive and reusable, so every member is cached on disk as soon as it is trained.
 
-POOL_RECIPE = 3  # raise when the pretraining, the networks or the normalisation change: old
-#                 caches go unused (3: 28x28 kept, padded in the network; official constants)
+POOL_RECIPE = 4  # raise when the pretraining, the networks or the normalisation change: old
+#                 caches go unused (3: 28x28 kept, padded in the network; official constants;
+#                 4: augmentation in the step, seeded initial weights and batch order)
 
 
 def pool_key(data, arch, epochs, seed):
@@ -1197,6 +1215,14 @@ def read_pool_member(path):
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         fix = "delete it and re-run train.py to train it again"
         raise NCFMError(f"pool member {path} cannot be read {_unreadable(e, fix)}") from None
+
+
+def pool_member_seed(seed, member):
+    """The int seed (31 bits) of pool `member`'s initial weights and training, hashed from
+    `(POOL_RECIPE, seed, member)`: not one of the small seeds of an evaluation's networks
+    (`evaluate_images`' `seed`), which would start from the very weights the images were
+    matched with."""
+    return int(np.random.SeedSequence([POOL_RECIPE, seed, member]).generate_state(1)[0] >> 1)
 
 
 def pool_members(data, num_models, epochs, cache_dir, arch="convnet", seed=0):
@@ -1223,13 +1249,14 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     for member, path in enumerate(paths):
         if not os.path.exists(path):
             model = build_network(arch, data.image_shape, data.num_classes, data.mean,
-                                  data.std, seed=seed * 1000 + member)
+                                  data.std, seed=pool_member_seed(seed, member))
             start = [w.numpy() for w in model.weights]
             if epochs:
                 progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: bar.update(
                     member * epochs + e + 1, [("accuracy", logs.get("accuracy", 0.0))]))
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
-                              seed=seed * 1000 + member, callbacks=[progress, *callbacks],
+                              seed=pool_member_seed(seed, member),
+                              callbacks=[progress, *callbacks],
                               mean=data.mean, std=data.std)
             save_npz(path, **{f"init_{i}": w for i, w in enumerate(start)},
                      **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})

@@ -97,12 +97,13 @@ def run_meta(data, config, steps, image_size, precision, jit_compile, devices, d
     """What a resumed run must share with its checkpoint: the data (its digest), every setting
     of `config` but `iterations` (which may grow), and how the step computes — precision, XLA
     (it draws other random numbers from a seed than TensorFlow's kernels do), the number of
-    devices (each steps its own classes) and deterministic mode (oneDNN off) — since a run
-    resumed otherwise would not be the run it continues."""
+    devices (each steps its own classes), deterministic mode (oneDNN off) and the version of
+    the step's random draws (`nk.DRAWS`) — since a run resumed otherwise would not be the run
+    it continues."""
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "iterations"}
     return dict(data_digest=data.digest, image_size=image_size, log_every=steps,
                 precision=precision, jit_compile=jit_compile, devices=devices,
-                deterministic=deterministic, config=settings)
+                deterministic=deterministic, draws=nk.DRAWS, config=settings)
 
 
 def announce_resume(run, restore, steps):
@@ -121,7 +122,7 @@ def resume_point(path, meta, iterations):
     if not os.path.exists(path):
         return None
     restore = load_checkpoint(path)
-    saved = restore["meta"]
+    saved = {"draws": 1, **restore["meta"]}  # checkpoints without it drew as version 1
     conflicts = [f"{k}={saved[k]!r} there, {v!r} now" for k, v in meta.items()
                  if k != "config" and k in saved and saved[k] != v]  # older files lack some
     conflicts += [f"--{k}={saved['config'].get(k)!r} there, {v!r} now"

@@ -162,6 +162,8 @@ def distillation_estimate(config, steps, initial_epoch):
     later = ""
     if FLAGS.eval_every or FLAGS.eval_epochs:
         later = " (evaluations not included)"
+    if 0 < FLAGS.eval_every <= steps:  # the first epoch ends in one
+        later = " (an evaluation every epoch included)"
     epochs = config.iterations // steps - initial_epoch
     return cli.Estimate(epochs, f"the distillation ({epochs * steps} iterations)", later)
 

@@ -1,8 +1,6 @@
 """The CLIs' shared helpers, in process: GPU evidence, durations and the run-time estimate."""
 
-import io
-import sys
-
+import numpy as np
 import pytest
 
 import cli
@@ -55,3 +53,27 @@ def test_a_short_estimate_is_not_warned_about(monkeypatch, capsys):
     estimate.on_epoch_begin(1)
     out, err = capsys.readouterr()
     assert "takes about 18 s more" in out and err == ""
+
+
+def test_a_checkpoint_of_other_random_draws_is_refused(tmp_path, small_fashion_mnist):
+    import ncfm_keras as nk
+    import runs
+
+    config = nk.DistillConfig(ipc=1, iterations=4)
+    meta = runs.run_meta(small_fashion_mnist, config, 2, 32, "float32", False, 1, False)
+    old = {k: v for k, v in meta.items() if k != "draws"}  # written before DRAWS existed
+    path = str(tmp_path / "checkpoint.npz")
+    runs.save_checkpoint(path, old, 1, {"synthetic": np.zeros(2)})
+    with pytest.raises(nk.NCFMError, match=r"other settings \(draws=1 there, 2 now\).*"
+                                           "--noresume"):
+        runs.resume_point(path, meta, 4)
+    runs.save_checkpoint(path, meta, 1, {"synthetic": np.zeros(2)})
+    assert runs.resume_point(path, meta, 4)["epochs_done"] == 1
+
+
+def test_pool_members_never_start_as_an_evaluation_network():
+    import ncfm_keras as nk
+
+    seeds = {nk.pool_member_seed(seed, member) for seed in range(3) for member in range(20)}
+    assert len(seeds) == 60 and min(seeds) >= 1000  # evaluation networks take seeds 0, 1, ...
+    assert max(seeds) < 2 ** 31
