@@ -1601,6 +1601,13 @@ class NCFM(keras.Model):
             names += ["sampler_loss", "frequency_norm"]
         self.trackers = {name: keras.metrics.Mean(name) for name in names}
         self.trackers["nonfinite_steps"] = keras.metrics.Sum("nonfinite_steps")  # per epoch
+        # The last step's values of those it computes (NaN for a norm that loss scaling
+        # skipped), for the per-iteration metrics.csv; the trackers average over the epoch.
+        computed = [name for name in names if name != "calibration_loss"]
+        if config.calibration > 0:
+            computed.append("calibration_loss")
+        self.last_step = {name: self._counter(f"last_{name}", "float32", "zeros")
+                          for name in computed}
         self.pool_dir = None  # where the pool is cached (absolute), set by build_distiller
 
     def _counter(self, name, dtype, initializer):
@@ -1695,9 +1702,11 @@ class NCFM(keras.Model):
             self._plateau(total)
         for name, value in logs.items():
             self.trackers[name].update_state(value)
+            self.last_step[name].assign(tf.cast(value, tf.float32))
         weight = tf.cast(finite, tf.float32)  # a skipped step's norm does not count
         self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
                                                       sample_weight=weight)
+        self.last_step["image_grad_norm"].assign(tf.where(finite, norm, math.nan))
         return {name: m.result() for name, m in self.trackers.items()}
 
     def _image_steps(self, loss, classes, after, per_class, shared):

@@ -9,6 +9,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -41,10 +42,12 @@ def resumable_variables(model):
     """The variables a resumed `NCFM` needs, by name, found rather than listed: the model's own
     (the images, the iteration that seeds the randomness, the plateau) by their names, then
     psi's weights (with its batch-norm statistics) and both optimizers' variables in order;
-    not the extractor's, which are placeholders for the pool's weights."""
+    not the extractor's, which are placeholders for the pool's weights, nor the last step's
+    values, which the next step overwrites."""
     model.build_optimizers()
     sampler = [] if model.sampler is None else model.sampler.weights
-    not_own = {id(v) for v in model.extractor.variables} | {id(v) for v in sampler}
+    not_own = {id(v) for v in [*model.extractor.variables, *sampler,
+                                *model.last_step.values()]}
     named = {v.name: v for v in model.variables if id(v) not in not_own}
     groups = {"image_optimizer": model.optimizer.variables}
     if model.sampler is not None:
@@ -408,22 +411,16 @@ class MetricsCsv(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         self.rows = []
-        self.previous = {}
 
     def on_train_batch_end(self, batch, logs=None):
         learning_rate = keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         row = {"iteration": self.epoch * self.params["steps"] + batch + 1,
                "learning_rate": float(learning_rate)}
-        # Each iteration's value is what its step added to the epoch's running sums; a step
-        # that loss scaling skipped adds no weight to image_grad_norm and gets no value.
-        for key in CSV_COLUMNS[1:-2]:
-            if key in self.model.trackers:
-                tracker = self.model.trackers[key]
-                total, count = float(tracker.total.numpy()), float(tracker.count.numpy())
-                last_total, last_count = self.previous.get(key, (0.0, 0.0))
-                if count > last_count:
-                    row[key] = (total - last_total) / (count - last_count)
-                self.previous[key] = total, count
+        # The step's own values; the norm of a step that loss scaling skipped is NaN: no value.
+        for key, variable in self.model.last_step.items():
+            value = float(variable.numpy())
+            if key != "image_grad_norm" or math.isfinite(value):
+                row[key] = value
         self.rows.append(row)
 
     def on_epoch_end(self, epoch, logs=None):

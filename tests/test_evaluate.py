@@ -192,24 +192,22 @@ def test_loss_curves_are_drawn_from_the_csv(tmp_path):
 
 
 def test_csv_rows_hold_each_iterations_values_after_a_skipped_step(tmp_path):
-    """Under mixed float16 loss scaling skips overflowing steps: the image-gradient norm of such
-    a step gets weight 0 in the epoch's mean. Its row must stay empty and the next rows must
-    still hold their own iterations' values (backing them out of the running means assumed
-    equal weights: 2, 2, 6.5 here)."""
-    trackers = {name: keras.metrics.Mean(name) for name in ("matching_loss", "image_grad_norm")}
-    model = types.SimpleNamespace(trackers=trackers, stop_training=False,
+    """Under mixed float16 loss scaling skips overflowing steps: NCFM's last-step norm of such
+    a step is NaN. Its row must stay empty and every row hold its own iteration's values."""
+    last_step = {name: keras.Variable(0.0) for name in ("matching_loss", "image_grad_norm")}
+    model = types.SimpleNamespace(last_step=last_step, stop_training=False,
                                   optimizer=types.SimpleNamespace(learning_rate=1e-3))
     writer = runs.MetricsCsv(runs.Run(None, str(tmp_path), {}))
     writer.set_model(model)
     writer.set_params({"steps": 3, "epochs": 1})
     writer.on_epoch_begin(0)
     for batch, (loss, norm) in enumerate([(30.0, 2.0), (20.0, None), (10.0, 5.0)]):
-        trackers["matching_loss"].update_state(loss)
-        trackers["image_grad_norm"].update_state(0.0 if norm is None else norm,
-                                                 sample_weight=float(norm is not None))
-        writer.on_train_batch_end(batch, {k: float(m.result()) for k, m in trackers.items()})
+        last_step["matching_loss"].assign(loss)
+        last_step["image_grad_norm"].assign(math.nan if norm is None else norm)
+        writer.on_train_batch_end(batch, {})
     assert [row["matching_loss"] for row in writer.rows] == [30.0, 20.0, 10.0]
     assert [row.get("image_grad_norm") for row in writer.rows] == [2.0, None, 5.0]
+    assert "calibration_loss" not in writer.rows[0]  # a value the step does not compute
 
 
 def test_pool_key_changes_with_the_pretraining_recipe(monkeypatch):
