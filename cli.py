@@ -195,32 +195,39 @@ CPU_SCALE_SECONDS = 3 * 3600  # on a CPU, a longer estimate is GPU-scale work
 
 
 class Estimate(keras.callbacks.Callback):
-    """When the second epoch it sees begins, prints how long a stage of `epochs` epochs still
-    takes at the pace of the first; pass the same one to every `fit` of the stage (the pool's
-    members, an architecture's networks). On a CPU, an estimate above CPU_SCALE_SECONDS is
-    warned about with the README's CPU settings. The first epoch includes tracing the step,
-    so the estimate errs long; `later` says what it leaves out."""
+    """Prints how long a stage of `epochs` epochs still takes: after its first epoch, at that
+    epoch's pace (it traces the step, so this errs long), and after the second at the second's,
+    when that differs by more than a quarter. Pass the same one to every `fit` of the stage
+    (the pool's members, an architecture's networks). On a CPU, a second-epoch estimate above
+    CPU_SCALE_SECONDS is warned about with the README's CPU settings. `later` says what the
+    estimate leaves out."""
 
     def __init__(self, epochs, what, later=""):
         super().__init__()
         self.epochs = epochs
         self.what = what
         self.later = later
-        self.started = None
-        self.said = False
+        self.starts = []  # of the epochs seen
+        self.first = None  # the first estimate, in seconds
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.started is None:
-            self.started = time.time()
+        self.starts.append(time.time())
+        seen = len(self.starts) - 1  # epochs finished
+        if seen not in (1, 2):
             return
-        if self.said:
+        seconds = (self.starts[-1] - self.starts[-2]) * (self.epochs - seen)
+        if seen == 1:
+            self.first = seconds
+            self.say(seconds, "its first epoch")
             return
-        self.said = True
-        seconds = (time.time() - self.started) * (self.epochs - 1)
-        lead = "\n" if sys.stdout.isatty() else ""  # off a progress bar's line
-        print(f"{lead}estimate: {self.what} takes about {duration(seconds)} more at the pace of "
-              f"its first epoch{self.later}", flush=True)
+        if abs(seconds - self.first) > 0.25 * self.first:
+            self.say(seconds, "its second epoch")
         if seconds > CPU_SCALE_SECONDS and not tf.config.list_physical_devices("GPU"):
             print(f"warning: that is GPU-scale work on a CPU ({duration(seconds)}); README "
                   "'On a CPU' gives settings that fit one (fewer pool members, epochs and "
                   "iterations), or run it on a GPU", file=sys.stderr, flush=True)
+
+    def say(self, seconds, pace):
+        lead = "\n" if sys.stdout.isatty() else ""  # off a progress bar's line
+        print(f"{lead}estimate: {self.what} takes about {duration(seconds)} more at the pace of "
+              f"{pace}{self.later}", flush=True)

@@ -28,31 +28,36 @@ def test_duration(seconds, text):
     assert cli.duration(seconds) == text
 
 
-def test_estimate_after_the_first_epoch(monkeypatch, capsys):
-    clock = iter([100.0, 130.0])  # the first epoch takes 30 s
+def test_estimate_after_the_first_and_second_epochs(monkeypatch, capsys):
+    clock = iter([100.0, 130.0, 140.0, 150.0])  # the first epoch takes 30 s, then 10 s each
     monkeypatch.setattr(cli.time, "time", lambda: next(clock))
     monkeypatch.setattr(cli.tf.config, "list_physical_devices", lambda kind=None: [])
-    estimate = cli.Estimate(1001, "the pool (20 networks)", later="; more later")
+    estimate = cli.Estimate(3001, "the pool (20 networks)", later="; more later")
     estimate.on_epoch_begin(0)
     assert capsys.readouterr().out == ""  # nothing before a whole epoch
     estimate.on_epoch_begin(1)
     out, err = capsys.readouterr()
-    assert out.strip() == ("estimate: the pool (20 networks) takes about 8.3 h more at the pace "
-                           "of its first epoch; more later")
+    assert out.strip() == ("estimate: the pool (20 networks) takes about 25.0 h more at the "
+                           "pace of its first epoch; more later")
+    assert err == ""
+    estimate.on_epoch_begin(2)  # the second epoch, 10 s: 2999 x 10 s left
+    out, err = capsys.readouterr()
+    assert out.strip() == ("estimate: the pool (20 networks) takes about 8.3 h more at the "
+                           "pace of its second epoch; more later")
     assert err.startswith("warning: that is GPU-scale work on a CPU (8.3 h)")
     assert "README 'On a CPU'" in err
-    estimate.on_epoch_begin(2)
-    assert capsys.readouterr() == ("", "")  # said once
+    estimate.on_epoch_begin(3)
+    assert capsys.readouterr() == ("", "")  # said
 
 
-def test_a_short_estimate_is_not_warned_about(monkeypatch, capsys):
-    clock = iter([0.0, 2.0])
+def test_a_short_estimate_is_said_once_and_not_warned_about(monkeypatch, capsys):
+    clock = iter([0.0, 2.0, 4.1])
     monkeypatch.setattr(cli.time, "time", lambda: next(clock))
     estimate = cli.Estimate(10, "the distillation (100 iterations)")
-    estimate.on_epoch_begin(0)
-    estimate.on_epoch_begin(1)
+    for epoch in range(3):
+        estimate.on_epoch_begin(epoch)
     out, err = capsys.readouterr()
-    assert "takes about 18 s more" in out and err == ""
+    assert out.count("estimate:") == 1 and "takes about 18 s more" in out and err == ""
 
 
 def test_a_checkpoint_of_other_random_draws_is_refused(tmp_path, small_fashion_mnist):
