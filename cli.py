@@ -67,19 +67,19 @@ def prepare_tensorflow(argv):
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
+        failed = True
         try:
             import tensorflow
             tensorflow.config.list_physical_devices("GPU")  # CUDA is probed here
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))  # why it failed
-            raise
+            failed = False
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-        captured.seek(0)
-        lines = captured.read().decode(errors="replace").splitlines()
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            if failed:
+                sys.stderr.write(text)  # why the import failed
+        lines = text.splitlines()
     CUDA_ERRORS[:] = [line.strip() for line in lines if re.search("cuda|cudnn|libcu|gpu", line,
                                                                   re.I)]
 

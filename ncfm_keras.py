@@ -1248,15 +1248,15 @@ def pretrain_pool(data, num_models, epochs, cache_dir, arch="convnet", seed=0, v
     paths = pool_members(data, num_models, epochs, cache_dir, arch, seed)
     for member, path in enumerate(paths):
         if not os.path.exists(path):
+            member_seed = pool_member_seed(seed, member)
             model = build_network(arch, data.image_shape, data.num_classes, data.mean,
-                                  data.std, seed=pool_member_seed(seed, member))
+                                  data.std, seed=member_seed)
             start = [w.numpy() for w in model.weights]
             if epochs:
                 progress = keras.callbacks.LambdaCallback(on_epoch_end=lambda e, logs: bar.update(
                     member * epochs + e + 1, [("accuracy", logs.get("accuracy", 0.0))]))
                 train_network(model, data.x_train, data.y_train, data.num_classes, protocol,
-                              seed=pool_member_seed(seed, member),
-                              callbacks=[progress, *callbacks],
+                              seed=member_seed, callbacks=[progress, *callbacks],
                               mean=data.mean, std=data.std)
             save_npz(path, **{f"init_{i}": w for i, w in enumerate(start)},
                      **{f"trained_{i}": w.numpy() for i, w in enumerate(model.weights)})

@@ -160,10 +160,10 @@ def pool_estimate(data, config):
 def distillation_estimate(config, steps, initial_epoch):
     """The distillation's `cli.Estimate`: the Keras epochs (of `steps` iterations) to run."""
     later = ""
-    if FLAGS.eval_every or FLAGS.eval_epochs:
-        later = " (evaluations not included)"
     if 0 < FLAGS.eval_every <= steps:  # the first epoch ends in one
         later = " (an evaluation every epoch included)"
+    elif FLAGS.eval_every or FLAGS.eval_epochs:
+        later = " (evaluations not included)"
     epochs = config.iterations // steps - initial_epoch
     return cli.Estimate(epochs, f"the distillation ({epochs * steps} iterations)", later)
 
