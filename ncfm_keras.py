@@ -1700,13 +1700,19 @@ class NCFM(keras.Model):
             self.synthetic.assign(tf.clip_by_value(self.synthetic, 0.0, 1.0))
             self.iteration.assign_add(1)
             self._plateau(total)
+        return self._record(logs, grad_norm=norm, finite=finite)
+
+    def _record(self, logs, grad_norm, finite):
+        """Updates the epoch's trackers and `last_step` with this step's `logs` and the images'
+        gradient norm (left out of the mean, and NaN in `last_step`, where not `finite`); the
+        metrics `fit()` shows."""
         for name, value in logs.items():
             self.trackers[name].update_state(value)
             self.last_step[name].assign(tf.cast(value, tf.float32))
         weight = tf.cast(finite, tf.float32)  # a skipped step's norm does not count
-        self.trackers["image_grad_norm"].update_state(tf.where(finite, norm, 0.0),
+        self.trackers["image_grad_norm"].update_state(tf.where(finite, grad_norm, 0.0),
                                                       sample_weight=weight)
-        self.last_step["image_grad_norm"].assign(tf.where(finite, norm, math.nan))
+        self.last_step["image_grad_norm"].assign(tf.where(finite, grad_norm, math.nan))
         return {name: m.result() for name, m in self.trackers.items()}
 
     def _image_steps(self, loss, classes, after, per_class, shared):

@@ -3,6 +3,12 @@
     python benchmarks/ablation_b0.py                          # every cell (hours on a CPU)
     python benchmarks/ablation_b0.py --only=today,faithful    # some cells
     python benchmarks/ablation_b0.py --table                  # only rewrite the table
+    python benchmarks/ablation_b0.py --split=test              # the held-out equal-budget check
+
+The same script makes the **held-out equal-budget check** with --split=test: the cells
+`defaults` (train.py with the B0 flags alone, i.e. today's defaults) and `official`, evaluated
+on the real Fashion-MNIST test split at --epochs (300 there), into results/equal_budget_b0/ and
+results/equal_budget_b0.md by default. The ablation never looks at the test split.
 
 Budget B0 (Fashion-MNIST IPC 10, as the official set in ../shared/official/ was made): a pool of
 2 ConvNets x 2 epochs on a class-balanced 10 000-image training subset (the first 1000 images of
@@ -36,8 +42,12 @@ from absl import app, flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-flags.DEFINE_string("work_dir", os.path.join(ROOT, "results", "ablation_b0"),
-                    "Where each cell's logs, set and evaluation go (committed).")
+flags.DEFINE_enum("split", "validation", ["validation", "test"],
+                  "What sets are evaluated on: the validation split (the ablation) or the "
+                  "real test split (the held-out check; its defaults: cells defaults and "
+                  "official, 300 epochs, results/equal_budget_b0).")
+flags.DEFINE_string("work_dir", None, "Where each cell's logs, set and evaluation go "
+                    "(committed; default results/ablation_b0 or results/equal_budget_b0).")
 flags.DEFINE_string("scratch_dir", "/tmp/ablation_b0", "Where the data splits and pools go.")
 flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files.")
 flags.DEFINE_string("official", os.path.join(os.path.dirname(ROOT), "shared", "official",
@@ -45,11 +55,12 @@ flags.DEFINE_string("official", os.path.join(os.path.dirname(ROOT), "shared", "o
                     "The official code's own B0 set.")
 flags.DEFINE_list("only", None, "Run only these cells (default: all, in CELLS' order).")
 flags.DEFINE_list("seeds", ["0", "1"], "Distillation seeds per cell.")
-flags.DEFINE_integer("epochs", 100, "Evaluation epochs.")
+flags.DEFINE_integer("epochs", None, "Evaluation epochs (default 100 for validation, 300 "
+                     "for test).")
 flags.DEFINE_integer("repeats", 3, "Networks per set.")
 flags.DEFINE_bool("table", False, "Only rewrite the table from the finished cells.")
-flags.DEFINE_string("table_path", os.path.join(ROOT, "results", "ablation_b0.md"),
-                    "Where the table is written.")
+flags.DEFINE_string("table_path", None, "Where the table is written (default "
+                    "results/ablation_b0.md or results/equal_budget_b0.md).")
 FLAGS = flags.FLAGS
 
 B0 = ["--dataset=fashion_mnist", "--ipc=10", "--iterations=100", "--num_pretrained=2",
@@ -76,13 +87,16 @@ CELLS = {
                              "the new defaults with random (not first) images in the mix init"),
     "faithful_psi": ("native", {**FAITHFUL, "sampling_net": "true"},
                      "the new defaults with psi on"),
+    "defaults": ("native", {}, "train.py's defaults with the B0 flags (the held-out check)"),
 }
 OFFICIAL = "official"  # the official code's own set: evaluated, not distilled
+HELD_OUT = "defaults"  # the cell of the held-out check on the test split
 
 
-def write_split(directory, pad):
-    """IDX files: train = the first 1000 training images per class, t10k = the next 1000;
-    `pad` zero-pads the 28x28 pixels to 32x32 (the old geometry)."""
+def write_split(directory, pad, test):
+    """IDX files: train = the first 1000 training images per class, t10k = the next 1000 (the
+    validation split) or, with `test`, the real test split; `pad` zero-pads the 28x28 pixels to
+    32x32 (the old geometry)."""
     import ncfm_keras as nk
 
     if os.path.exists(os.path.join(directory, "t10k-labels-idx1-ubyte.gz")):
@@ -92,13 +106,19 @@ def write_split(directory, pad):
     if pad:
         x = np.pad(x, ((0, 0), (2, 2), (2, 2)))
     os.makedirs(directory, exist_ok=True)
-    for name, (lo, hi) in (("train", (0, 1000)), ("t10k", (1000, 2000))):
-        idx = np.concatenate([np.flatnonzero(y == c)[lo:hi] for c in range(10)])
-        side = x.shape[1]
+    train = np.concatenate([np.flatnonzero(y == c)[:1000] for c in range(10)])
+    splits = {"train": (x[train], y[train])}
+    if test:
+        splits["t10k"] = (full.x_test[..., 0], full.y_test)
+    else:
+        held_out = np.concatenate([np.flatnonzero(y == c)[1000:2000] for c in range(10)])
+        splits["t10k"] = (x[held_out], y[held_out])
+    for name, (images, labels) in splits.items():
+        side = images.shape[1]
         with gzip.open(os.path.join(directory, f"{name}-images-idx3-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">IIII", 2051, len(idx), side, side) + x[idx].tobytes())
+            f.write(struct.pack(">IIII", 2051, len(images), side, side) + images.tobytes())
         with gzip.open(os.path.join(directory, f"{name}-labels-idx1-ubyte.gz"), "wb") as f:
-            f.write(struct.pack(">II", 2049, len(idx)) + y[idx].astype(np.uint8).tobytes())
+            f.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
 
 
 def run(script, args, log):
@@ -153,6 +173,8 @@ def run_cell(cell, seed, data_dirs, pools):
         f"--distilled={os.path.join(out, 'distilled.npz')}", f"--data_dir={data_dir}",
         f"--epochs={FLAGS.epochs}", f"--repeats={FLAGS.repeats}", "--seed=0",
         f"--output_dir={out}"], os.path.join(out, "evaluate.log"))
+    timing["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                      text=True, cwd=ROOT).stdout.strip()
     with open(os.path.join(out, "timing.json"), "w") as f:
         json.dump(timing, f)
 
@@ -167,10 +189,18 @@ def matching_diagnostic(out):
     return float(np.mean(loss[:10])), float(np.mean(loss[-10:]))
 
 
+def split_cells():
+    """The cells of --split: the ablation's on the validation split, `defaults` on the test
+    split; `official` on both."""
+    if FLAGS.split == "test":
+        return [HELD_OUT, OFFICIAL]
+    return [cell for cell in CELLS if cell != HELD_OUT] + [OFFICIAL]
+
+
 def table():
     """The Markdown table of the finished cells."""
     rows, official, missing = [], None, []
-    for cell in [*CELLS, OFFICIAL]:
+    for cell in split_cells():
         finals, seeds, losses = [], [], []
         for seed in (FLAGS.seeds if cell != OFFICIAL else ["0"]):
             out = os.path.join(FLAGS.work_dir, cell, f"seed{seed}")
@@ -192,7 +222,7 @@ def table():
                      if loss else "22.3 → 12.2 (its run)")
         what = CELLS[cell][2] if cell in CELLS else "the official code's own set (gszfwsb/NCFM)"
         rows.append((cell, what, mean, std, len(finals), " / ".join(seeds), loss_text))
-    lines = ["| cell | what | validation accuracy (%) | networks | per seed | matching loss "
+    lines = [f"| cell | what | {FLAGS.split} accuracy (%) | networks | per seed | matching loss "
              "per class (first → last 10 it.) | vs official |", "|---|---|---|---|---|---|---|"]
     for cell, what, mean, std, n, seeds, loss_text in rows:
         versus = ""
@@ -208,24 +238,37 @@ def table():
 
 def main(argv):
     del argv
+    name = "ablation_b0"
+    if FLAGS.split == "test":
+        name = "equal_budget_b0"
+    if FLAGS.work_dir is None:
+        FLAGS.work_dir = os.path.join(ROOT, "results", name)
+    if FLAGS.table_path is None:
+        FLAGS.table_path = os.path.join(ROOT, "results", f"{name}.md")
+    if FLAGS.epochs is None:
+        FLAGS.epochs = 300 if FLAGS.split == "test" else 100
     os.makedirs(FLAGS.work_dir, exist_ok=True)
-    data_dirs = {geometry: os.path.join(FLAGS.scratch_dir, "data", geometry)
+    data_dirs = {geometry: os.path.join(FLAGS.scratch_dir, "data", FLAGS.split, geometry)
                  for geometry in ("native", "padded")}
     pools = os.path.join(FLAGS.scratch_dir, "pools")
     if not FLAGS.table:
         for geometry, directory in data_dirs.items():
-            write_split(directory, pad=geometry == "padded")
-        cells = FLAGS.only or [*CELLS, OFFICIAL]
-        unknown = [c for c in cells if c not in CELLS and c != OFFICIAL]
+            write_split(directory, pad=geometry == "padded", test=FLAGS.split == "test")
+        cells = FLAGS.only or split_cells()
+        unknown = [c for c in cells if c not in split_cells()]
         if unknown:
-            sys.exit(f"error: unknown cell {unknown[0]}; use {', '.join([*CELLS, OFFICIAL])}")
+            sys.exit(f"error: no cell {unknown[0]} on the {FLAGS.split} split; use "
+                     f"{', '.join(split_cells())}")
         for cell in cells:
             for seed in (FLAGS.seeds if cell != OFFICIAL else ["0"]):
                 print(f"{time.strftime('%H:%M:%S')} {cell} seed {seed}", flush=True)
                 run_cell(cell, seed, data_dirs, pools)
     text = table()
+    title = "Ablation at budget B0 (Fashion-MNIST IPC 10, validation split)"
+    if FLAGS.split == "test":
+        title = "The held-out equal-budget check at B0 (Fashion-MNIST IPC 10, test split)"
     with open(FLAGS.table_path, "w") as f:
-        f.write(f"# Ablation at budget B0 (Fashion-MNIST IPC 10, validation split)\n\n"
+        f.write(f"# {title}\n\n"
                 f"Made by `python benchmarks/ablation_b0.py` (its docstring states the budget). "
                 f"Evaluation: ncfm protocol, {FLAGS.epochs} epochs, {FLAGS.repeats} ConvNet-3s "
                 f"per set; mean ± std over all networks of all distillation seeds "
