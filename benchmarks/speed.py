@@ -66,7 +66,7 @@ def main(argv):
     if FLAGS.variant is None:  # each variant in a fresh process: its own peak memory
         for variant in ("off", "on"):
             subprocess.run([sys.executable, os.path.abspath(__file__), f"--variant={variant}",
-                            *argv[1:]], check=True)
+                            *sys.argv[1:]], check=True)
         return
     import keras
     import numpy as np
