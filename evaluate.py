@@ -59,6 +59,10 @@ flags.DEFINE_string("pool_dir", None, "With soft --labels: the folder of cached 
 flags.DEFINE_integer("hard_label_epochs", nk.OFFICIAL_HARD_LABEL_EPOCHS, "With soft "
                      "--labels: train on the hard labels in this many last epochs (official: "
                      f"{nk.OFFICIAL_HARD_LABEL_EPOCHS}).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras dtype policy of the trained networks: float32 (the official "
+                  "evaluation's), mixed_bfloat16 (faster on CPUs with bfloat16 units) or "
+                  "mixed_float16 (GPUs); see README 'On a CPU'.")
 flags.DEFINE_integer("seed", 0, "Seed of the first repeat (repeat r uses seed + r).")
 flags.DEFINE_string("output_dir", "results", "Where evaluation.json is written.")
 FLAGS = flags.FLAGS
@@ -93,7 +97,8 @@ def say_iterations(distilled):
 
 def main(unused_argv):
     archs, epochs = check_flags()
-    cli.say_devices("float32", bool(tf.config.list_physical_devices("GPU")))  # Keras' "auto"
+    policy = nk.set_precision(FLAGS.precision)
+    cli.say_devices(policy, bool(tf.config.list_physical_devices("GPU")))  # Keras' "auto" XLA
     distilled = None
     if FLAGS.distilled:
         distilled = nk.load_distilled(FLAGS.distilled)
@@ -134,8 +139,8 @@ def main(unused_argv):
         tested_on = f"validation: {FLAGS.validation} training images"
     results = {"dataset": data.name, "source": source, "protocol": FLAGS.protocol,
                "labels": labels, "tested_on": tested_on, "best_seen": BEST_SEEN,
-               "repeats": FLAGS.repeats, "device": cli.device_name(), "complete": False,
-               "archs": {}}
+               "repeats": FLAGS.repeats, "device": cli.device_name(), "precision": policy,
+               "complete": False, "archs": {}}
     evaluate_all(archs, epochs, x, y, data, teacher, results)
 
 

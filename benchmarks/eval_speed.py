@@ -5,6 +5,7 @@ same ConvNet-3's plain Keras training step on the same batches, without augmenta
 
     python benchmarks/eval_speed.py --before=/path/to/an/older/checkout
     python benchmarks/eval_speed.py --epochs=30 --rounds=3
+    python benchmarks/eval_speed.py --precisions=float32,mixed_bfloat16   # evaluate.py --precision
 
 Each round trains one fresh network per variant for --epochs epochs (in turn, so that a
 machine's drift hits every variant alike) and keeps the median epoch time after the first
@@ -35,6 +36,8 @@ flags.DEFINE_string("before", None, "A checkout whose ncfm_keras.py is timed bes
 flags.DEFINE_string("data_dir", "/usr/share/datasets/fashion-mnist", "Fashion-MNIST IDX files.")
 flags.DEFINE_integer("epochs", 20, "Epochs per timed network.")
 flags.DEFINE_integer("rounds", 3, "Networks per variant.")
+flags.DEFINE_list("precisions", ["float32"], "Keras dtype policies this checkout is timed in "
+                  "(evaluate.py --precision); the floor and --before run in float32.")
 FLAGS = flags.FLAGS
 OFFICIAL_SECONDS_PER_EPOCH = 2.02
 
@@ -62,7 +65,7 @@ def load_module(name, path):
 
 
 def main(argv):
-    modules = {"this checkout": nk}
+    modules = {}
     if FLAGS.before:
         modules["before"] = load_module("ncfm_before", os.path.join(FLAGS.before,
                                                                    "ncfm_keras.py"))
@@ -72,11 +75,13 @@ def main(argv):
     print(f"ncfm protocol, {len(x)} images {x.shape[1:]}, batch {protocol.batch_size}, "
           f"{FLAGS.epochs} epochs x {FLAGS.rounds} rounds; {tf.config.list_physical_devices()}")
 
-    def protocol_epoch(module):
+    def protocol_epoch(module, precision="float32"):
+        keras.mixed_precision.set_global_policy(precision)
         net = module.build_network("convnet", data.image_shape, 10, data.mean, data.std)
         times = EpochTimes()
         module.train_network(net, x, y, 10, protocol, seed=0, callbacks=[times],
                              mean=data.mean, std=data.std)
+        keras.mixed_precision.set_global_policy("float32")
         return statistics.median(times.seconds[1:])
 
     def floor_epoch():
@@ -92,7 +97,9 @@ def main(argv):
                 verbose=0, shuffle=False)
         return statistics.median(times.seconds[1:])
 
-    variants = {name: (lambda m=module: protocol_epoch(m)) for name, module in modules.items()}
+    variants = {"before": lambda: protocol_epoch(modules["before"])} if FLAGS.before else {}
+    for precision in FLAGS.precisions:
+        variants[f"this checkout, {precision}"] = lambda p=precision: protocol_epoch(nk, p)
     variants["floor: plain Keras step, no augmentation"] = floor_epoch
     seconds = {name: [] for name in variants}
     for _ in range(FLAGS.rounds):

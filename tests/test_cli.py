@@ -85,7 +85,7 @@ def test_folder_dataset_end_to_end(tmp_path):
                        size=(40, 30))
     result = run("evaluate.py", f"--dataset=folder:{tmp_path / 'imgs'}", "--ipc=3",
                  "--epochs=3", "--repeats=2", "--arch=convnet,alexnet", "--protocol=dm",
-                 f"--output_dir={tmp_path / 'out'}")
+                 "--precision=mixed_bfloat16", f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for arch in ("convnet", "alexnet"):
@@ -93,6 +93,7 @@ def test_folder_dataset_end_to_end(tmp_path):
         assert "±" in line and "best-seen" in line
     report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert report["source"] == {"baseline": "random", "ipc": 3}
+    assert report["precision"] == "mixed_bfloat16" and "precision mixed_bfloat16" in result.stdout
     runs = report["archs"]["alexnet"]["runs"]
     assert len(runs) == 2 and all(0 <= r["final"] <= 100 for r in runs)
     assert report["archs"]["convnet"]["summary"]["final"][0] == pytest.approx(

@@ -28,6 +28,17 @@ def test_evaluation_learns_from_a_small_real_subset(small_fashion_mnist):
     assert 45 < result["final"] <= 100  # chance is 10 %
 
 
+def test_evaluation_learns_in_mixed_bfloat16(small_fashion_mnist):
+    """evaluate.py --precision=mixed_bfloat16: bfloat16 compute, float32 weights and logits."""
+    x, y = nk.random_subset(small_fashion_mnist, ipc=10, seed=0)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        result = nk.evaluate_images(x, y, small_fashion_mnist, "convnet", "ncfm", epochs=30)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert 45 < result["final"] <= 100  # chance is 10 %
+
+
 def test_soft_labels_and_ncfm_protocol(small_fashion_mnist):
     x, y = nk.random_subset(small_fashion_mnist, ipc=2, seed=1)
     soft = np.full((len(y), 10), 0.02, np.float32)
