@@ -78,7 +78,7 @@ CHOICES = dict(init=("real", "mix", "noise"),
                init_resize=("nearest", "area"),
                real_batch=("shuffled", "first"),
                loss=("cf", "mmd"),
-               frequency_draw=("per_class", "per_iteration"),
+               frequency_draw=("per_class", "class_views", "per_iteration"),
                calibration_augment=("per_class", "per_sample"),
                image_steps=("per_class", "summed"),
                dsa_space=("normalized", "pixel"))
@@ -116,8 +116,10 @@ class DistillConfig:
     sampling_net: bool = setting(True, "psi, the min-max sampling network (paper; a psi that "
                                  "trains is ours); false: t ~ N(0, I) (the official configs).")
     sampler_steps: int = setting(1, "psi's ascent steps per iteration.")
-    frequency_draw: str = setting("per_class", "Without psi: t ~ N(0, I) drawn per class "
-                                  "(official) or per_iteration.")
+    frequency_draw: str = setting("per_class", "Without psi: t ~ N(0, I) drawn afresh per "
+                                  "class (official), class_views (one draw, each class's "
+                                  "features in their own signed permutation: the same law per "
+                                  "class, faster) or per_iteration (one t for all classes).")
 
     # The matching loss and calibration.
     loss: str = setting("cf", "cf (NCFM) or mmd (DM's mean-feature loss, the baseline).")
@@ -1520,7 +1522,7 @@ class Draw(typing.NamedTuple):
     blended: list            # the blended extractor's weights, lam*init + (1-lam)*trained
     trained: list            # the same member's trained weights (calibration)
     dsa: dict                # a siamese DSA draw per class of this replica, `[k, ...]` each
-    frequency_seed: tf.Tensor    # int [2]: psi's noise, or t ~ N(0, I) per class without psi
+    frequency_seed: tf.Tensor    # int [2]: psi's noise, or t ~ N(0, I) (and class views)
     calibration_seed: tf.Tensor  # int [2]: calibration's DSA
 
 
@@ -1656,8 +1658,9 @@ class NCFM(keras.Model):
         logs = {}
 
         # 1. psi: maximise the discrepancy (ascent, written as minimising its negative), like a
-        #    GAN's critic. The features do not depend on psi: computed once.
-        t = None
+        #    GAN's critic. The features do not depend on psi: computed once. Without psi,
+        #    t ~ N(0, I) (`_plain_frequencies`).
+        t = self._plain_frequencies(draw.frequency_seed)
         if self.sampler is not None:
             syn_features = self._synthetic_features(draw, classes)  # [k, S, D]
             variables = self.sampler.trainable_variables
@@ -1786,11 +1789,17 @@ class NCFM(keras.Model):
                        frequencies):
         """A class group's matching loss: its stored images `[g, ipc, H, W, C]` decoded, after
         the group's `dsa` draw, through the extractor `weights`, against its `real_features`
-        `[g, B, D]`, at psi's `frequencies` `[M, D]` or, without psi, at t ~ N(0, I) drawn
-        afresh per class from `frequency_seed` (the official configs)."""
-        if self.sampler is None:
-            frequencies = self._class_frequencies(frequency_seed, classes)
+        `[g, B, D]`, at the `frequencies` `[M, D]` of psi or of `_plain_frequencies`, or,
+        with `frequency_draw="per_class"`, at t ~ N(0, I) drawn afresh per class from
+        `frequency_seed` (the official configs); `"class_views"` matches each class's
+        features in their own signed permutation (`_class_view`)."""
         syn_features = self._features(weights, self._decoded(stored), dsa)
+        plain = self.sampler is None and self.config.loss == "cf"
+        if plain and self.config.frequency_draw == "per_class":
+            frequencies = self._class_frequencies(frequency_seed, classes)
+        if plain and self.config.frequency_draw == "class_views":
+            real_features = self._class_view(real_features, frequency_seed, classes)
+            syn_features = self._class_view(syn_features, frequency_seed, classes)
         return self._discrepancy(real_features, syn_features, frequencies)
 
     def _calibration_loss(self, stored, classes, trained, seed):
@@ -1821,7 +1830,7 @@ class NCFM(keras.Model):
         image step, without optimizer steps (psi's batch-norm statistics do move)."""
         classes = tf.range(self.num_classes)
         draw = self._draw(seed, classes)
-        t = None
+        t = self._plain_frequencies(draw.frequency_seed)
         if self.sampler is not None:
             t = self.sampler(draw.frequency_seed, training=True)
         real_features = self._real_features(real, draw)
@@ -1864,12 +1873,44 @@ class NCFM(keras.Model):
                    for w0, w1 in zip(self.pool_initial, trained)]
         return blended, trained
 
-    def _class_frequencies(self, seed, classes):
-        """Plain CF matching's t ~ N(0, I): `[g, M, D]`, a draw per class (as the official code
-        does), or `[M, D]` for all classes with `frequency_draw="per_iteration"`."""
+    def _plain_frequencies(self, seed):
+        """Plain CF matching's t ~ N(0, I) `[M, D]`, one draw per iteration from the int `[2]`
+        `seed`: shared by the classes (`frequency_draw="per_iteration"`) or seen by each in
+        its own signed permutation (`"class_views"`). None with psi (which draws its own),
+        for the MMD loss, and for `"per_class"` (`_class_frequencies`)."""
+        if self.sampler is not None or self.config.loss != "cf":
+            return None
+        if self.config.frequency_draw == "per_class":
+            return None
         shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
-        if self.config.frequency_draw == "per_iteration":
-            return tf.random.stateless_normal(shape, seed, alg=RNG)
+        return tf.random.stateless_normal(shape, seed, alg=RNG)
+
+    def _class_view(self, features, seed, classes):
+        """Features `[g, N, D]` of `classes` `[g]`, each class's as x P_c: its columns in a
+        random order with random signs, P_c a signed permutation matrix drawn from `seed` and
+        the class (`frequency_draw="class_views"`).
+
+        The official code draws t ~ N(0, I) afresh for each class. Matching x P_c at t is
+        matching x at t P_c^T (<t_m, x P_c> = <t_m P_c^T, x>), and as P_c is drawn apart from
+        t, the entries of t P_c^T are again independent standard normals: each class sees
+        frequencies of exactly the official law, for a gather instead of K draws of `[M, D]`
+        normals. The joint law differs: the classes see the same M frequencies up to a signed
+        permutation of the coordinates (the same norms |t_m|, the same Gram matrix t t^T)."""
+        dim = features.shape[-1]
+        orders, signs = [], []
+        for c in tf.unstack(classes, num=classes.shape[0]):
+            order_seed, sign_seed = split_seed(
+                tf.random.experimental.stateless_fold_in(seed, c, RNG), 2)
+            orders.append(tf.argsort(tf.random.stateless_uniform([dim], order_seed, alg=RNG)))
+            flips = tf.random.stateless_uniform([dim], sign_seed, alg=RNG) < 0.5
+            signs.append(tf.where(flips, -1.0, 1.0))
+        permuted = tf.gather(features, tf.stack(orders), axis=2, batch_dims=1)
+        return permuted * tf.cast(tf.stack(signs), features.dtype)[:, None, :]
+
+    def _class_frequencies(self, seed, classes):
+        """Plain CF matching's t ~ N(0, I) `[g, M, D]` drawn afresh per class, from `seed`
+        folded with the class, as the official code does (`frequency_draw="per_class"`)."""
+        shape = [self.config.num_freqs, self.extractor.outputs[0].shape[-1]]
         draws = []
         for c in tf.unstack(classes, num=classes.shape[0]):
             class_seed = tf.random.experimental.stateless_fold_in(seed, c, RNG)

@@ -87,6 +87,8 @@ CELLS = {
                              "the new defaults with random (not first) images in the mix init"),
     "faithful_psi": ("native", {**FAITHFUL, "sampling_net": "true"},
                      "the new defaults with psi on"),
+    "class_views": ("native", {"frequency_draw": "class_views"},
+                    "the defaults with one frequency draw per iteration and per-class views"),
     "defaults": ("native", {}, "train.py's defaults with the B0 flags, at the commit of "
                  "timing.json (the held-out check's cell)"),
 }

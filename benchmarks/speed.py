@@ -43,6 +43,8 @@ flags.DEFINE_enum("variant", None, ["off", "on"], "Run only this psi variant (in
                   "by default each variant runs in a fresh subprocess, so that memory one "
                   "leaves behind does not count against the other.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for both timings.")
+flags.DEFINE_enum("frequency_draw", "per_class", ["per_class", "class_views", "per_iteration"],
+                  "train.py's --frequency_draw (psi off).")
 FLAGS = flags.FLAGS
 
 
@@ -92,7 +94,7 @@ def main(argv):
                                   batch_real=FLAGS.batch_real, num_freqs=FLAGS.num_freqs,
                                   sampling_net=FLAGS.variant == "on", num_pretrained=1,
                                   pretrain_epochs=0, class_group=FLAGS.class_group,
-                                  image_steps=image_steps)
+                                  image_steps=image_steps, frequency_draw=FLAGS.frequency_draw)
         model = nk.NCFM(data, config, ([weights], [weights]))
         model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
                       keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=jit)

@@ -13,7 +13,9 @@ saves (the loop, the control dependencies, caches): printed as "rest".
 
     draw            the iteration's randomness: pool member, blend, the DSA draws
     real features   DSA + ConvNet forward on K x batch_real real images
-    frequencies     t ~ N(0, I) [M, D], drawn per class (K draws)
+    frequencies     t ~ N(0, I) [M, D] drawn per class (K draws), or with
+                    --frequency_draw=class_views one draw and each class's view of the real and
+                    synthetic features (`NCFM._class_view`)
     syn fwd+bwd     per class: decode, DSA, ConvNet forward and backward to the pixels
     cf fwd+bwd      per class: the CF loss and its gradient wrt the synthetic features
     calibration     per class: decode, DSA, the trained member's cross-entropy, its gradient
@@ -37,6 +39,8 @@ flags.DEFINE_integer("steps", 7, "Timed calls per part (after 2 warm-up calls)."
 flags.DEFINE_integer("image_size", 28, "Side of the square images (Fashion-MNIST: 28).")
 flags.DEFINE_integer("batch_real", 256, "Real images per class.")
 flags.DEFINE_integer("num_freqs", 4096, "Frequencies per iteration.")
+flags.DEFINE_enum("frequency_draw", "per_class", ["per_class", "class_views"],
+                  "train.py's --frequency_draw (psi off).")
 flags.DEFINE_enum("variant", None, ["off", "on"], "Profile only this psi variant "
                   "(in-process); by default each runs in a fresh subprocess.")
 FLAGS = flags.FLAGS
@@ -77,7 +81,8 @@ def main(argv):
     weights = [w.numpy() for w in net.weights]
     config = nk.DistillConfig(ipc=10, factor=2, init="noise", batch_real=FLAGS.batch_real,
                               num_freqs=FLAGS.num_freqs, sampling_net=FLAGS.variant == "on",
-                              num_pretrained=1, pretrain_epochs=0)
+                              num_pretrained=1, pretrain_epochs=0,
+                              frequency_draw=FLAGS.frequency_draw)
     model = nk.NCFM(data, config, ([weights], [weights]))
     model.compile(keras.optimizers.AdamW(1e-3, weight_decay=5e-4),
                   keras.optimizers.SGD(1e-3, momentum=0.5), jit_compile=False)
@@ -88,7 +93,11 @@ def main(argv):
     draw = model._draw(seed, classes)
     real_features = model._real_features(real, draw)
     stored = model._stored_synthetic(classes)  # [K, ipc, H, W, C]
-    frequencies = model._class_frequencies(seed, classes)  # [K, M, D]
+    frequencies = model._class_frequencies(seed, classes)  # [K, M, D], one draw per class
+    if model.sampler is not None:
+        frequencies = tf.broadcast_to(model.sampler(seed), frequencies.shape)
+    elif FLAGS.frequency_draw == "class_views":
+        frequencies = tf.broadcast_to(model._plain_frequencies(seed), frequencies.shape)
     syn_features = model._synthetic_features(draw, classes)  # [K, S, D]
     grad = tf.zeros(model.synthetic.shape)
 
@@ -105,7 +114,11 @@ def main(argv):
 
     @tf.function
     def frequencies_part():
-        return [model._class_frequencies(seed, classes[c][None]) for c in range(k)]
+        if FLAGS.frequency_draw == "per_class":
+            return [model._class_frequencies(seed, classes[c][None]) for c in range(k)]
+        views = [model._class_view(features[c][None], seed, classes[c][None])
+                 for features in (real_features, syn_features) for c in range(k)]
+        return [model._plain_frequencies(seed), *views]
 
     @tf.function
     def synthetic_part():

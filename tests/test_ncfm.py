@@ -374,15 +374,65 @@ def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist
         np.testing.assert_allclose(float(logs["calibration_loss"]), expected, rtol=1e-4)
 
 
-def test_frequencies_are_drawn_per_class_or_per_iteration(small_fashion_mnist):
+def test_frequencies_are_drawn_per_class_or_once(small_fashion_mnist):
     model = _model(small_fashion_mnist, sampling_net=False)
     seed = tf.constant([4, 4])
     per_class = model._class_frequencies(seed, tf.constant([0, 1, 0]))
     assert per_class.shape == (3, 64, 2048)
     assert not np.allclose(per_class[0], per_class[1])
     np.testing.assert_array_equal(per_class[0], per_class[2])  # a class's draw: (seed, class)
-    shared = _model(small_fashion_mnist, sampling_net=False, frequency_draw="per_iteration")
-    assert shared._class_frequencies(seed, tf.constant([0, 1])).shape == (64, 2048)
+    assert model._plain_frequencies(seed) is None  # per_class draws inside each class's loss
+    for once in ("class_views", "per_iteration"):
+        shared = _model(small_fashion_mnist, sampling_net=False, frequency_draw=once)
+        assert shared._plain_frequencies(seed).shape == (64, 2048)
+    assert _model(small_fashion_mnist)._plain_frequencies(seed) is None  # psi draws its own
+
+
+def test_class_views_are_signed_permutations(small_fashion_mnist):
+    """class_views: class c's features are matched as x P_c, P_c a signed permutation that is
+    a function of (seed, class)."""
+    model = _model(small_fashion_mnist, sampling_net=False, frequency_draw="class_views")
+    seed = tf.constant([4, 4])
+    identity = tf.eye(2048)[None]
+    views = [model._class_view(identity, seed, tf.constant([c]))[0].numpy() for c in (0, 1, 0)]
+    for view in views:  # one +-1 in each row and column
+        assert set(np.unique(view)) == {-1.0, 0.0, 1.0}
+        np.testing.assert_array_equal(np.abs(view).sum(0), 1.0)
+        np.testing.assert_array_equal(np.abs(view).sum(1), 1.0)
+    assert not np.array_equal(np.abs(views[0]), np.eye(2048))  # the columns do move
+    assert not np.array_equal(views[0], views[1])
+    np.testing.assert_array_equal(views[0], views[2])
+    features = tf.random.stateless_normal([2, 5, 2048], [1, 2])  # two classes at once
+    viewed = model._class_view(features, seed, tf.constant([0, 1]))
+    for c in (0, 1):
+        np.testing.assert_array_equal(viewed[c], features[c].numpy() @ views[c])
+
+
+def test_each_frequency_draw_is_the_cf_at_its_frequencies(small_fashion_mnist, real_batch):
+    """The matching loss without psi is, per class, the CF loss (the numpy reference) of the
+    real and synthetic features at: the class's own draw (per_class), t P_c^T (class_views: so
+    both sides see the same P_c), or one t (per_iteration)."""
+    seed = tf.constant([5, 6])
+    classes = tf.range(10)
+    for draw_mode in ("per_class", "class_views", "per_iteration"):
+        model = _model(small_fashion_mnist, sampling_net=False, frequency_draw=draw_mode)
+        draw = model._draw(seed, classes)
+        real = model._real_features(real_batch, draw).numpy()
+        syn = model._synthetic_features(draw, classes).numpy()
+        expected = 0.0
+        for c in range(10):
+            if draw_mode == "per_class":
+                frequencies = model._class_frequencies(draw.frequency_seed,
+                                                       tf.constant([c]))[0].numpy()
+            else:
+                frequencies = model._plain_frequencies(draw.frequency_seed).numpy()
+            if draw_mode == "class_views":
+                view = model._class_view(tf.eye(2048)[None], draw.frequency_seed,
+                                         tf.constant([c]))[0].numpy()
+                frequencies = frequencies @ view.T
+            expected += reference_cf_loss(real[c], syn[c], frequencies)
+        np.testing.assert_allclose(float(model.matching_loss(real_batch, seed)),
+                                   model.config.match_scale * expected, rtol=1e-4)
 
 
 def test_plateau_halves_the_learning_rate_and_resumes(small_fashion_mnist):
