@@ -454,7 +454,9 @@ def all_steps(records):
             yield cell, key, step
 
 
-def header(suite, ipcs, rows, command, seconds, records):
+def header(suite, ipcs, command, seconds, records):
+    """The top of the page: the budget in one line, how to regenerate, the versions, the
+    recipe and the time the cells took."""
     budget = suite.budget
     networks = ", ".join(f"IPC {i}: {len(seeds(budget, i))} seed(s) × {repeats(budget, i)} "
                          "networks" for i in ipcs)
@@ -751,7 +753,7 @@ def published_table():
 def write_table(path, suite, records, ipcs, rows, command, seconds):
     """RESULTS.md from the cell records (steps not finished yet show as pending)."""
     budget = suite.budget
-    lines = [*header(suite, ipcs, rows, command, seconds, records),
+    lines = [*header(suite, ipcs, command, seconds, records),
              *main_tables(records, ipcs, rows, budget),
              *comparison(records, ipcs, rows, budget),
              *soft_table(records, rows, budget),
