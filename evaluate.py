@@ -3,6 +3,7 @@
     python evaluate.py --distilled=runs/fmnist/distilled.npz --data_dir=/usr/share/datasets/fashion-mnist
     python evaluate.py --dataset=fashion_mnist --data_dir=/usr/share/datasets/fashion-mnist \\
         --baseline=random --ipc=10 --epochs=300 --repeats=3 --arch=convnet,alexnet
+    python evaluate.py --dataset=fashion_mnist --data_dir=... --baseline=whole --epochs=3
 
     python evaluate.py --distilled=runs/fmnist/distilled.npz --data_dir=... --labels=teacher
     python evaluate.py --dataset=fashion_mnist --data_dir=... --baseline=random --ipc=10 \\
@@ -21,6 +22,8 @@ in the set, or --pool_dir), its softmax on each decoded image is the target, and
 epochs train on the hard labels. teacher_onehot gives images the teacher misclassifies their
 one-hot label (the official code gives them softmax(one-hot)); teacher_per_batch takes the
 teacher's softmax on every augmented batch. A --baseline takes its teacher from --teacher_of.
+The teacher's own accuracy on the tested split is printed and recorded in evaluation.json
+(`labels.teacher_accuracy`).
 """
 
 import os
@@ -39,8 +42,10 @@ flags.DEFINE_string("data_dir", None, "TFDS data dir, or the folder holding MNIS
 flags.DEFINE_integer("image_size", 32, "Side length folder images are resized to (with "
                      "--distilled, default: the set's).")
 flags.DEFINE_string("distilled", None, "A distilled-set .npz written by train.py.")
-flags.DEFINE_enum("baseline", "random", ["random", "herding"],
-                  "Real-data baseline when --distilled is not given.")
+flags.DEFINE_enum("baseline", "random", ["random", "herding", "whole"],
+                  "Real-data baseline when --distilled is not given: --ipc images per class "
+                  "drawn at random or selected by herding, or the whole training split (the "
+                  "ceiling a distilled set is measured against; --ipc unused).")
 flags.DEFINE_integer("ipc", 10, "Images per class of the baseline.")
 flags.DEFINE_string("arch", "convnet", "Comma-separated architectures to evaluate.")
 flags.DEFINE_enum("protocol", "ncfm", ["ncfm", "dm"], "Evaluation protocol.")
@@ -114,9 +119,11 @@ def main(unused_argv):
     else:
         cli.require(FLAGS.dataset, "give --dataset (with --baseline) or --distilled")
         data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-        nk.check_ipc(data, FLAGS.ipc)
-        x = y = None  # drawn per network (random) or selected below (herding)
-        source = {"baseline": FLAGS.baseline, "ipc": FLAGS.ipc}
+        x = y = None  # drawn per network (random) or selected below (herding, whole)
+        source = {"baseline": FLAGS.baseline}
+        if FLAGS.baseline != "whole":
+            nk.check_ipc(data, FLAGS.ipc)
+            source["ipc"] = FLAGS.ipc
     nk.check_architectures(archs, data.image_shape)  # before anything is trained
     labels = {"mode": FLAGS.labels, "meaning": nk.LABEL_MODES[FLAGS.labels]}
     teacher = None
@@ -128,15 +135,22 @@ def main(unused_argv):
     if FLAGS.validation:
         data = nk.validation_split(data, FLAGS.validation)
         smallest = int(data.class_counts().min())
-        cli.require(FLAGS.distilled or FLAGS.ipc <= smallest,
+        cli.require(FLAGS.distilled or FLAGS.baseline == "whole" or FLAGS.ipc <= smallest,
                     f"--ipc={FLAGS.ipc} with --validation={FLAGS.validation}: the smallest "
                     f"class keeps {smallest} training images; lower one of them")
     nk.check_writable(FLAGS.output_dir, "--output_dir")  # before any network trains
     if not FLAGS.distilled and FLAGS.baseline == "herding":
         x, y = nk.herding_subset(data, FLAGS.ipc, nk.pretrained_feature_fn(data, FLAGS.seed))
+    if not FLAGS.distilled and FLAGS.baseline == "whole":
+        x, y = nk.to_float(data.x_train).numpy(), data.y_train
+        source["images"] = len(y)
     tested_on = "test split"
     if FLAGS.validation:
         tested_on = f"validation: {FLAGS.validation} training images"
+    if teacher is not None:  # stated beside the students it teaches
+        labels["teacher_accuracy"] = nk.test_accuracy(teacher, data)
+        print(f"teacher (member 0 of the pool of {labels['teacher_of']}): "
+              f"{labels['teacher_accuracy']:.2f} % on the {tested_on}", flush=True)
     results = {"dataset": data.name, "source": source, "protocol": FLAGS.protocol,
                "labels": labels, "tested_on": tested_on, "best_seen": BEST_SEEN,
                "repeats": FLAGS.repeats, "device": cli.device_name(), "precision": policy,
@@ -166,6 +180,8 @@ def check_flags():
     unused = {}  # as train.py says
     if FLAGS.distilled:
         unused["--distilled"] = ("baseline", "ipc")
+    elif FLAGS.baseline == "whole":
+        unused["--baseline=whole"] = ("ipc",)
     if FLAGS.labels == "hard":
         unused["--labels=hard"] = ("teacher_of", "pool_dir", "hard_label_epochs")
     for why, names in unused.items():

@@ -2028,6 +2028,13 @@ def load_teacher(data, cache_dir, key, arch="convnet"):
     return teacher
 
 
+def test_accuracy(model, data):
+    """`model`'s accuracy (%) on `data`'s test split: a soft-label teacher's own, stated beside
+    the networks it teaches."""
+    logits = model.predict(to_float(data.x_test), batch_size=1000, verbose=0)
+    return float(100 * np.mean(logits.argmax(1) == data.y_test))
+
+
 def teacher_targets(teacher, x, y, misclassified="official"):
     """Soft targets `[N, K]` from the teacher's logits on un-augmented float images `x` `[N, H,
     W, C]` in [0, 1] with int labels `y` `[N]`, as the official code does (`get_softlabel`,

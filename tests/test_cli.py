@@ -185,13 +185,17 @@ def test_train_names_settings_the_method_never_reads(tmp_path):
 
 def test_evaluate_names_settings_it_never_reads(tmp_path):
     """The same for evaluate.py: a baseline's flags with --distilled, teacher flags with hard
-    labels."""
+    labels, --ipc with the whole training set."""
     result = run("evaluate.py", f"--distilled={tmp_path}/none.npz", "--ipc=5", "--baseline=herding",
                  f"--pool_dir={tmp_path}", "--repeats=1")
     assert "warning: --distilled ignores --baseline, --ipc" in result.stderr
     assert "warning: --labels=hard ignores --pool_dir" in result.stderr
     assert "--repeats" not in result.stderr
     assert result.returncode != 0 and "error: distilled-set file" in result.stderr
+    result = run("evaluate.py", f"--dataset=folder:{tmp_path}/none", "--baseline=whole",
+                 "--ipc=5")
+    assert "warning: --baseline=whole ignores --ipc" in result.stderr
+    assert result.returncode != 0
 
 
 def test_train_stops_on_a_nonfinite_loss(tmp_path):

@@ -371,6 +371,13 @@ def test_soft_label_evaluation_end_to_end(tiny_run):
     assert report["labels"]["mode"] == "teacher" and report["complete"]
     assert report["labels"]["teacher_of"] == str(distilled)
     assert report["archs"]["convnet"]["runs"][0]["labels"] == "teacher"
+    # The teacher's own test accuracy, as its logits on the test split give it:
+    data = nk.load_dataset(f"folder:{root / 'imgs'}", image_size=16)
+    teacher = nk.distilled_teacher(nk.load_distilled(str(distilled)), data)
+    predicted = np.argmax(teacher(nk.to_float(data.x_test)), axis=1)
+    accuracy = report["labels"]["teacher_accuracy"]
+    assert accuracy == pytest.approx(100 * np.mean(predicted == data.y_test))
+    assert f"{accuracy:.2f} % on the test split" in result.stdout
 
     # A random real subset under the same teacher, with per-batch labels:
     result = _run(dataset, "--baseline=random", "--ipc=2", *common,
@@ -378,6 +385,8 @@ def test_soft_label_evaluation_end_to_end(tiny_run):
                   f"--output_dir={root / 'random'}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "convnet [soft labels: teacher_per_batch]: final " in result.stdout
+    report = json.loads((root / "random" / "evaluation.json").read_text())
+    assert report["labels"]["teacher_accuracy"] == accuracy  # the same teacher
     _one_line_error(_run(dataset, "--baseline=random", "--ipc=2", *common, "--labels=teacher"),
                     "--teacher_of")
 
@@ -509,10 +518,12 @@ app.run(cli.guarded(evaluate.main), flags_parser=cli.parse_flags)
 """
 
 
-@pytest.mark.parametrize("baseline", ["random", "herding"])
-def test_validation_images_are_held_out_of_what_the_baselines_train_on(tmp_path, baseline):
-    """--validation=N tested on training images that the baselines were drawn from (random)
-    or selected from (herding) and its ConvNet trained on."""
+@pytest.mark.parametrize("baseline, trained", [("random", 9), ("herding", 9), ("whole", 12)])
+def test_validation_images_are_held_out_of_what_the_baselines_train_on(tmp_path, baseline,
+                                                                       trained):
+    """--validation=N tested on training images that the baselines were drawn from (random),
+    selected from (herding) and its ConvNet trained on, or that are all of them (whole: the
+    24 training images but the 12 held out)."""
     write_image_folder(str(tmp_path / "imgs"), ["a", "b", "c"], per_class=10, size=(8, 8))
     result = subprocess.run(
         [sys.executable, "-c", NO_TRAINING.format(root=ROOT), f"--dataset=folder:{tmp_path}/imgs",
@@ -520,7 +531,7 @@ def test_validation_images_are_held_out_of_what_the_baselines_train_on(tmp_path,
          "--repeats=3", f"--output_dir={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("shared 0 of 9") == 3, result.stdout  # 3 classes x ipc 3
+    assert result.stdout.count(f"shared 0 of {trained}") == 3, result.stdout
     if baseline == "herding":
         assert "herding features trained on 12 images" in result.stdout  # 24 - 12 held out
 
