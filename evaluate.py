@@ -104,26 +104,7 @@ def main(unused_argv):
     archs, epochs = check_flags()
     policy = nk.set_precision(FLAGS.precision)
     cli.say_devices(policy, bool(tf.config.list_physical_devices("GPU")))  # Keras' "auto" XLA
-    distilled = None
-    if FLAGS.distilled:
-        distilled = nk.load_distilled(FLAGS.distilled)
-        image_size = None
-        if FLAGS["image_size"].present:
-            image_size = FLAGS.image_size
-        data = nk.data_of(distilled, FLAGS.distilled, FLAGS.dataset, FLAGS.data_dir, image_size)
-        x, y = distilled.decoded()
-        source = {"distilled": os.path.abspath(FLAGS.distilled), "ipc": distilled.ipc,
-                  "factor": distilled.factor, "iterations": distilled.iterations,
-                  "iterations_asked": distilled.config.get("iterations")}
-        say_iterations(distilled)
-    else:
-        cli.require(FLAGS.dataset, "give --dataset (with --baseline) or --distilled")
-        data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
-        x = y = None  # drawn per network (random) or selected below (herding, whole)
-        source = {"baseline": FLAGS.baseline}
-        if FLAGS.baseline != "whole":
-            nk.check_ipc(data, FLAGS.ipc)
-            source["ipc"] = FLAGS.ipc
+    distilled, data, x, y, source = what_is_evaluated()
     nk.check_architectures(archs, data.image_shape)  # before anything is trained
     labels = {"mode": FLAGS.labels, "meaning": nk.LABEL_MODES[FLAGS.labels]}
     teacher = None
@@ -156,6 +137,31 @@ def main(unused_argv):
                "repeats": FLAGS.repeats, "device": cli.device_name(), "precision": policy,
                "complete": False, "archs": {}}
     evaluate_all(archs, epochs, x, y, data, teacher, results)
+
+
+def what_is_evaluated():
+    """`(distilled, data, x, y, source)`: the --distilled set (None for a baseline), the data
+    it is tested on, its decoded images and labels (None for a baseline: drawn per network,
+    or selected later, as herding and whole are) and what evaluation.json says of it."""
+    if not FLAGS.distilled:
+        cli.require(FLAGS.dataset, "give --dataset (with --baseline) or --distilled")
+        data = nk.load_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.image_size)
+        source = {"baseline": FLAGS.baseline}
+        if FLAGS.baseline != "whole":
+            nk.check_ipc(data, FLAGS.ipc)
+            source["ipc"] = FLAGS.ipc
+        return None, data, None, None, source
+    distilled = nk.load_distilled(FLAGS.distilled)
+    image_size = None
+    if FLAGS["image_size"].present:
+        image_size = FLAGS.image_size
+    data = nk.data_of(distilled, FLAGS.distilled, FLAGS.dataset, FLAGS.data_dir, image_size)
+    x, y = distilled.decoded()
+    source = {"distilled": os.path.abspath(FLAGS.distilled), "ipc": distilled.ipc,
+              "factor": distilled.factor, "iterations": distilled.iterations,
+              "iterations_asked": distilled.config.get("iterations")}
+    say_iterations(distilled)
+    return distilled, data, x, y, source
 
 
 BEST_SEEN = (f"the official statistic: the best of the tests every {nk.OFFICIAL_TEST_EVERY} "
