@@ -120,40 +120,38 @@ def main(argv):
                  for features in (real_features, syn_features) for c in range(k)]
         return [model._plain_frequencies(seed), *views]
 
-    @tf.function
-    def synthetic_part():
+    def class_gradients(inputs, loss):
+        """Per class c, the gradient of `loss(c, x)` with respect to x = inputs[c][None]."""
         grads = []
         for c in range(k):
-            images = stored[c][None]
+            x = inputs[c][None]
             with tf.GradientTape() as tape:
-                tape.watch(images)
-                features = model._features(draw.blended, model._decoded(images),
-                                           one_class(c, draw.dsa))
-                loss = tf.reduce_sum(features)
-            grads.append(tape.gradient(loss, images))
+                tape.watch(x)
+                value = loss(c, x)
+            grads.append(tape.gradient(value, x))
         return grads
+
+    def synthetic_loss(c, images):
+        features = model._features(draw.blended, model._decoded(images), one_class(c, draw.dsa))
+        return tf.reduce_sum(features)
+
+    def cf(c, features):
+        return nk.cf_loss(real_features[c][None], features, frequencies[c][None])
+
+    def calibration(c, images):
+        return model._calibration_loss(images, classes[c][None], draw.trained, seed)
+
+    @tf.function
+    def synthetic_part():
+        return class_gradients(stored, synthetic_loss)
 
     @tf.function
     def cf_part():
-        grads = []
-        for c in range(k):
-            features = syn_features[c][None]
-            with tf.GradientTape() as tape:
-                tape.watch(features)
-                loss = nk.cf_loss(real_features[c][None], features, frequencies[c][None])
-            grads.append(tape.gradient(loss, features))
-        return grads
+        return class_gradients(syn_features, cf)
 
     @tf.function
     def calibration_part():
-        grads = []
-        for c in range(k):
-            images = stored[c][None]
-            with tf.GradientTape() as tape:
-                tape.watch(images)
-                loss = model._calibration_loss(images, classes[c][None], draw.trained, seed)
-            grads.append(tape.gradient(loss, images))
-        return grads
+        return class_gradients(stored, calibration)
 
     @tf.function
     def updates_part():
