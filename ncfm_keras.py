@@ -74,7 +74,7 @@ class WriteError(NCFMError):
 
 # DistillConfig's enumerated settings.
 CHOICES = dict(init=("real", "mix", "noise"),
-               init_from=("first", "random"),
+               init_from=("first", "random", "herding"),
                init_resize=("nearest", "area"),
                real_batch=("shuffled", "first"),
                loss=("cf", "mmd"),
@@ -100,7 +100,8 @@ class DistillConfig:
     init: str = setting("mix", "Initial images: real, mix (factor^2 real images per stored "
                         "image, official) or noise.")
     init_from: str = setting("first", "The real images the init copies: each class's first "
-                             "(official) or random ones.")
+                             "(official), random ones, or herding's choice on the features of "
+                             "pool member 0 (ours).")
     init_resize: str = setting("nearest", "How mix downsamples its cells: nearest (torch's "
                                "interpolate, official) or area.")
 
@@ -1307,18 +1308,23 @@ def nearest_resize(images, height, width):
     return images[:, rows][:, :, cols]
 
 
-def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", resize="nearest"):
+def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", resize="nearest",
+                   feature_fn=None):
     """Initial stored images `[K*ipc, H, W, C]` in [0, 1], class-sorted. `real` copies real
     images; `mix` fills the factor x factor cells of each stored image with real images of its
     class, downsampled (`resize`: "nearest", as the official code's `F.interpolate`, or
     "area"): cell k (row-major) of the class's i-th stored image holds its (k * ipc + i)-th
     chosen image, as the official `mix` init lays them out; `noise` is N(0.5, 0.25^2), clamped.
-    The real images are each class's first ones (`init_from="first"`, the official selection)
-    or a random draw (`"random"`, from `seed`). NCFMError for an unknown setting, a `factor`
-    not dividing the image size, or classes too small for the images."""
+    The real images are each class's first ones (`init_from="first"`, the official selection),
+    a random draw (`"random"`, from `seed`) or herding's choice in order (`"herding"`, ours:
+    `herding_subset` on `feature_fn`, e.g. `pool_feature_fn`). NCFMError for an unknown
+    setting, herding without `feature_fn`, a `factor` not dividing the image size, or classes
+    too small for the images."""
     for name, value in (("init", init), ("init_from", init_from), ("init_resize", resize)):
         if value not in CHOICES[name]:
             raise NCFMError(f"unknown {name} '{value}'; use {' or '.join(CHOICES[name])}")
+    if init_from == "herding" and feature_fn is None:
+        raise NCFMError("init_from='herding' needs the features it selects on: pass feature_fn")
     height, width, channels = data.image_shape
     if factor < 1 or height % factor or width % factor:
         raise NCFMError(f"factor={factor} must be >= 1 and divide the image size "
@@ -1330,8 +1336,10 @@ def initial_images(data, ipc, factor, init="mix", seed=0, init_from="first", res
     cells = ipc * factor * factor if init == "mix" else ipc
     if init_from == "first":
         x, _ = first_subset(data, cells)  # [K*cells, H, W, C]
-    else:
+    elif init_from == "random":
         x, _ = random_subset(data, cells, seed)
+    else:
+        x, _ = herding_subset(data, cells, feature_fn)
     if init == "real":
         return x
     cell_height, cell_width = height // factor, width // factor
@@ -1576,8 +1584,12 @@ class NCFM(keras.Model):
 
         # The synthetic set. Replicas update it identically (`only_first_replica`: one copy).
         if init_images is None:
+            feature_fn = None
+            if config.init_from == "herding":
+                feature_fn = pool_feature_fn(data, trained[0])
             init_images = initial_images(data, config.ipc, config.factor, config.init,
-                                         config.seed, config.init_from, config.init_resize)
+                                         config.seed, config.init_from, config.init_resize,
+                                         feature_fn=feature_fn)
         self.synthetic = self.add_weight(shape=init_images.shape, initializer="zeros",
                                          dtype="float32", name="synthetic",
                                          aggregation="only_first_replica")
@@ -2091,6 +2103,15 @@ def evaluate_images(x, y, data, arch="convnet", protocol="ncfm", epochs=None, se
     if labels != "hard":
         result["hard_label_epochs"] = min(hard_label_epochs, epochs)
     return result
+
+
+def pool_feature_fn(data, weights):
+    """Features `[N, D]` of float images `[N, H, W, C]` in [0, 1] by a ConvNet holding a pool
+    member's `weights` (a list, as `read_pool_member` gives it)."""
+    model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
+    model.set_weights(weights)
+    features = keras.Model(model.input, model.get_layer("features").output)
+    return lambda images: features(images, training=False)
 
 
 def pretrained_feature_fn(data, seed=0, epochs=2):

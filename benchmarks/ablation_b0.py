@@ -89,6 +89,9 @@ CELLS = {
                      "the new defaults with psi on"),
     "class_views": ("native", {"frequency_draw": "class_views"},
                     "the defaults with one frequency draw per iteration and per-class views"),
+    "herding_init": ("native", {"init_from": "herding"},
+                     "the defaults with herding's choice (pool member 0's features) in the "
+                     "mix init"),
     "defaults": ("native", {}, "train.py's defaults with the B0 flags, at the commit of "
                  "timing.json (the held-out check's cell)"),
 }

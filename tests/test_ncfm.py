@@ -126,7 +126,8 @@ def test_mix_init_holds_downsampled_real_images_of_each_class(small_fashion_mnis
     assert 0.4 < noise.mean() < 0.6
     with pytest.raises(nk.NCFMError, match="factor=3 must"):
         nk.initial_images(d, 1, 3, "mix")
-    with pytest.raises(nk.NCFMError, match="unknown init_from 'last'; use first or random"):
+    with pytest.raises(nk.NCFMError,
+                       match="unknown init_from 'last'; use first or random or herding"):
         nk.initial_images(d, 1, 2, "mix", init_from="last")
 
 
@@ -158,6 +159,28 @@ def _pool(data, members=2, distinct=True):
                                    data.std, seed=seed)
             store.append([w.numpy() for w in net.weights])
     return initial, trained
+
+
+def test_herding_init_holds_herdings_choice_on_pool_member_0(small_fashion_mnist):
+    """init_from=herding: the mix cells hold `herding_subset`'s images, in its order, on the
+    features of the pool's member 0 (trained weights), as the NCFM model builds them."""
+    d = small_fashion_mnist
+    pool = _pool(d)
+    chosen, _ = nk.herding_subset(d, 8, nk.pool_feature_fn(d, pool[1][0]))
+    first, _ = nk.first_subset(d, 8)
+    assert not np.array_equal(chosen, first)  # herding chose other images than the first
+    config = nk.DistillConfig(ipc=2, factor=2, num_freqs=64, init_from="herding")
+    images = nk.NCFM(d, config, pool).synthetic.numpy()
+    # Class c's stored image i, cell (r, col), holds its chosen image (r*2 + col)*2 + i.
+    for c in range(10):
+        for i in range(2):
+            for r in range(2):
+                for col in range(2):
+                    cell = images[c * 2 + i, 14 * r:14 * (r + 1), 14 * col:14 * (col + 1)]
+                    expected = chosen[c * 8 + (r * 2 + col) * 2 + i][::2, ::2]
+                    np.testing.assert_array_equal(cell, expected)
+    with pytest.raises(nk.NCFMError, match="needs the features it selects on"):
+        nk.initial_images(d, 1, 2, "mix", init_from="herding")
 
 
 def _model(data, **config):
