@@ -78,7 +78,7 @@ CHOICES = dict(init=("real", "mix", "noise"),
                init_resize=("nearest", "area"),
                real_batch=("shuffled", "first"),
                loss=("cf", "mmd"),
-               frequency_draw=("per_class", "class_views", "per_iteration"),
+               frequency_draw=("class_views", "per_class", "per_iteration"),
                calibration_augment=("per_class", "per_sample"),
                image_steps=("per_class", "summed"),
                dsa_space=("normalized", "pixel"))
@@ -117,10 +117,11 @@ class DistillConfig:
     sampling_net: bool = setting(True, "psi, the min-max sampling network (paper; a psi that "
                                  "trains is ours); false: t ~ N(0, I) (the official configs).")
     sampler_steps: int = setting(1, "psi's ascent steps per iteration.")
-    frequency_draw: str = setting("per_class", "Without psi: t ~ N(0, I) drawn afresh per "
-                                  "class (official), class_views (one draw, each class's "
-                                  "features in their own signed permutation: the same law per "
-                                  "class, faster) or per_iteration (one t for all classes).")
+    frequency_draw: str = setting("class_views", "Without psi: class_views (ours: one draw "
+                                  "of t ~ N(0, I) per iteration, each class's features in their "
+                                  "own random signed permutation: the official law per class, "
+                                  "faster), per_class (t drawn afresh per class, official) or "
+                                  "per_iteration (one t for all classes).")
 
     # The matching loss and calibration.
     loss: str = setting("cf", "cf (NCFM) or mmd (DM's mean-feature loss, the baseline).")

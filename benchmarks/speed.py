@@ -43,7 +43,8 @@ flags.DEFINE_enum("variant", None, ["off", "on"], "Run only this psi variant (in
                   "by default each variant runs in a fresh subprocess, so that memory one "
                   "leaves behind does not count against the other.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for both timings.")
-flags.DEFINE_enum("frequency_draw", "per_class", ["per_class", "class_views", "per_iteration"],
+flags.DEFINE_enum("frequency_draw", "class_views",
+                  ["class_views", "per_class", "per_iteration"],
                   "train.py's --frequency_draw (psi off).")
 FLAGS = flags.FLAGS
 

@@ -13,9 +13,9 @@ saves (the loop, the control dependencies, caches): printed as "rest".
 
     draw            the iteration's randomness: pool member, blend, the DSA draws
     real features   DSA + ConvNet forward on K x batch_real real images
-    frequencies     t ~ N(0, I) [M, D] drawn per class (K draws), or with
-                    --frequency_draw=class_views one draw and each class's view of the real and
-                    synthetic features (`NCFM._class_view`)
+    frequencies     one t ~ N(0, I) [M, D] and each class's view of the real and synthetic
+                    features (`NCFM._class_view`, the default), or with
+                    --frequency_draw=per_class t drawn per class (K draws)
     syn fwd+bwd     per class: decode, DSA, ConvNet forward and backward to the pixels
     cf fwd+bwd      per class: the CF loss and its gradient wrt the synthetic features
     calibration     per class: decode, DSA, the trained member's cross-entropy, its gradient
@@ -39,7 +39,7 @@ flags.DEFINE_integer("steps", 7, "Timed calls per part (after 2 warm-up calls)."
 flags.DEFINE_integer("image_size", 28, "Side of the square images (Fashion-MNIST: 28).")
 flags.DEFINE_integer("batch_real", 256, "Real images per class.")
 flags.DEFINE_integer("num_freqs", 4096, "Frequencies per iteration.")
-flags.DEFINE_enum("frequency_draw", "per_class", ["per_class", "class_views"],
+flags.DEFINE_enum("frequency_draw", "class_views", ["per_class", "class_views"],
                   "train.py's --frequency_draw (psi off).")
 flags.DEFINE_enum("variant", None, ["off", "on"], "Profile only this psi variant "
                   "(in-process); by default each runs in a fresh subprocess.")

@@ -398,7 +398,7 @@ def test_calibration_is_the_mean_cross_entropy_of_each_class(small_fashion_mnist
 
 
 def test_frequencies_are_drawn_per_class_or_once(small_fashion_mnist):
-    model = _model(small_fashion_mnist, sampling_net=False)
+    model = _model(small_fashion_mnist, sampling_net=False, frequency_draw="per_class")
     seed = tf.constant([4, 4])
     per_class = model._class_frequencies(seed, tf.constant([0, 1, 0]))
     assert per_class.shape == (3, 64, 2048)
