@@ -88,7 +88,8 @@ CELLS = {
     "faithful_psi": ("native", {**FAITHFUL, "sampling_net": "true"},
                      "the new defaults with psi on"),
     "class_views": ("native", {"frequency_draw": "class_views"},
-                    "the defaults with one frequency draw per iteration and per-class views"),
+                    "one frequency draw per iteration and per-class views (the default "
+                    "from cf86be3)"),
     "herding_init": ("native", {"init_from": "herding"},
                      "the defaults with herding's choice (pool member 0's features) in the "
                      "mix init"),
