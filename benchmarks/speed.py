@@ -23,15 +23,15 @@ step timings (before the bare work runs), i.e. TensorFlow itself, the model, and
 
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
+
+from timing import median_seconds  # noqa: E402
 
 flags.DEFINE_integer("steps", 7, "Timed steps per variant (after 2 warm-up steps).")
 flags.DEFINE_integer("batch_real", 256, "Real images per class.")
@@ -52,17 +52,6 @@ FLAGS = flags.FLAGS
 def peak_rss_mib():
     """The process's peak resident memory so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def median_seconds(fn, steps):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv):

@@ -25,15 +25,15 @@ saves (the loop, the control dependencies, caches): printed as "rest".
 """
 
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
+
+from timing import median_seconds  # noqa: E402
 
 flags.DEFINE_integer("steps", 7, "Timed calls per part (after 2 warm-up calls).")
 flags.DEFINE_integer("image_size", 28, "Side of the square images (Fashion-MNIST: 28).")
@@ -44,17 +44,6 @@ flags.DEFINE_enum("frequency_draw", "class_views", ["per_class", "class_views"],
 flags.DEFINE_enum("variant", None, ["off", "on"], "Profile only this psi variant "
                   "(in-process); by default each runs in a fresh subprocess.")
 FLAGS = flags.FLAGS
-
-
-def median_seconds(fn, steps):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv):
