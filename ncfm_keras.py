@@ -1024,6 +1024,13 @@ def with_features(model):
     return keras.Model(model.input, [model.get_layer("features").output, model.output])
 
 
+def features_of(model):
+    """A function from float images `[N, H, W, C]` in [0, 1] to `model`'s features `[N, D]`
+    (inference mode), as herding selects on."""
+    features = keras.Model(model.input, model.get_layer("features").output)
+    return lambda images: features(images, training=False)
+
+
 # --- Training a network: the protocols of evaluation and of the pool's pretraining -----------
 
 class CoupledSGD(keras.optimizers.SGD):
@@ -2111,8 +2118,7 @@ def pool_feature_fn(data, weights):
     member's `weights` (a list, as `read_pool_member` gives it)."""
     model = build_network("convnet", data.image_shape, data.num_classes, data.mean, data.std)
     model.set_weights(weights)
-    features = keras.Model(model.input, model.get_layer("features").output)
-    return lambda images: features(images, training=False)
+    return features_of(model)
 
 
 def pretrained_feature_fn(data, seed=0, epochs=2):
@@ -2123,8 +2129,7 @@ def pretrained_feature_fn(data, seed=0, epochs=2):
     protocol = dataclasses.replace(PROTOCOLS["pretrain"], epochs=epochs)
     train_network(model, data.x_train, data.y_train, data.num_classes, protocol, seed=seed,
                   mean=data.mean, std=data.std)
-    features = keras.Model(model.input, model.get_layer("features").output)
-    return lambda images: features(images, training=False)
+    return features_of(model)
 
 
 def summarize(runs):
